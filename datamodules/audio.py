@@ -1,0 +1,104 @@
+"""Audio as bytes: every clip resampled to one rate, mono, then 16-bit PCM (2 bytes/sample) or 8-bit mu-law.
+
+Accepted sources (`data_path`): a folder searched recursively for .wav/.flac files of any rate
+and channel count, or a single such file. Files are sorted, then assigned to train / validation /
+test 90/5/5 by a shuffle seeded with split_seed (each split at least one file, so at least three
+files are needed); each split keeps the sorted order of its clips. A record is one clip, and the
+clips of a split are concatenated into its byte stream. Training windows start at multiples of
+bytes_per_sample, so a 16-bit sample is never cut in half.
+"""
+
+from pathlib import Path
+from typing import Any, Optional
+
+from datamodules.base import (
+    EMBEDDED_DATA_DIR,
+    SPLITS,
+    ByteStreamDataModule,
+    CacheWriter,
+    DataError,
+    shuffled_split_assignment,
+)
+from multibyte.codecs.audio import bytes_per_sample, load_audio_file, waveform_to_bytes
+
+AUDIO_FILE_SUFFIXES = (".wav", ".flac")
+EMBEDDED_AUDIO_DIR = EMBEDDED_DATA_DIR  # the FSDD sample clips sit at the top of the embedded folder
+
+
+class AudioDataModule(ByteStreamDataModule):
+    """Raw audio bytes. See the module docstring for the accepted sources.
+
+    Args:
+        data_path: folder of .wav/.flac files (searched recursively) or one such file; None uses
+            the embedded sample (200 Free Spoken Digit Dataset clips).
+        seq_len: bytes per window; a multiple of bytes_per_sample(encoding).
+        sample_rate: every clip is resampled to this rate (Hz).
+        encoding: "pcm16" (16-bit little-endian PCM, MEGABYTE's setting) or "mulaw8" (8-bit mu-law).
+        batch_size, eval_batch_size, num_workers, cache_dir, train_windows_per_epoch, split_seed:
+            see `ByteStreamDataModule`.
+    """
+
+    modality = "audio"
+
+    def __init__(
+        self,
+        data_path: Optional[str] = None,
+        seq_len: int = 8192,
+        sample_rate: int = 16000,
+        encoding: str = "pcm16",
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        cache_dir: Optional[str] = None,
+        train_windows_per_epoch: Optional[int] = None,
+        split_seed: int = 1234,
+    ) -> None:
+        sample_bytes = bytes_per_sample(encoding)  # raises ValueError for an unknown encoding
+        if sample_rate < 1:
+            raise ValueError(f"sample_rate must be a positive number of Hz, got {sample_rate}")
+        if seq_len % sample_bytes:
+            raise ValueError(f"seq_len={seq_len} must be a multiple of {sample_bytes} bytes per {encoding} sample")
+        super().__init__(
+            data_path=data_path,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            cache_dir=cache_dir,
+            train_windows_per_epoch=train_windows_per_epoch,
+            split_seed=split_seed,
+        )
+        self.sample_rate = sample_rate
+        self.encoding = encoding
+
+    @property
+    def alignment(self) -> int:
+        return bytes_per_sample(self.encoding)
+
+    def _default_source(self) -> Path:
+        return EMBEDDED_AUDIO_DIR
+
+    def _source_files(self, source: Path) -> list[Path]:
+        if source.is_file():
+            if source.suffix.lower() not in AUDIO_FILE_SUFFIXES:
+                raise DataError(f"{source}: not a .wav or .flac file")
+            return [source]
+        files = sorted(
+            path for path in source.rglob("*") if path.is_file() and path.suffix.lower() in AUDIO_FILE_SUFFIXES
+        )
+        if not files:
+            raise DataError(f"{source}: no .wav or .flac files (searched recursively)")
+        return files
+
+    def _codec_params(self) -> dict[str, Any]:
+        return {"sample_rate": self.sample_rate, "encoding": self.encoding, "split_seed": self.split_seed}
+
+    def _write_splits(self, source: Path, writer: CacheWriter) -> None:
+        files = self._source_files(source)
+        assignment = shuffled_split_assignment(len(files), self.split_seed, source, "audio files")
+        for path, split_id in zip(files, assignment):
+            try:
+                wave = load_audio_file(path, self.sample_rate)
+            except ValueError as error:
+                raise DataError(str(error)) from error
+            writer.append_record(SPLITS[split_id], waveform_to_bytes(wave, self.encoding))

@@ -1,0 +1,470 @@
+"""What every byte datamodule shares: the on-disk cache, the window datasets and the batch format.
+
+Flow. `prepare_data()` converts the source (files in some modality) once into a cache folder
+`cache_dir/<modality>-<hash>/`:
+
+    train.bin, validation.bin, test.bin   each split as one flat uint8 byte stream
+    <split>.offsets.npy                   int64 start offset of every record (image, clip); not for text
+    manifest.json                         sizes, counts, source; written LAST, so a folder
+                                          without it is incomplete and gets rebuilt
+
+The hash covers the source path, its files' names, sizes and mtimes and every codec parameter,
+so changing any of them converts again into a new folder. Every file is written under a temporary
+name in the same folder and renamed into place (`os.replace`, atomic), so an interrupted or failed
+run never leaves a partial file behind.
+
+`setup()` then builds datasets that memory-map the .bin files lazily (in each worker).
+
+Batch format (what the models consume): `(tokens, lengths)` with tokens uint8 (B, L) and lengths
+int64 (B,) = number of real bytes per row; positions >= length are padding (0). Targets are the
+tokens themselves: a window of L bytes gives L predictions (the model shifts internally).
+- training: windows of exactly L = seq_len bytes at uniformly random, aligned start offsets;
+- evaluation: contiguous windows [i*L, min((i+1)*L, N)) covering the split, the last one possibly
+  short, so every byte of the split is scored exactly once.
+"""
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from multibyte.codecs.text import ByteLike, as_byte_array
+
+SPLITS = ("train", "validation", "test")
+MANIFEST_NAME = "manifest.json"
+CACHE_FORMAT_VERSION = 1  # bump when the cache layout changes, so old folders are not reused
+EMBEDDED_DATA_DIR = Path(__file__).resolve().parent / "embedded"
+
+
+class DataError(ValueError):
+    """The data source is missing, empty or malformed. The message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------------------------
+
+
+def proportional_split(total: int, source: Path, unit: str) -> tuple[int, int, int]:
+    """Sizes of a 90% / 5% / 5% train / validation / test split of `total` items, each at least 1.
+
+    `unit` names the items (bytes, images, audio files) for the error raised when total < 3.
+    """
+    if total < len(SPLITS):
+        raise DataError(
+            f"{source}: {total} {unit} cannot be split into train/validation/test (need at least {len(SPLITS)})"
+        )
+    held_out = max(1, total // 20)
+    return total - 2 * held_out, held_out, held_out
+
+
+def shuffled_split_assignment(total: int, seed: int, source: Path, unit: str) -> np.ndarray:
+    """Split index (0 train, 1 validation, 2 test) of each of `total` records, chosen by a seeded shuffle.
+
+    The shuffle only decides membership: a caller writes each split's records in source order.
+    """
+    train, validation, _ = proportional_split(total, source, unit)
+    order = np.random.default_rng(seed).permutation(total)
+    assignment = np.full(total, 2, dtype=np.int8)
+    assignment[order[:train]] = 0
+    assignment[order[train : train + validation]] = 1
+    return assignment
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the cache
+# ---------------------------------------------------------------------------------------------
+
+
+class CacheWriter:
+    """Streams the three splits of one cache folder into temporary files, then moves them into place.
+
+    Use as a context manager: leaving it by an exception deletes every temporary file; `commit()`
+    renames the split streams and record offsets into place and writes the manifest last.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._temporaries: dict[str, Path] = {}  # final file name -> temporary path
+        self._num_bytes = {split: 0 for split in SPLITS}
+        self._record_starts: dict[str, list[int]] = {split: [] for split in SPLITS}
+        self._streams: dict[str, Any] = {}
+        try:
+            for split in SPLITS:
+                self._streams[split] = open(self._new_temporary(f"{split}.bin"), "wb")
+        except BaseException:
+            self.discard()
+            raise
+
+    def _new_temporary(self, final_name: str) -> Path:
+        handle, name = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".partial", dir=self.folder)
+        os.close(handle)
+        self._temporaries[final_name] = Path(name)
+        return Path(name)
+
+    def append_bytes(self, split: str, data: ByteLike) -> None:
+        """Continue `split`'s byte stream with `data` (no record boundary)."""
+        data = np.ascontiguousarray(as_byte_array(data))
+        self._streams[split].write(data.data)
+        self._num_bytes[split] += data.size
+
+    def append_record(self, split: str, record: ByteLike) -> None:
+        """Append one record (an image, a clip) to `split` and remember where it starts."""
+        self._record_starts[split].append(self._num_bytes[split])
+        self.append_bytes(split, record)
+
+    def num_bytes(self, split: str) -> int:
+        return self._num_bytes[split]
+
+    def num_records(self, split: str) -> Optional[int]:
+        """How many records `split` holds, or None for a plain byte stream (text)."""
+        return len(self._record_starts[split]) if self._has_records else None
+
+    @property
+    def _has_records(self) -> bool:
+        return any(self._record_starts.values())
+
+    def _close_streams(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+
+    def commit(self, description: dict[str, Any]) -> None:
+        """Finish: offsets and split streams into place, then manifest.json = description + split sizes."""
+        for stream in self._streams.values():
+            stream.flush()
+            os.fsync(stream.fileno())  # the bytes reach the disk before the manifest vouches for them
+        self._close_streams()
+        if self._has_records:
+            for split in SPLITS:
+                with open(self._new_temporary(f"{split}.offsets.npy"), "wb") as file:
+                    np.save(file, np.asarray(self._record_starts[split], dtype=np.int64))
+        sizes = {split: {"num_bytes": self.num_bytes(split), "num_records": self.num_records(split)} for split in SPLITS}
+        manifest = {**description, "splits": sizes}
+        with open(self._new_temporary(MANIFEST_NAME), "w", encoding="utf-8") as file:
+            json.dump(manifest, file, indent=2, sort_keys=True)
+        # Manifest last: its presence is what marks the folder complete.
+        for final_name in sorted(self._temporaries, key=lambda name: name == MANIFEST_NAME):
+            os.replace(self._temporaries[final_name], self.folder / final_name)
+            del self._temporaries[final_name]
+
+    def discard(self) -> None:
+        """Delete every temporary file written so far."""
+        self._close_streams()
+        for path in self._temporaries.values():
+            path.unlink(missing_ok=True)
+        self._temporaries.clear()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], traceback: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets over a cached split
+# ---------------------------------------------------------------------------------------------
+
+
+class CachedSplit(Dataset):
+    """Base of the window datasets: one split's .bin file, memory-mapped on first use.
+
+    Only the path travels when a DataLoader worker receives the dataset (pickling drops the
+    memmap), and each worker maps the file itself.
+    """
+
+    def __init__(self, path: Union[str, Path], num_bytes: int) -> None:
+        self.path = str(path)
+        self.num_bytes = num_bytes
+        self._bytes: Optional[np.memmap] = None
+
+    def _window(self, start: int, stop: int) -> torch.Tensor:
+        if self._bytes is None:
+            self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.num_bytes,))
+        return torch.from_numpy(np.array(self._bytes[start:stop]))  # a copy: memmap pages stay read-only
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_bytes"] = None
+        return state
+
+
+class RandomWindows(CachedSplit):
+    """Training windows: `seq_len` bytes starting at a uniformly random multiple of `alignment`.
+
+    The index only counts windows (an epoch is `num_windows` of them); the start comes from torch's
+    global RNG, which Lightning's `seed_everything(workers=True)` seeds in the main process and in
+    every worker, so runs are reproducible.
+    """
+
+    def __init__(self, path: Union[str, Path], num_bytes: int, seq_len: int, alignment: int, num_windows: int) -> None:
+        super().__init__(path, num_bytes)
+        if num_bytes < seq_len:
+            raise ValueError(f"{path}: {num_bytes} bytes cannot hold one window of seq_len={seq_len}")
+        self.seq_len = seq_len
+        self.alignment = alignment
+        self.num_windows = num_windows
+        self.num_starts = (num_bytes - seq_len) // alignment + 1  # aligned starts whose window fits
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.num_windows:
+            raise IndexError(index)
+        start = self.alignment * int(torch.randint(self.num_starts, ()).item())
+        return self._window(start, start + self.seq_len)
+
+
+class ContiguousWindows(CachedSplit):
+    """Evaluation windows: [i*seq_len, min((i+1)*seq_len, num_bytes)), the last one possibly short."""
+
+    def __init__(self, path: Union[str, Path], num_bytes: int, seq_len: int) -> None:
+        super().__init__(path, num_bytes)
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_bytes / self.seq_len)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.seq_len
+        return self._window(start, min(start + self.seq_len, self.num_bytes))
+
+
+def pad_windows(windows: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate windows into (tokens uint8 (B, seq_len) zero-padded, lengths int64 (B,))."""
+    tokens = torch.zeros(len(windows), seq_len, dtype=torch.uint8)
+    lengths = torch.tensor([len(window) for window in windows], dtype=torch.int64)
+    for row, window in enumerate(windows):
+        tokens[row, : len(window)] = window
+    return tokens, lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# The datamodule
+# ---------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """$MULTIBYTE_CACHE, or ~/.cache/multibyte."""
+    return Path(os.environ.get("MULTIBYTE_CACHE") or "~/.cache/multibyte").expanduser()
+
+
+class ByteStreamDataModule(LightningDataModule):
+    """Base of the text, image and audio datamodules: cache, splits, datasets and loaders.
+
+    Subclasses set `modality` and implement `_default_source`, `_source_files`, `_codec_params`
+    and `_write_splits`; audio and images also override `alignment`.
+
+    Args:
+        data_path: file or folder with the source data; None uses the small sample shipped in
+            `datamodules/embedded/`.
+        seq_len: bytes per window (L of the (B, L) batches).
+        batch_size: windows per training batch.
+        eval_batch_size: windows per validation/test batch; None means batch_size.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        cache_dir: where converted splits are kept; None means $MULTIBYTE_CACHE or ~/.cache/multibyte.
+        train_windows_per_epoch: random training windows per epoch; None means
+            train bytes // seq_len (at least 1), i.e. about one pass over the train split.
+        split_seed: seed of the shuffle that assigns records (images, clips) to splits.
+    """
+
+    modality: str = ""
+
+    def __init__(
+        self,
+        data_path: Optional[str] = None,
+        seq_len: int = 8192,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        cache_dir: Optional[str] = None,
+        train_windows_per_epoch: Optional[int] = None,
+        split_seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be at least 1, got {eval_batch_size}")
+        if train_windows_per_epoch is not None and train_windows_per_epoch < 1:
+            raise ValueError(f"train_windows_per_epoch must be at least 1, got {train_windows_per_epoch}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be at least 0, got {num_workers}")
+        self.save_hyperparameters()  # also records the subclass's own arguments
+        self.data_path = data_path
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self.train_windows_per_epoch = train_windows_per_epoch
+        self.split_seed = split_seed
+        self._cache_folder: Optional[Path] = None
+        self._manifest: Optional[dict[str, Any]] = None
+        self._train: Optional[RandomWindows] = None
+
+    # -- what a modality provides ----------------------------------------------------------------
+
+    @property
+    def alignment(self) -> int:
+        """Training windows start at multiples of this many bytes (e.g. 2 keeps 16-bit samples whole)."""
+        return 1
+
+    def _default_source(self) -> Path:
+        """The embedded sample used when data_path is None."""
+        raise NotImplementedError
+
+    def _source_files(self, source: Path) -> list[Path]:
+        """The files the cache is built from (their names, sizes and mtimes enter the cache hash)."""
+        raise NotImplementedError
+
+    def _codec_params(self) -> dict[str, Any]:
+        """Every parameter that changes the cached bytes or the split (enters the cache hash)."""
+        raise NotImplementedError
+
+    def _write_splits(self, source: Path, writer: CacheWriter) -> None:
+        """Convert `source` into the three splits through `writer`; raise DataError on bad input."""
+        raise NotImplementedError
+
+    # -- the cache -------------------------------------------------------------------------------
+
+    @property
+    def source(self) -> Path:
+        """The resolved data source: data_path, or the embedded sample."""
+        if self.data_path is None:
+            return self._default_source().resolve()
+        path = Path(self.data_path).expanduser()
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder")
+        return path.resolve()
+
+    @property
+    def cache_folder(self) -> Path:
+        """`cache_dir/<modality>-<hash>`; computed once per instance (it stats every source file)."""
+        if self._cache_folder is None:
+            source = self.source
+            files = []
+            for path in self._source_files(source):
+                stat = path.stat()
+                name = path.relative_to(source).as_posix() if source.is_dir() else path.name
+                files.append([name, stat.st_size, stat.st_mtime_ns])
+            fingerprint = {
+                "format_version": CACHE_FORMAT_VERSION,
+                "modality": self.modality,
+                "source": str(source),
+                "files": files,
+                "params": self._codec_params(),
+            }
+            digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+            root = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+            self._cache_folder = root / f"{self.modality}-{digest}"
+        return self._cache_folder
+
+    def prepare_data(self) -> None:
+        """Convert the source into the cache folder, unless a complete one (with manifest) exists."""
+        folder = self.cache_folder
+        if (folder / MANIFEST_NAME).is_file():
+            return
+        source = self.source
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with CacheWriter(folder) as writer:
+                self._write_splits(source, writer)
+                for split in SPLITS:
+                    if writer.num_bytes(split) == 0:
+                        raise DataError(f"{source}: the {split} split would be empty (no bytes)")
+                writer.commit(
+                    {
+                        "format_version": CACHE_FORMAT_VERSION,
+                        "modality": self.modality,
+                        "source": str(source),
+                        "num_source_files": len(self._source_files(source)),
+                        "params": self._codec_params(),
+                    }
+                )
+        except BaseException:
+            if created:
+                try:
+                    folder.rmdir()  # only succeeds when empty, i.e. nothing of ours is left
+                except OSError:
+                    pass
+            raise
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The cache's manifest.json (preparing the cache first if needed)."""
+        if self._manifest is None:
+            path = self.cache_folder / MANIFEST_NAME
+            if not path.is_file():
+                self.prepare_data()
+            self._manifest = json.loads(path.read_text(encoding="utf-8"))
+        return self._manifest
+
+    def split_num_bytes(self, split: str) -> int:
+        """Size in bytes of `split` ("train", "validation" or "test")."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return int(self.manifest["splits"][split]["num_bytes"])
+
+    def _split_path(self, split: str) -> Path:
+        path = self.cache_folder / f"{split}.bin"
+        on_disk = path.stat().st_size if path.is_file() else None
+        if on_disk != self.split_num_bytes(split):
+            raise DataError(
+                f"{path}: holds {on_disk} bytes but the manifest says {self.split_num_bytes(split)}; "
+                f"delete {self.cache_folder} to rebuild the cache"
+            )
+        return path
+
+    # -- datasets and loaders --------------------------------------------------------------------
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Build the training dataset (evaluation datasets come from `eval_dataset`)."""
+        train_bytes = self.split_num_bytes("train")
+        if train_bytes < self.seq_len:
+            raise DataError(
+                f"{self.source}: the train split has {train_bytes} bytes, fewer than seq_len={self.seq_len}"
+            )
+        num_windows = self.train_windows_per_epoch or max(1, train_bytes // self.seq_len)
+        self._train = RandomWindows(self._split_path("train"), train_bytes, self.seq_len, self.alignment, num_windows)
+
+    def eval_dataset(self, split: str) -> ContiguousWindows:
+        """Contiguous windows covering every byte of `split` exactly once."""
+        return ContiguousWindows(self._split_path(split), self.split_num_bytes(split), self.seq_len)
+
+    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,  # training windows are random already; evaluation keeps stream order
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=partial(pad_windows, seq_len=self.seq_len),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self._train is None:
+            self.setup("fit")
+        return self._loader(self._train, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("validation"), self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("test"), self.eval_batch_size)

@@ -1,0 +1,1 @@
+"""multibyte: tokenizer-free byte-level generative models (MEGABYTE, MambaByte)."""

@@ -1,0 +1,139 @@
+"""64x64 RGB images <-> 12,288 bytes, in raster order or MEGABYTE's patch-scan order.
+
+Raster order is the plain row-major HWC layout: pixel (0,0) R,G,B, then pixel (0,1) ... then row 1.
+Patch-scan order (MEGABYTE, section on image modelling) cuts the image into p x p pixel blocks and
+emits block after block in raster order of blocks, each block's p*p pixels in raster order inside
+it (RGB interleaved). A block is `patch_size = 3 * p * p` bytes, so a model whose patch size equals
+that many bytes sees exactly one square of the image per patch.
+
+Both orders are one fixed permutation of the same 12,288 bytes, so encoding and decoding are exact.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image
+
+from multibyte.codecs.text import ByteLike, as_byte_array
+
+IMAGE_SIZE = 64
+IMAGE_CHANNELS = 3
+IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS  # 12288
+IMAGE_ORDERS = ("raster", "patch")
+
+
+def patch_side(patch_size: int) -> int:
+    """The side p (in pixels) of the square block that `patch_size` = 3*p*p bytes covers.
+
+    Raises ValueError unless patch_size is 3*p*p for a p that divides 64 (3, 12, 48, 192, ...).
+    """
+    side = int(round((patch_size / IMAGE_CHANNELS) ** 0.5)) if patch_size > 0 else 0
+    if side < 1 or IMAGE_CHANNELS * side * side != patch_size:
+        raise ValueError(
+            f"patch_size={patch_size} is not 3*p*p bytes for a square p x p pixel block "
+            f"(valid: 3, 12, 48, 192, 768, 3072, 12288)"
+        )
+    if IMAGE_SIZE % side:
+        raise ValueError(
+            f"patch_size={patch_size} covers {side}x{side} pixels, and {side} does not divide {IMAGE_SIZE}"
+        )
+    return side
+
+
+@lru_cache(maxsize=None)
+def _cached_permutation(patch_size: int) -> np.ndarray:
+    side = patch_side(patch_size)
+    blocks = IMAGE_SIZE // side
+    # Raster byte index of every (row, col, channel), regrouped as
+    # (block_row, row_in_block, block_col, col_in_block, channel) -> blocks first, then pixels inside.
+    raster_index = np.arange(IMAGE_BYTES, dtype=np.int64).reshape(blocks, side, blocks, side, IMAGE_CHANNELS)
+    permutation = raster_index.transpose(0, 2, 1, 3, 4).reshape(-1)
+    permutation.flags.writeable = False
+    return permutation
+
+
+def patch_scan_permutation(patch_size: int) -> np.ndarray:
+    """Index array `perm` (12288,) with `raster_bytes[perm] == patch_bytes`.
+
+    `perm[k]` is the raster position of the k-th byte in patch-scan order. Its inverse,
+    `np.argsort(perm)`, maps patch-scan bytes back: `patch_bytes[np.argsort(perm)] == raster_bytes`.
+    """
+    return _cached_permutation(patch_size).copy()
+
+
+def _check_order(order: str, patch_size: int) -> None:
+    if order not in IMAGE_ORDERS:
+        raise ValueError(f"order must be one of {IMAGE_ORDERS}, got {order!r}")
+    if order == "patch":
+        patch_side(patch_size)
+
+
+def image_to_bytes(image: np.ndarray, order: str = "raster", patch_size: int = 12) -> np.ndarray:
+    """Flatten a 64x64x3 uint8 image to its 12,288 bytes in `order`.
+
+    A batch (..., 64, 64, 3) is accepted too and gives (..., 12288). `patch_size` is only used by
+    the "patch" order.
+    """
+    _check_order(order, patch_size)
+    image = np.asarray(image)
+    if image.shape[-3:] != (IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS) or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image of shape (64, 64, 3), got {image.dtype} {image.shape}")
+    raster = image.reshape(*image.shape[:-3], IMAGE_BYTES)
+    if order == "raster":
+        return np.ascontiguousarray(raster)
+    return raster[..., _cached_permutation(patch_size)]
+
+
+def bytes_to_image(data: ByteLike, order: str = "raster", patch_size: int = 12) -> np.ndarray:
+    """Rebuild a 64x64x3 uint8 image from bytes in `order`.
+
+    Any length is accepted, so a sample cut short still shows: missing bytes (the end of the scan
+    order) are zeros and bytes beyond 12,288 are ignored.
+    """
+    _check_order(order, patch_size)
+    data = as_byte_array(data)[:IMAGE_BYTES]
+    scan = np.zeros(IMAGE_BYTES, dtype=np.uint8)
+    scan[: data.size] = data
+    if order == "raster":
+        raster = scan
+    else:
+        raster = np.empty_like(scan)
+        raster[_cached_permutation(patch_size)] = scan  # inverse of raster[perm] == scan
+    return raster.reshape(IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS)
+
+
+def bytes_to_png(
+    data: ByteLike, path_or_fileobj: Union[str, Path, BinaryIO], order: str = "raster", patch_size: int = 12
+) -> None:
+    """Write the image that `data` encodes as a (lossless) PNG file."""
+    Image.fromarray(bytes_to_image(data, order, patch_size), mode="RGB").save(path_or_fileobj, format="PNG")
+
+
+def load_image_file(path: Union[str, Path]) -> np.ndarray:
+    """Read an image file of any size and mode as 64x64x3 uint8: converted to RGB, box-resized.
+
+    Box filtering averages the source pixels under each target pixel, which is how the official
+    downsampled ImageNet was made. Raises ValueError naming the file when it cannot be decoded.
+    """
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+            small = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        # OSError covers unidentified formats and truncated data; the others are raised by some decoders.
+        raise ValueError(f"{path}: cannot decode image ({error})") from error
+    return np.asarray(small, dtype=np.uint8).copy()
+
+
+def planar_row_to_hwc(row: np.ndarray) -> np.ndarray:
+    """Official downsampled-ImageNet row (4096 R, 4096 G, 4096 B bytes) -> 64x64x3 HWC image.
+
+    Rows (N, 12288) are accepted too and give (N, 64, 64, 3).
+    """
+    row = np.asarray(row, dtype=np.uint8)
+    if row.shape[-1] != IMAGE_BYTES:
+        raise ValueError(f"expected rows of {IMAGE_BYTES} bytes, got shape {row.shape}")
+    planar = row.reshape(*row.shape[:-1], IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
+    return np.moveaxis(planar, -3, -1)

@@ -1,0 +1,22 @@
+"""Shared fixtures: where the real sample data lives, and small helpers every test file needs."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_dir() -> Path:
+    # ../shared/data relative to the project root, unless MULTIBYTE_SHARED_DATA points elsewhere.
+    return Path(os.environ.get("MULTIBYTE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real sample data folder (text/, images/, audio/); skips the test when it is absent."""
+    root = _shared_data_dir()
+    if not (root / "README.md").is_file():
+        pytest.skip(f"shared sample data not found at {root}")
+    return root
