@@ -106,3 +106,14 @@ def test_every_preset_builds(name):
     with torch.device("meta"):  # shapes only: GPU-sized presets would need gigabytes
         model = HierarchicalByteModel(config)
     assert model.num_parameters() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explicit_attention_equals_fused_kernel(dtype):
+    from multibyte.mixers.attention import explicit_causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 12, 16, dtype=dtype) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(explicit_causal_attention(q, k, v).float(), expected, rtol=0, atol=tolerance)
