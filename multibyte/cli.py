@@ -92,6 +92,21 @@ class MultibyteCLI(LightningCLI):
             print(f"test {unit}: {bpb:.4f}")
 
 
+def make_cli(args: list[str] | None = None, run: bool = True) -> MultibyteCLI:
+    """The CLI over `args` (None: the command line). `run=False` only parses and instantiates."""
+    return MultibyteCLI(
+        ByteLM,
+        ByteStreamDataModule,
+        trainer_class=MultibyteTrainer,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "multibyte"},
+        auto_configure_optimizers=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None:  # the command line: rewrite it in place (LightningCLI reads sys.argv)
         sys.argv[1:] = resolve_config_arguments(sys.argv[1:])
@@ -100,13 +115,4 @@ def main(argv: list[str] | None = None) -> None:
         args = resolve_config_arguments(argv)
     # Matmuls in TF32 on Ampere+ GPUs: a free 2-3x there, no effect on CPU.
     torch.set_float32_matmul_precision("high")
-    MultibyteCLI(
-        ByteLM,
-        ByteStreamDataModule,
-        trainer_class=MultibyteTrainer,
-        subclass_mode_data=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "multibyte"},
-        auto_configure_optimizers=False,
-    )
+    make_cli(args)
