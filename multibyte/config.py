@@ -159,4 +159,22 @@ PRESETS = {
     "mambabyte-972m": lambda: _mambabyte(8192, 1792, 48),
     "mambabyte-cpu": lambda: _mambabyte(1024, 128, 4),
     "vanilla-byte-transformer-cpu": lambda: _vanilla(1024, 256, 4, 4),
+    # The hybrid: MEGABYTE's layout with a Mamba global model over patches and an attention local
+    # model within each patch. Two Mamba blocks (~6 d² parameters each, no feed-forward) stand in
+    # for each global attention block (~12 d² with its feed-forward), so the global stacks match
+    # megabyte-text / megabyte-text-cpu in size; Mamba needs no position table.
+    "hybrid-text": lambda: ModelConfig(
+        patch_size=8,
+        max_seq_len=8192,
+        global_model=StackConfig("mamba", 1024, 32, d_state=16, d_conv=4, expand=2),
+        local_model=StackConfig("attention", 512, 8, 8),
+        position_embedding=False,
+    ),
+    "hybrid-text-cpu": lambda: ModelConfig(
+        patch_size=8,
+        max_seq_len=1024,
+        global_model=StackConfig("mamba", 256, 8, d_state=16, d_conv=4, expand=2),
+        local_model=StackConfig("attention", 128, 2, 4),
+        position_embedding=False,
+    ),
 }

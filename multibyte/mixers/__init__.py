@@ -27,5 +27,6 @@ def build_mixer(stack: StackConfig, dropout: float = 0.0) -> nn.Module:
             dt_rank=stack.resolved_dt_rank,
             dt_min=stack.dt_min,
             dt_max=stack.dt_max,
+            n_layers=stack.n_layers,  # out_proj shrinks by sqrt(n_layers), as for attention blocks
         )
     raise ValueError(f"unknown mixer {stack.mixer!r} (attention | mamba)")
