@@ -20,3 +20,15 @@ def shared_data() -> Path:
     if not (root / "README.md").is_file():
         pytest.skip(f"shared sample data not found at {root}")
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Tiny test models are dominated by per-op overhead, where a second intra-op thread only adds
+    barrier waits (and stalls badly when another process holds the other core)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
