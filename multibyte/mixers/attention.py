@@ -9,6 +9,7 @@ are written in place at the cache's current length, so nothing grows or realloca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +35,30 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @dataclass
 class KVCache:
-    """Keys and values of every position seen so far, for one attention layer."""
+    """Keys and values of every position seen so far, for one attention layer.
+
+    Two ways of tracking how full it is:
+    - dynamic (the default): `length`, a host integer; attention reads only keys[:, :, :length],
+      the fewest keys, which is fastest when every op runs eagerly;
+    - static (after `make_static()`): `position`, a 0-d int64 tensor on the cache's device;
+      attention reads the whole cache under a mask, so every decoding step has the same shapes
+      and reads no changing host integer, which torch.compile (one graph, no recompiles) and
+      CUDA graphs need. `length` is not maintained in this mode.
+    """
 
     keys: torch.Tensor  # (B, H, max_len, head_dim)
     values: torch.Tensor  # (B, H, max_len, head_dim)
-    length: int = 0  # positions filled so far
+    length: int = 0  # positions filled so far (dynamic mode)
+    position: Optional[torch.Tensor] = None  # positions filled so far (static mode), 0-d int64
+
+    def make_static(self) -> None:
+        self.position = torch.zeros((), dtype=torch.long, device=self.keys.device)
 
     def reset(self) -> None:
-        # Stale entries beyond `length` are never read, so resetting needs no memset.
+        # Stale entries beyond the fill level are never read, so resetting needs no memset.
         self.length = 0
+        if self.position is not None:
+            self.position.zero_()
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,6 +99,8 @@ class CausalSelfAttention(nn.Module):
 
     @staticmethod
     def _attend_with_cache(q, k, v, cache: KVCache) -> torch.Tensor:
+        if cache.position is not None:
+            return CausalSelfAttention._attend_with_static_cache(q, k, v, cache)
         start, L = cache.length, q.shape[2]
         end = start + L
         if end > cache.keys.shape[2]:
@@ -97,3 +115,17 @@ class CausalSelfAttention(nn.Module):
         # Query i (absolute position start+i) may see keys 0..start+i.
         allowed = torch.ones(L, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+
+    @staticmethod
+    def _attend_with_static_cache(q, k, v, cache: KVCache) -> torch.Tensor:
+        """The same attention with fixed shapes: positions come from a device tensor and every
+        query reads the whole cache, masked beyond its own position (slots not yet written lie
+        beyond every query's position, so what they hold never matters). Writing past the end
+        fails inside index_copy_; callers check lengths on the host."""
+        L, max_len = q.shape[2], cache.keys.shape[2]
+        positions = cache.position + torch.arange(L, device=q.device)  # (L,) absolute positions of the new entries
+        cache.keys.index_copy_(2, positions, k.to(cache.keys.dtype))
+        cache.values.index_copy_(2, positions, v.to(cache.values.dtype))
+        cache.position += L
+        allowed = torch.arange(max_len, device=q.device) <= positions[:, None]  # (L, max_len)
+        return F.scaled_dot_product_attention(q, cache.keys.to(q.dtype), cache.values.to(q.dtype), attn_mask=allowed)
