@@ -1,0 +1,389 @@
+"""Density-estimation benchmark: a model's bits per byte on a split, next to the codecs in use today.
+
+Scoring. Every byte of the scored data is predicted exactly once, and its cost is
+-log2 p(byte | context) under the model; the total divided by the byte count is bits per byte
+(bits per dimension for images: one byte per colour channel). Which context a byte gets is the
+inference mode, the four rows of MEGABYTE's Table 9 (Yu et al. 2023):
+
+    basic            contiguous windows of L = seq_len bytes, [i·L, (i+1)·L): the test loop's windows
+    sliding          windows of L that advance by S = L // 2; each window's first L - S bytes are
+                     context only (the first window scores all of its bytes), so every byte after
+                     the first window sees at least L - S bytes of context. Cost about 2x.
+    strided          two passes of basic windows, the second offset by P/2 bytes; each keeps only
+                     the first half of every patch (bytes early in a patch are predicted better:
+                     the global model has just seen the previous patch). Cost 2x.
+    sliding+strided  both: two passes of sliding windows (S must be a multiple of P). Cost about 4x.
+
+Cost is reported as model positions computed per scored byte, with wall time and throughput.
+The plan of windows is plain data (`inference_plan`), so "every byte exactly once" is checked
+directly on it (tests/test_bench.py) and again on the scored count.
+
+The report puts the model's rows beside `reference_codecs` on exactly the same bytes and is
+written as Markdown, JSON and (with matplotlib, the `plot` extra) a bar chart PNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from multibyte.compression import write_atomically
+from multibyte.config import VOCAB_SIZE
+from multibyte.model import HierarchicalByteModel
+from multibyte.reference_codecs import CodecResult, reference_codecs
+
+INFERENCE_MODES = ("basic", "sliding", "strided", "sliding+strided")
+LN2 = math.log(2.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Which bytes each window feeds and scores
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """Bytes [start, stop) go through the model; those from `score_from` on, and, in a strided
+    pass, only those in the first half of their patch (counted from `start`), are scored."""
+
+    start: int
+    stop: int
+    score_from: int
+    strided: bool
+
+    def scored_mask(self, patch_size: int) -> np.ndarray:
+        """(stop - start,) bool: which of the window's positions are scored."""
+        offsets = np.arange(self.stop - self.start)
+        mask = offsets >= self.score_from - self.start
+        if self.strided:
+            mask &= offsets % patch_size < patch_size // 2
+        return mask
+
+
+def pass_windows(num_bytes: int, seq_len: int, sliding: bool, offset: int = 0, strided: bool = False) -> list[Window]:
+    """One pass of windows over bytes [offset, num_bytes).
+
+    Without sliding: [offset + i·L, offset + (i+1)·L), every byte scored. With sliding: windows
+    start every S = L // 2 bytes; window 0 scores all its bytes, window k > 0 only its last S (its
+    first L - S are context), so the scored parts tile the range.
+    """
+    windows: list[Window] = []
+    if offset >= num_bytes:
+        return windows
+    if not sliding:
+        for start in range(offset, num_bytes, seq_len):
+            windows.append(Window(start, min(start + seq_len, num_bytes), start, strided))
+        return windows
+    stride = seq_len // 2
+    start = offset
+    windows.append(Window(start, min(start + seq_len, num_bytes), start, strided))
+    while start + seq_len < num_bytes:
+        start += stride
+        windows.append(Window(start, min(start + seq_len, num_bytes), start + seq_len - stride, strided))
+    return windows
+
+
+def check_mode(mode: str, seq_len: int, patch_size: int) -> None:
+    """Raise ValueError when `mode` cannot tile the data with these window and patch sizes."""
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"inference mode must be one of {INFERENCE_MODES}, got {mode!r}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+    if "sliding" in mode and seq_len < 2:
+        raise ValueError(f"sliding-window inference needs seq_len >= 2, got {seq_len}")
+    if "strided" in mode:
+        if patch_size < 2 or patch_size % 2:
+            raise ValueError(
+                f"strided inference keeps the first half of each patch: needs an even patch_size, got {patch_size}"
+            )
+        step_name, step = ("seq_len // 2", seq_len // 2) if "sliding" in mode else ("seq_len", seq_len)
+        if step % patch_size:
+            raise ValueError(
+                f"{mode} inference needs windows that start on patch borders: "
+                f"{step_name} = {step} is not a multiple of patch_size={patch_size}"
+            )
+
+
+def inference_plan(num_bytes: int, seq_len: int, patch_size: int, mode: str) -> list[Window]:
+    """Every window `mode` runs over `num_bytes` bytes; together they score each byte exactly once."""
+    check_mode(mode, seq_len, patch_size)
+    sliding = "sliding" in mode
+    if "strided" not in mode:
+        return pass_windows(num_bytes, seq_len, sliding)
+    # Pass A keeps bytes at phase < P/2 of their patch, pass B (patches shifted by P/2) the rest.
+    half = patch_size // 2
+    return pass_windows(num_bytes, seq_len, sliding, 0, True) + pass_windows(num_bytes, seq_len, sliding, half, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    mode: str
+    bits: float  # total -log2 p over the scored bytes
+    scored_bytes: int
+    positions_computed: int  # bytes fed through the model, context included
+    seconds: float
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.bits / max(1, self.scored_bytes)
+
+    @property
+    def cost(self) -> float:
+        """Model positions computed per scored byte (1.0 for basic windows)."""
+        return self.positions_computed / max(1, self.scored_bytes)
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.scored_bytes / max(self.seconds, 1e-9)
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for "bf16-mixed" (and "bf16-true"), nothing for full precision."""
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def score_bytes(
+    model: HierarchicalByteModel,
+    data: np.ndarray,
+    seq_len: int,
+    mode: str = "basic",
+    batch_size: int = 8,
+    precision: str = "32-true",
+) -> ModelScore:
+    """Bits of every byte of `data` (uint8 (N,), e.g. a memory-mapped split) under `mode`."""
+    if seq_len > model.config.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    P = model.config.patch_size
+    windows = inference_plan(len(data), seq_len, P, mode)
+    device = model.head.weight.device
+    was_training = model.training
+    model.eval()
+    began = time.perf_counter()
+    total_bits, scored, computed = 0.0, 0, 0
+    try:
+        for first in range(0, len(windows), batch_size):
+            batch = windows[first : first + batch_size]
+            tokens = torch.zeros(len(batch), seq_len, dtype=torch.long)  # (B, L), right-padded
+            mask = torch.zeros(len(batch), seq_len, dtype=torch.bool)  # (B, L) scored positions
+            for row, window in enumerate(batch):
+                length = window.stop - window.start
+                tokens[row, :length] = torch.from_numpy(np.asarray(data[window.start : window.stop], dtype=np.int64))
+                mask[row, :length] = torch.from_numpy(window.scored_mask(P))
+                computed += length
+            tokens, mask = tokens.to(device), mask.to(device)
+            with precision_context(precision, device):
+                logits = model(tokens)  # (B, L, 256)
+            # fp32 log-softmax whatever the autocast dtype, as in training's masked_byte_nll.
+            nll = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), tokens.reshape(-1), reduction="none")
+            total_bits += float((nll.view_as(mask).double() * mask).sum()) / LN2
+            scored += int(mask.sum())
+    finally:
+        model.train(was_training)
+    if scored != len(data):  # the plan tiles the data; anything else is a bug, never a result
+        raise RuntimeError(f"{mode} inference scored {scored} bytes of {len(data)}")
+    return ModelScore(mode, total_bits, scored, computed, time.perf_counter() - began)
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark on a datamodule split, and its report
+# ------------------------------------------------------------------------------------------------
+
+MODE_LABELS = {
+    "basic": "model",
+    "sliding": "model + sliding window",
+    "strided": "model + strided",
+    "sliding+strided": "model + sliding + strided",
+}
+
+
+def split_bytes(datamodule, split: str, max_bytes: Optional[int] = None) -> np.ndarray:
+    """The bytes of `split` (memory-mapped), or its first `max_bytes` (whole images for images)."""
+    datamodule.prepare_data()
+    dataset = datamodule.eval_dataset(split)
+    data = np.memmap(dataset.path, dtype=np.uint8, mode="r", shape=(dataset.num_bytes,))
+    if max_bytes is None:
+        return data
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
+    if datamodule.modality == "image" and max_bytes % datamodule.seq_len:
+        raise ValueError(f"max_bytes={max_bytes} must be a whole number of images ({datamodule.seq_len} bytes each)")
+    return data[:max_bytes]
+
+
+def codec_params(datamodule) -> dict[str, Any]:
+    """What `reference_codecs` needs to know about how the datamodule laid out its bytes."""
+    if datamodule.modality == "image":
+        return {"order": datamodule.order, "patch_size": datamodule.patch_size}
+    if datamodule.modality == "audio":
+        return {"sample_rate": datamodule.sample_rate, "encoding": datamodule.encoding}
+    return {}
+
+
+def run_benchmark(
+    model: HierarchicalByteModel,
+    datamodule,
+    split: str = "test",
+    modes: Sequence[str] = ("basic",),
+    batch_size: Optional[int] = None,
+    max_bytes: Optional[int] = None,
+    precision: str = "32-true",
+    codecs: bool = True,
+    checkpoint: Optional[str] = None,
+) -> dict[str, Any]:
+    """Score `model` on `split` of `datamodule` in every mode, and the codecs on the same bytes.
+
+    Returns the report as a JSON-ready dict (see `write_report`).
+    """
+    seq_len = datamodule.seq_len
+    for mode in modes:  # fail before any work is done
+        check_mode(mode, seq_len, model.config.patch_size)
+    data = split_bytes(datamodule, split, max_bytes)
+    if len(data) == 0:
+        raise ValueError(f"split {split!r} of {datamodule.source} holds no bytes")
+    rows: list[dict[str, Any]] = []
+    for mode in modes:
+        score = score_bytes(model, data, seq_len, mode, batch_size or datamodule.eval_batch_size, precision)
+        rows.append(
+            {
+                "method": MODE_LABELS[mode],
+                "kind": "model",
+                "mode": mode,
+                "bits_per_byte": score.bits_per_byte,
+                "compressed_bytes": math.ceil(score.bits / 8),  # what arithmetic coding would need
+                "scored_bytes": score.scored_bytes,
+                "cost": score.cost,
+                "seconds": score.seconds,
+                "bytes_per_second": score.bytes_per_second,
+            }
+        )
+    skipped: list[dict[str, str]] = []
+    if codecs:
+        raw = np.asarray(data).tobytes()
+        for result in reference_codecs(raw, datamodule.modality, **codec_params(datamodule)):
+            if result.skipped:
+                skipped.append({"method": result.name, "reason": result.note})
+                continue
+            rows.append(codec_row(result, len(raw)))
+    return {
+        "modality": datamodule.modality,
+        "unit": "bits/dim" if datamodule.modality == "image" else "bits/byte",
+        "split": split,
+        "num_bytes": int(len(data)),
+        "data_source": str(datamodule.source),
+        "model": {
+            "checkpoint": checkpoint,
+            "parameters": model.num_parameters(),
+            "patch_size": model.config.patch_size,
+            "seq_len": seq_len,
+            "precision": precision,
+            "device": str(model.head.weight.device),
+        },
+        "results": rows,
+        "skipped": skipped,
+    }
+
+
+def codec_row(result: CodecResult, num_bytes: int) -> dict[str, Any]:
+    return {
+        "method": result.name,
+        "kind": "codec",
+        "bits_per_byte": 8 * result.compressed_bytes / num_bytes,
+        "compressed_bytes": result.compressed_bytes,
+        "seconds": result.seconds,
+        "bytes_per_second": num_bytes / max(result.seconds, 1e-9),
+        "note": result.note,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    unit = report["unit"]
+    lines = [
+        f"### {report['modality']}: {report['split']} split, {report['num_bytes']:,} bytes ({report['data_source']})",
+        "",
+        f"| method | {unit} | size (bytes) | cost (positions/byte) | throughput (bytes/s) | notes |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in sorted(report["results"], key=lambda row: row["bits_per_byte"]):
+        cost = f"{row['cost']:.2f}x" if row["kind"] == "model" else ""
+        note = row.get("note", "") if row["kind"] == "codec" else f"{row['seconds']:.1f} s"
+        lines.append(
+            f"| {row['method']} | {row['bits_per_byte']:.4f} | {row['compressed_bytes']:,} | {cost} "
+            f"| {row['bytes_per_second']:,.0f} | {note} |"
+        )
+    for item in report["skipped"]:
+        lines.append(f"| {item['method']} | | | | | skipped: {item['reason']} |")
+    model = report["model"]
+    lines += [
+        "",
+        f"Model: {model['parameters']:,} parameters, patch size {model['patch_size']}, windows of "
+        f"{model['seq_len']:,} bytes, {model['precision']} on {model['device']}"
+        + (f", checkpoint `{model['checkpoint']}`." if model["checkpoint"] else ", untrained (no checkpoint)."),
+        "Model sizes are what arithmetic coding under its probabilities needs (`multibyte compress` "
+        "attains them within a few bytes plus a 56-byte header).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: dict[str, Any], path: Path) -> bool:
+    """Write a bar chart of every method's bits per byte to `path`; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = sorted(report["results"], key=lambda row: row["bits_per_byte"])
+    figure, axes = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    colours = ["tab:blue" if row["kind"] == "model" else "tab:gray" for row in rows]
+    axes.barh([row["method"] for row in rows], [row["bits_per_byte"] for row in rows], color=colours)
+    for y, row in enumerate(rows):
+        axes.text(row["bits_per_byte"], y, f" {row['bits_per_byte']:.3f}", va="center", fontsize=8)
+    axes.set_xlim(0, 1.12 * max(row["bits_per_byte"] for row in rows))  # room for the labels
+    axes.invert_yaxis()
+    axes.set_xlabel(f"{report['unit']} (lower is better)")
+    axes.set_title(f"{report['modality']}, {report['split']} split, {report['num_bytes']:,} bytes")
+    figure.tight_layout()
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
+    plt.close(figure)
+    write_atomically(path, image.getvalue())
+    return True
+
+
+def write_report(
+    report: dict[str, Any], output_dir: Union[str, Path], stem: Optional[str] = None
+) -> dict[str, Optional[Path]]:
+    """`<stem>.md`, `<stem>.json` and (with matplotlib) `<stem>.png` in `output_dir`, each written
+    through a temporary file. Returns the paths ("png" is None without matplotlib)."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"bench-{report['modality']}-{report['split']}"
+    paths: dict[str, Optional[Path]] = {"md": folder / f"{stem}.md", "json": folder / f"{stem}.json"}
+    write_atomically(paths["md"], markdown_table(report).encode("utf-8"))
+    write_atomically(paths["json"], (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    png = folder / f"{stem}.png"
+    paths["png"] = png if bar_chart(report, png) else None
+    return paths
