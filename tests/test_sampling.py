@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from multibyte.cli import make_cli, resolve_config_path
-from multibyte.config import ModelConfig, StackConfig
+from architectures import ARCHITECTURES, tiny
 from multibyte.model import HierarchicalByteModel
 from multibyte.sampling import (
     allocate_decode_state,
@@ -19,25 +19,6 @@ from multibyte.sampling import (
     reset_decode_state,
     sample_next_byte,
 )
-
-
-def tiny(global_mixer: str, local_mixer: str | None, patch_size: int, max_seq_len: int = 64) -> ModelConfig:
-    return ModelConfig(
-        patch_size=patch_size,
-        max_seq_len=max_seq_len,
-        global_model=StackConfig(global_mixer, d_model=16 * patch_size, n_layers=2, n_heads=2, d_state=4),
-        local_model=None if local_mixer is None else StackConfig(local_mixer, d_model=24, n_layers=2, n_heads=2),
-        position_embedding=global_mixer == "attention",
-    )
-
-
-ARCHITECTURES = {
-    "megabyte": tiny("attention", "attention", patch_size=4),
-    "megabyte-no-local": tiny("attention", None, patch_size=4),
-    "vanilla": tiny("attention", None, patch_size=1),
-    "mambabyte": tiny("mamba", None, patch_size=1),
-    "hybrid": tiny("mamba", "attention", patch_size=4),
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
