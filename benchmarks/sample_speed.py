@@ -18,8 +18,8 @@ P = 12, a 384-wide 4-layer global model and a 128-wide 2-layer local model, rand
   both with our cached sampler, timed per byte at several positions and interpolated the same
   way (the paper's claim: MEGABYTE is faster);
 - MambaByte's time per byte at positions 1K, 4K and 12K (a recurrent step: should be flat);
-- what the CPU defaults were chosen by: 1 vs 2 decode threads, fp32 vs bf16, eager vs
-  torch.compile (full run only).
+- what the CPU defaults were chosen by: 1 vs 2 decode threads, fp32 vs bf16 weights at batch
+  1, 8 and 16, eager vs torch.compile (full run only).
 
 All baselines run with `--threads` intra-op threads (default 1, as our decoding loop): on the
 shared 2-core machine this was written on, 2 threads made every measured path slower.
@@ -229,7 +229,7 @@ def main() -> None:
     batches = (1, 16)
     # Where one step of the quadratic baselines is timed (multiples of P, ending at num_bytes).
     lengths = [P, num_bytes // 2, num_bytes] if quick else [P, 3072, 6144, 9216, IMAGE_BYTES]
-    repeats = 1 if quick else 2
+    repeats = 1  # the long steps take seconds each: timing noise is small next to them
     models = build_models()
     megabyte, vanilla, mambabyte = models["megabyte"], models["vanilla"], models["mambabyte"]
 
@@ -239,6 +239,7 @@ def main() -> None:
         "full_image": num_bytes == IMAGE_BYTES,
         "patch_size": P,
         "dims": "global 384x4 (4 heads), local 128x2 (4 heads), as cpu/image64.yaml",
+        "precision": "fp32 for every method (bf16 only in cpu_defaults)",
         "torch": torch.__version__,
         "threads": args.threads,
         "cpu_cores": os.cpu_count(),
@@ -295,17 +296,19 @@ def main() -> None:
     }
 
     if not quick:
-        # How the CPU defaults were chosen: decode threads, dtype and torch.compile (best of 2 runs).
-        choice_bytes = 1200
+        # How the CPU defaults were chosen (sampling.CPU_DECODE_THREADS, CPU_BF16_MIN_BATCH, compile
+        # off by default): best of 2 runs of 600 bytes each.
+        choice_bytes = 600
         defaults: dict = {"measured_bytes": choice_bytes}
+        bf16 = copy.deepcopy(megabyte).to(torch.bfloat16)
+        for batch in (1, 8, 16):
+            for name, model in (("fp32", megabyte), ("bf16", bf16)):
+                rate = max(cached_bytes_per_second(model, batch, choice_bytes) for _ in range(2))
+                defaults[f"batch{batch}_{name}_bytes_per_s"] = round(rate, 1)
         for batch in batches:
             for threads in (1, 2):
                 rate = max(decode_loop_bytes_per_second(megabyte, batch, choice_bytes, threads) for _ in range(2))
                 defaults[f"batch{batch}_threads{threads}_bytes_per_s"] = round(rate, 1)
-            bf16 = copy.deepcopy(megabyte).to(torch.bfloat16)
-            for name, model in (("fp32", megabyte), ("bf16", bf16)):
-                rate = max(cached_bytes_per_second(model, batch, choice_bytes) for _ in range(2))
-                defaults[f"batch{batch}_{name}_bytes_per_s"] = round(rate, 1)
             defaults[f"batch{batch}_compiled"] = compiled_figures(megabyte, batch, choice_bytes)
         results["cpu_defaults"] = defaults
     results["load_average_at_end"] = round(os.getloadavg()[0], 2)

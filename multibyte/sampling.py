@@ -315,11 +315,25 @@ def _as_prompt(prompt: torch.Tensor, device: torch.device) -> torch.Tensor:
     return prompt.to(device, torch.long)
 
 
-# Intra-op threads for the per-byte loop on a CPU. Measured on the 2-core machine this was built on
-# (benchmarks/sample_speed.py reports both): one decoding step is ~50 small ops, and splitting
-# each across 2 threads costs more in synchronisation than it saves, at batch 1 and at batch 16;
-# when other processes share the cores, 2 threads are ten times slower still.
+# Intra-op threads for the per-byte loop on a CPU. Measured on the shared 2-core machine this was
+# built on (benchmarks/sample_speed.py, `cpu_defaults`): one decoding step is ~50 small ops, and
+# splitting each across 2 threads cost more in synchronisation than it saved: 10-15x slower at
+# batch 1 and at batch 16 while other processes used the cores.
 CPU_DECODE_THREADS = 1
+# Smallest batch from which bf16 weights decode faster than fp32 on a CPU with native bf16
+# (AVX512-BF16 or AMX). Measured with the CPU image preset's dims, bytes/s fp32 vs bf16:
+# batch 1: 1822 vs 1640, 4: 5741 vs 5450, 8: 8837 vs 9826, 16: 12699 vs 14149, 32: 16583 vs 20867.
+CPU_BF16_MIN_BATCH = 8
+
+
+def fastest_decode_dtype(device: torch.device, batch_size: int, gpu_bf16: bool = True) -> torch.dtype:
+    """The weight dtype to decode in: on a CPU, bf16 from CPU_BF16_MIN_BATCH rows up when the CPU
+    has native bf16 and fp32 otherwise (small matrix-vector products gain nothing from bf16);
+    on a GPU, bf16 unless `gpu_bf16` is False."""
+    if device.type == "cpu":
+        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native_bf16 and batch_size >= CPU_BF16_MIN_BATCH else torch.float32
+    return torch.bfloat16 if gpu_bf16 else torch.float32
 
 
 @contextmanager

@@ -46,6 +46,7 @@ class MultibyteTrainer(Trainer):
         prompt_rows: int = 32,
         prompt_seconds: Optional[float] = None,
         compile: bool = False,
+        dtype: Optional[Literal["float32", "bfloat16"]] = None,
         overwrite: bool = False,
     ) -> list[str]:
         """Generate from a checkpoint: 64x64 PNGs (and a grid), WAVs or UTF-8 text, by modality.
@@ -74,12 +75,16 @@ class MultibyteTrainer(Trainer):
             prompt_seconds: keep only the first seconds of the prompt audio (audio only).
             compile: torch.compile the one-byte step (CUDA graphs on a GPU); on a CPU it pays
                 off only for long runs at batch 1 (see benchmarks/sample_speed.py).
+            dtype: weights and caches while sampling; None picks the fastest measured: on a CPU
+                float32 below batch 8 and bfloat16 from there (with native bf16), on a GPU
+                bfloat16 when the trainer's precision is bf16. Changes the sampled bytes.
             overwrite: replace existing files in output_dir.
         """
         import torch
 
         from multibyte.codecs import IMAGE_BYTES
         from multibyte.decoders import SampleFormat, prompt_bytes, sample_to_files
+        from multibyte.sampling import fastest_decode_dtype
 
         if datamodule is None:
             raise SystemExit("multibyte sample: choose the output format with --data (e.g. --config image64.yaml)")
@@ -90,9 +95,11 @@ class MultibyteTrainer(Trainer):
             raise SystemExit(f"multibyte sample: {error}") from error
         byte_model = self._load_weights(model, ckpt_path).model
         device = self.strategy.root_device
-        # fp32 on a CPU: measured faster than bf16 for one-byte steps (benchmarks/sample_speed.py).
-        dtype = torch.bfloat16 if device.type == "cuda" and str(self.precision).startswith("bf16") else torch.float32
-        byte_model = byte_model.to(device=device, dtype=dtype).eval()
+        if dtype is None:
+            weights_dtype = fastest_decode_dtype(device, min(batch_size, num_samples), str(self.precision).startswith("bf16"))
+        else:
+            weights_dtype = getattr(torch, dtype)
+        byte_model = byte_model.to(device=device, dtype=weights_dtype).eval()
 
         context = byte_model.config.max_seq_len
         T = len(prompt_data)
@@ -124,7 +131,13 @@ class MultibyteTrainer(Trainer):
                 compile=compile,
                 overwrite=overwrite,
                 progress=self.progress_bar_callback is not None,
-                info={"checkpoint": str(ckpt_path), "prompt": prompt, "prompt_file": prompt_file},
+                info={
+                    "checkpoint": str(ckpt_path),
+                    "prompt": prompt,
+                    "prompt_file": prompt_file,
+                    "dtype": str(weights_dtype).removeprefix("torch."),
+                    "device": str(device),
+                },
             )
         except (FileExistsError, ValueError) as error:
             raise SystemExit(f"multibyte sample: {error}") from error

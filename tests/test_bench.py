@@ -270,7 +270,7 @@ def test_cli_bench(tmp_path, capsys):
     main(
         [
             "bench",
-            *("--model.architecture", json.dumps(architecture), "--trainer.logger", "false"),
+            *("--seed_everything", "0", "--model.architecture", json.dumps(architecture), "--trainer.logger", "false"),
             *("--data", "datamodules.TextDataModule", "--data.seq_len", "64", "--data.cache_dir", str(tmp_path)),
             *("--max_bytes", "3000", "--inference", "[basic, strided]", "--output_dir", str(out)),
         ]

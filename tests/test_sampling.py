@@ -1,6 +1,7 @@
 """The sampler: cached decoding equals full recompute for every architecture, sampling draws what it
 should, seeds reproduce, rows stay independent; the `sample` subcommand and the training callback."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -195,6 +196,36 @@ def test_stop_byte_ends_each_row_and_generation(models):
     for row, end in enumerate(ends):
         assert torch.equal(stopped[row, : 3 + end], free[row, : 3 + end])
         assert torch.all(stopped[row, 3 + end :] == stop)
+
+
+def test_decode_dtype_follows_the_measured_crossover():
+    from multibyte.sampling import CPU_BF16_MIN_BATCH, fastest_decode_dtype
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH - 1) == torch.float32
+    assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH) == (torch.bfloat16 if native else torch.float32)
+    assert fastest_decode_dtype(torch.device("cuda"), 1) == torch.bfloat16
+    assert fastest_decode_dtype(torch.device("cuda"), 1, gpu_bf16=False) == torch.float32
+
+
+@pytest.mark.parametrize("name", ["megabyte", "mambabyte"])
+def test_bf16_weights_decode_close_to_fp32(models, name):
+    # What `sample` runs from batch 8 on a CPU: same bytes in, logits within bf16 rounding.
+    model = models[name]
+    data = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    results = []
+    for m in (model, low):
+        state = allocate_decode_state(m, 2, 10)
+        logits = [prefill(m, state, data[:, :3])]
+        logits += [decode_step(m, state, data[:, t]) for t in range(3, 10)]
+        results.append(torch.stack(logits))
+    assert results[1].dtype == torch.float32
+    # bf16 keeps ~3 significant digits: errors of a few thousandths on logits spread ~0.1 apart,
+    # where a wrong step would be off by the spread itself.
+    spread = results[0].std().item()
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0.1 * spread)
 
 
 # ------------------------------------------------------------------------------------------------
