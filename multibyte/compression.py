@@ -194,7 +194,8 @@ class _LaneStepper:
         self.seq_len = seq_len
         self.precision = precision
         self.device = model.head.weight.device
-        self._states: dict[int, DecodeState] = {}
+        self._states: dict[int, DecodeState] = {}  # one per batch size (the last group may be narrower)
+        self._state: DecodeState | None = None  # the current group's
 
     def start(self, batch_size: int) -> torch.Tensor:
         state = self._states.get(batch_size)

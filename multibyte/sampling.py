@@ -321,9 +321,10 @@ def _as_prompt(prompt: torch.Tensor, device: torch.device) -> torch.Tensor:
 # batch 1 and at batch 16 while other processes used the cores.
 CPU_DECODE_THREADS = 1
 # Smallest batch from which bf16 weights decode faster than fp32 on a CPU with native bf16
-# (AVX512-BF16 or AMX). Measured with the CPU image preset's dims, bytes/s fp32 vs bf16:
-# batch 1: 1822 vs 1640, 4: 5741 vs 5450, 8: 8837 vs 9826, 16: 12699 vs 14149, 32: 16583 vs 20867.
-CPU_BF16_MIN_BATCH = 8
+# (AVX512-BF16 or AMX). Measured twice with the CPU image preset's dims, bytes/s fp32 vs bf16:
+# batch 1: 1822 vs 1640 and 1959 vs 889; batch 8: 8837 vs 9826 and 9403 vs 9023 (a draw);
+# batch 16: 12699 vs 14149 and 12421 vs 15310; batch 32: 16583 vs 20867.
+CPU_BF16_MIN_BATCH = 16
 
 
 def fastest_decode_dtype(device: torch.device, batch_size: int, gpu_bf16: bool = True) -> torch.dtype:

@@ -73,10 +73,10 @@ class MultibyteTrainer(Trainer):
                 rows are completed, or a WAV/FLAC file continued from its end.
             prompt_rows: pixel rows of the prompt image to keep (images only).
             prompt_seconds: keep only the first seconds of the prompt audio (audio only).
-            compile: torch.compile the one-byte step (CUDA graphs on a GPU); on a CPU it pays
-                off only for long runs at batch 1 (see benchmarks/sample_speed.py).
+            compile: torch.compile the one-byte step (meant for GPUs, with CUDA graphs); on a
+                CPU it measured no reliably faster than eager (benchmarks/sample_speed.py).
             dtype: weights and caches while sampling; None picks the fastest measured: on a CPU
-                float32 below batch 8 and bfloat16 from there (with native bf16), on a GPU
+                float32 below batch 16 and bfloat16 from there (with native bf16), on a GPU
                 bfloat16 when the trainer's precision is bf16. Changes the sampled bytes.
             overwrite: replace existing files in output_dir.
         """

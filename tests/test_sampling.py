@@ -211,7 +211,7 @@ def test_decode_dtype_follows_the_measured_crossover():
 
 @pytest.mark.parametrize("name", ["megabyte", "mambabyte"])
 def test_bf16_weights_decode_close_to_fp32(models, name):
-    # What `sample` runs from batch 8 on a CPU: same bytes in, logits within bf16 rounding.
+    # What `sample` runs from batch 16 on a CPU: same bytes in, logits within bf16 rounding.
     model = models[name]
     data = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
     low = copy.deepcopy(model).to(torch.bfloat16)
