@@ -42,7 +42,7 @@ from multibyte.codecs import (  # noqa: E402
     waveform_to_bytes,
 )
 from multibyte.compression import HEADER_SIZE, compress_bytes, decompress_bytes  # noqa: E402
-from multibyte.config import ModelConfig, StackConfig  # noqa: E402
+from multibyte.config import megabyte  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
 from multibyte.reference_codecs import reference_codecs  # noqa: E402
 from multibyte.training import load_model  # noqa: E402
@@ -70,12 +70,7 @@ def tiny_model(modality: str) -> tuple[HierarchicalByteModel, int]:
     """A freshly initialised tiny MEGABYTE and its window length for `modality`."""
     torch.manual_seed(0)
     patch, seq_len = {"text": (8, 1024), "image": (12, IMAGE_BYTES), "audio": (32, 4096)}[modality]
-    config = ModelConfig(
-        patch_size=patch,
-        max_seq_len=seq_len,
-        global_model=StackConfig("attention", d_model=8 * patch, n_layers=1, n_heads=2),
-        local_model=StackConfig("attention", d_model=32, n_layers=1, n_heads=2),
-    )
+    config = megabyte(patch, seq_len, 8 * patch, 1, 2, 32, 1, 2)
     return HierarchicalByteModel(config).eval(), seq_len
 
 

@@ -59,14 +59,12 @@ SIDES = ("ours-fp32", "ours-bf16", "mambapy")
 
 
 def build_ours(d_model: int, n_layers: int, d_state: int, expand: int, d_conv: int, seq_len: int) -> nn.Module:
-    from multibyte.config import ModelConfig, StackConfig
+    from multibyte.config import ModelConfig, StageConfig
     from multibyte.model import HierarchicalByteModel
 
     config = ModelConfig(
-        patch_size=1,
+        stages=[StageConfig("mamba", d_model, n_layers, d_state=d_state, expand=expand, d_conv=d_conv)],
         max_seq_len=seq_len,
-        global_model=StackConfig("mamba", d_model, n_layers, d_state=d_state, expand=expand, d_conv=d_conv),
-        local_model=None,
         position_embedding=False,
     )
     return HierarchicalByteModel(config)  # forward(tokens) -> logits of tokens, shifted inside

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from multibyte.codecs import IMAGE_BYTES  # noqa: E402
-from multibyte.config import ModelConfig, StackConfig  # noqa: E402
+from multibyte.config import ModelConfig, StageConfig, megabyte  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
 from multibyte.sampling import (  # noqa: E402
     allocate_decode_state,
@@ -57,20 +57,16 @@ from multibyte.sampling import (  # noqa: E402
 )
 
 P = 12
-GLOBAL = StackConfig("attention", d_model=384, n_layers=4, n_heads=4)
-LOCAL = StackConfig("attention", d_model=128, n_layers=2, n_heads=4)
 
 
 def build_models() -> dict[str, HierarchicalByteModel]:
     configs = {
-        "megabyte": ModelConfig(patch_size=P, max_seq_len=IMAGE_BYTES, global_model=GLOBAL, local_model=LOCAL),
+        "megabyte": megabyte(P, IMAGE_BYTES, 384, 4, 4, 128, 2, 4),
         # MEGABYTE's global model run at every byte: the same 4 x 384 transformer, no local model.
-        "vanilla": ModelConfig(patch_size=1, max_seq_len=IMAGE_BYTES, global_model=GLOBAL, local_model=None),
+        "vanilla": ModelConfig(stages=[StageConfig("attention", 384, 4, 4)], max_seq_len=IMAGE_BYTES),
         "mambabyte": ModelConfig(
-            patch_size=1,
+            stages=[StageConfig("mamba", 384, 8, d_state=16, d_conv=4, expand=2)],
             max_seq_len=IMAGE_BYTES + 1024,
-            global_model=StackConfig("mamba", d_model=384, n_layers=8, d_state=16, d_conv=4, expand=2),
-            local_model=None,
             position_embedding=False,
         ),
     }

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from multibyte.config import ModelConfig, StackConfig  # noqa: E402
+from multibyte.config import ModelConfig, megabyte  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
 from multibyte.training import masked_byte_nll  # noqa: E402
 
@@ -75,13 +75,14 @@ def ours_step_fn(config: ModelConfig, bf16: bool):
 def peer_step_fn(config: ModelConfig, seq_len: int):
     from MEGABYTE_pytorch import MEGABYTE
 
-    g, l = config.global_model, config.local_model
+    g, l = config.stages
+    P = config.stages[0].patch_size
     model = MEGABYTE(
         num_tokens=257,
         pad_id=256,
         dim=(g.d_model, l.d_model),
         depth=(g.n_layers, l.n_layers),
-        max_seq_len=(seq_len // config.patch_size, config.patch_size),
+        max_seq_len=(seq_len // P, P),
         heads=l.n_heads,
         dim_head=l.d_model // l.n_heads,
         ff_mult=int(l.mlp_ratio),
@@ -98,24 +99,8 @@ def peer_step_fn(config: ModelConfig, seq_len: int):
 
 
 def training_flops_per_byte(model: HierarchicalByteModel, seq_len: int) -> float:
-    """6 x parameters touched per byte (matmul weights only) + causal attention, forward + backward."""
-    cfg = model.config
-    P, K = cfg.patch_size, seq_len // cfg.patch_size
-    global_matrices = sum(p.numel() for p in model.global_stack.parameters() if p.dim() >= 2)
-    per_byte = global_matrices / P  # the global model runs once per patch of P bytes
-    if model.local_stack is not None:
-        per_byte += sum(p.numel() for p in model.local_stack.parameters() if p.dim() >= 2)
-        per_byte += model.global_to_local.weight.numel()
-    per_byte += model.head.weight.numel()
-    flops = 6 * per_byte
-    # Attention: QK^T and AV are 2 x 2 x d FLOPs per (query, key) pair; a causal query sees
-    # (n+1)/2 keys on average; backward costs twice the forward.
-    g = cfg.global_model
-    flops += 3 * g.n_layers * 4 * g.d_model * (K + 1) / 2 / P
-    if cfg.local_model is not None:
-        loc = cfg.local_model
-        flops += 3 * loc.n_layers * 4 * loc.d_model * (P + 1) / 2
-    return flops
+    """The model's own count (`HierarchicalByteModel.training_flops`), per byte."""
+    return model.training_flops(seq_len) / seq_len
 
 
 def main() -> None:
@@ -130,19 +115,14 @@ def main() -> None:
     batch = args.batch or (2 if args.quick else 4)
     steps = args.steps or (2 if args.quick else 4)
     warmup = 1
-    config = ModelConfig(
-        patch_size=8,
-        max_seq_len=seq_len,
-        global_model=StackConfig("attention", d_model=512, n_layers=6, n_heads=4),
-        local_model=StackConfig("attention", d_model=256, n_layers=4, n_heads=4),
-    )
+    config = megabyte(8, seq_len, 512, 6, 4, 256, 4, 4)
     torch.manual_seed(0)
     tokens = torch.randint(0, 256, (batch, seq_len), dtype=torch.uint8)
 
     results: dict[str, float | int | str] = {
         "seq_len": seq_len,
         "batch": batch,
-        "patch_size": config.patch_size,
+        "patch_size": config.stages[0].patch_size,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }

@@ -1,35 +1,78 @@
 """Typed model configuration: one hierarchical byte model, many named architectures.
 
-MEGABYTE, MambaByte, the hybrid (Mamba global + attention local) and the vanilla byte transformer
-are all values of `ModelConfig`; `ModelConfig.from_name` returns the named presets below.
+A model is a list of stages, outermost first. Every stage but the last runs over *units* (patches)
+of the byte stream that its patcher cuts; the last stage runs over the bytes of the innermost unit.
+
+    MEGABYTE                 [attention over 8-byte patches, attention over bytes]
+    MEGABYTE, 3 stages       [attention over 64-byte patches, attention over 8-byte patches, attention over bytes]
+    SpaceByte-style          [attention over word patches (space patcher, at most 16 bytes), attention over bytes]
+    BLT-style                [attention over entropy patches, attention over bytes]
+    MambaByte                [mamba over bytes]
+    vanilla byte transformer [attention over bytes]
+    hybrid                   [mamba over 8-byte patches, attention over bytes]
+
+`ModelConfig.from_name` returns the named presets at the end of this file.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Literal, Optional
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Optional
 
-VOCAB_SIZE = 256  # one class per byte value; byte 0 is an ordinary byte, there is no pad token
+BYTE_VOCAB_SIZE = 256  # one class per byte value; byte 0 is an ordinary byte, there is no pad token
+VOCAB_SIZE = BYTE_VOCAB_SIZE  # kept for modules that only ever see bytes
 
 MixerName = Literal["attention", "mamba"]
+PatcherName = Literal["fixed", "space", "entropy"]
+PoolingName = Literal["concat", "attention"]
+MIXERS = ("attention", "mamba")
+PATCHERS = ("fixed", "space", "entropy")
+POOLINGS = ("concat", "attention")
 
 
 @dataclass
-class StackConfig:
-    """One stack of residual blocks (the global model over patches, or the local model over bytes)."""
+class StageConfig:
+    """One stage: a stack of residual blocks over the units of one level of the hierarchy."""
 
     mixer: MixerName = "attention"
     """Sequence mixer inside each block: causal self-attention, or a Mamba selective state space."""
     d_model: int = 512
-    """Width of the stack. For the global stack this is P × (per-byte global embedding width)."""
+    """Width of the stage. With concat pooling it is split evenly among the bytes of a unit
+    (MEGABYTE's global model: P × per-byte width), so it must be a multiple of the unit's byte slots."""
     n_layers: int = 4
-    """Number of residual blocks."""
+    """Number of residual blocks (0: the stage only mixes its inputs through its final norm)."""
     n_heads: int = 8
     """Attention heads (attention mixer only); must divide d_model."""
     mlp_ratio: float = 4.0
     """Hidden width of the feed-forward layer as a multiple of d_model (attention blocks only;
     Mamba blocks have no feed-forward layer, as in MambaByte). 0 disables the feed-forward layer."""
+    patcher: Optional[PatcherName] = None
+    """How this stage's units are cut (every stage but the last; None for the last stage, whose
+    units are single bytes): `fixed` every `patch_size` bytes (MEGABYTE), `space` after word
+    boundaries (SpaceByte), `entropy` where a small byte model is unsure of the next byte (BLT)."""
+    patch_size: int = 1
+    """Bytes per unit for `fixed`; the most bytes a unit may hold for `space` and `entropy` (a
+    longer run is cut). Must shrink from stage to stage inwards; the last stage's is 1."""
+    pooling: PoolingName = "concat"
+    """How the bytes of a finished unit become this stage's input vector for the next unit:
+    `concat` (MEGABYTE: each byte embedded at d_model / slots channels, concatenated, empty slots
+    zero) or `attention` (BLT-like: a learned query attends over the unit's byte embeddings)."""
+    entropy_model: Optional[str] = None
+    """`entropy` patcher: the byte model whose next-byte entropy places the boundaries, as a
+    checkpoint file or an `export` directory. Read once when the model is built; its
+    architecture is then kept in `entropy_architecture` and its weights in this model's state."""
+    entropy_architecture: Optional[dict] = None
+    """`entropy` patcher: the entropy model's ModelConfig as a dict (filled in from
+    `entropy_model`; set by hand only to build an untrained model for tests)."""
+    entropy_threshold: Optional[float] = None
+    """`entropy` patcher: θ in bits. None: calibrated on training data at the start of `fit` to
+    give `target_patch_length` bytes per patch on average, then stored here."""
+    entropy_mode: Literal["global", "monotonic"] = "global"
+    """`entropy` patcher: a unit starts at byte t where H(x_t) > θ (global) or where
+    H(x_t) - H(x_{t-1}) > θ (monotonic)."""
+    target_patch_length: float = 6.0
+    """`entropy` patcher: average bytes per unit that threshold calibration aims for."""
     d_state: int = 16
     """Mamba: state size N per channel."""
     d_conv: int = 4
@@ -44,71 +87,168 @@ class StackConfig:
     """Mamba: largest initial step size Δ."""
 
     def __post_init__(self) -> None:
-        if self.d_model <= 0 or self.n_layers < 0:
-            raise ValueError(f"StackConfig: d_model must be > 0 and n_layers >= 0, got {self}")
-        if self.mixer == "attention" and self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"StackConfig: n_heads={self.n_heads} must divide d_model={self.d_model}"
-            )
-        if self.mixer not in ("attention", "mamba"):
-            raise ValueError(f"StackConfig: unknown mixer {self.mixer!r} (attention | mamba)")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"stage mixer: unknown mixer {self.mixer!r} (one of: {', '.join(MIXERS)})")
+        if self.patcher is not None and self.patcher not in PATCHERS:
+            raise ValueError(f"stage patcher: unknown patcher {self.patcher!r} (one of: {', '.join(PATCHERS)})")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"stage pooling: unknown pooling {self.pooling!r} (one of: {', '.join(POOLINGS)})")
+        for name in ("d_model", "patch_size", "d_state", "d_conv", "expand"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage {name} must be at least 1, got {getattr(self, name)}")
+        if self.n_layers < 0:
+            raise ValueError(f"stage n_layers must be at least 0, got {self.n_layers}")
+        if self.mlp_ratio < 0:
+            raise ValueError(f"stage mlp_ratio must be at least 0, got {self.mlp_ratio}")
+        if self.mixer == "attention" and self.n_layers > 0:
+            if self.n_heads < 1:
+                raise ValueError(f"stage n_heads must be at least 1, got {self.n_heads}")
+            if self.d_model % self.n_heads:
+                raise ValueError(f"stage n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.dt_rank is not None and self.dt_rank < 1:
+            raise ValueError(f"stage dt_rank must be at least 1 or null, got {self.dt_rank}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"stage needs 0 < dt_min <= dt_max, got {self.dt_min} and {self.dt_max}")
+        if self.entropy_mode not in ("global", "monotonic"):
+            raise ValueError(f"stage entropy_mode must be global or monotonic, got {self.entropy_mode!r}")
+        if self.target_patch_length < 1:
+            raise ValueError(f"stage target_patch_length must be at least 1, got {self.target_patch_length}")
 
     @property
     def resolved_dt_rank(self) -> int:
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
 
 
+_OLD_KEYS = {
+    "patch_size": "stages[0].patch_size (with stages[0].patcher: fixed)",
+    "global_model": "stages[0] (the outermost stage)",
+    "local_model": "stages[-1] (the byte-level stage)",
+}
+
+
 @dataclass
 class ModelConfig:
-    """A hierarchical byte model (MEGABYTE, Yu et al. 2023) whose parts are pluggable.
+    """A hierarchical byte model (MEGABYTE, Yu et al. 2023, generalised to N stages and dynamic
+    patches) whose parts are pluggable.
 
-    Bytes are grouped into patches of `patch_size`. The global stack reads one vector per patch
-    (the concatenated global embeddings of the previous patch's bytes) and the local stack predicts
-    the bytes inside each patch. With `patch_size=1` and `local_model=None` the model is a plain byte
-    language model (vanilla transformer, or MambaByte with `global_model.mixer="mamba"`).
+    Stage i reads one vector per unit: the pooled bytes of the previous unit (a learned pad for
+    the first unit of its parent) plus, below the outermost stage, its slice of the parent
+    stage's output. The last stage's outputs become next-byte logits.
     """
 
-    patch_size: int = 8
-    """P, bytes per patch. Modality-aware defaults in the shipped configs: text 8, image 12, audio 32."""
-    max_seq_len: int = 8192
-    """Longest sequence (in bytes) the model is built for; sizes the learned position table."""
-    global_model: StackConfig = field(default_factory=lambda: StackConfig(d_model=512, n_layers=4, n_heads=8))
-    """The global model over patches. global_model.d_model must be a multiple of patch_size."""
-    local_model: Optional[StackConfig] = field(
-        default_factory=lambda: StackConfig(d_model=256, n_layers=2, n_heads=4)
+    stages: list[StageConfig] = field(
+        default_factory=lambda: [
+            StageConfig("attention", 512, 4, 8, patcher="fixed", patch_size=8),
+            StageConfig("attention", 256, 2, 4),
+        ]
     )
-    """The local model over the bytes of one patch; None means no local model (the global output
-    at each byte position predicts that byte directly)."""
+    """The stages, outermost first. Every stage but the last needs a patcher."""
+    vocab_size: int = BYTE_VOCAB_SIZE
+    """Symbols per position: 256 for bytes; a subword model uses its tokenizer's vocabulary."""
+    max_seq_len: int = 8192
+    """Longest sequence (in symbols) the model is built for; sizes the learned position table."""
     position_embedding: bool = True
-    """Add a learned absolute byte-position embedding to the global input (attention needs it;
-    Mamba is position-aware through its recurrence and usually runs without)."""
+    """Add a learned absolute position embedding to the outermost stage's byte embeddings
+    (attention needs it; Mamba is position-aware through its recurrence and runs without)."""
+    hash_buckets: int = 0
+    """BLT's hash n-gram embeddings: buckets per n-gram size (0: off). The n-grams ending at each
+    byte are hashed into this many rows and their embeddings added to the outermost stage's byte
+    embedding."""
+    hash_ngram_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    """BLT's hash n-gram embeddings: the n-gram lengths."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches during training."""
     norm_eps: float = 1e-5
     """Epsilon of the RMSNorm layers."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of embeddings and linear layers."""
+    patch_size: Optional[int] = None
+    """Removed (two-stage layout): use `stages`. Setting it is an error that names the new keys."""
+    global_model: Optional[Any] = None
+    """Removed (two-stage layout): use `stages`. Setting it is an error that names the new keys."""
+    local_model: Optional[Any] = None
+    """Removed (two-stage layout): use `stages`. Setting it is an error that names the new keys."""
 
     def __post_init__(self) -> None:
-        if self.patch_size < 1:
-            raise ValueError(f"ModelConfig: patch_size must be >= 1, got {self.patch_size}")
-        if self.global_model.d_model % self.patch_size != 0:
+        old = [name for name in _OLD_KEYS if getattr(self, name) is not None]
+        if old:
             raise ValueError(
-                f"ModelConfig: global_model.d_model={self.global_model.d_model} must be a multiple of "
-                f"patch_size={self.patch_size} (each byte gets d_model/patch_size global channels)"
+                "model architecture: " + ", ".join(old) + " belong to the old two-stage layout; use "
+                + "; ".join(f"{name} -> {_OLD_KEYS[name]}" for name in old)
+                + ". E.g. stages: [{mixer: attention, d_model: 512, n_layers: 4, patcher: fixed, "
+                "patch_size: 8}, {mixer: attention, d_model: 256, n_layers: 2}]"
             )
-        if self.max_seq_len % self.patch_size != 0:
+        self.stages = [StageConfig(**s) if isinstance(s, dict) else s for s in self.stages]
+        if not self.stages:
+            raise ValueError("model architecture: stages must hold at least one stage")
+        if self.vocab_size < 2:
+            raise ValueError(f"model vocab_size must be at least 2, got {self.vocab_size}")
+        if self.max_seq_len < 1:
+            raise ValueError(f"model max_seq_len must be at least 1, got {self.max_seq_len}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model dropout must lie in [0, 1), got {self.dropout}")
+        if self.hash_buckets < 0 or any(n < 1 for n in self.hash_ngram_sizes):
+            raise ValueError("model hash_buckets must be >= 0 and hash_ngram_sizes >= 1")
+        last = self.stages[-1]
+        if last.patcher is not None or last.patch_size != 1:
             raise ValueError(
-                f"ModelConfig: max_seq_len={self.max_seq_len} must be a multiple of "
-                f"patch_size={self.patch_size}"
+                f"stages[{len(self.stages) - 1}] is the byte-level stage: it takes no patcher and patch_size 1 "
+                f"(got patcher={last.patcher!r}, patch_size={last.patch_size})"
             )
-        if self.local_model is not None and self.local_model.n_layers == 0:
-            self.local_model = None
+        for i, stage in enumerate(self.stages[:-1]):
+            if stage.patcher is None:
+                raise ValueError(f"stages[{i}] runs over patches: it needs a patcher ({', '.join(PATCHERS)})")
+            inner = self.stages[i + 1].patch_size
+            if stage.patch_size <= inner:
+                raise ValueError(
+                    f"stages[{i}].patch_size={stage.patch_size} must exceed the next stage's patch_size={inner}"
+                )
+            if stage.patcher == "fixed" and self.stages[i + 1].patcher in ("fixed", None) and stage.patch_size % inner:
+                raise ValueError(
+                    f"stages[{i}].patch_size={stage.patch_size} must be a multiple of stages[{i + 1}].patch_size={inner}"
+                )
+            if stage.patcher == "entropy" and stage.entropy_model is None and stage.entropy_architecture is None:
+                raise ValueError(f"stages[{i}] uses the entropy patcher: name its byte model in entropy_model")
+        for i, stage in enumerate(self.stages):
+            slots = self.unit_slots(i)
+            if stage.pooling == "concat" and stage.d_model % slots:
+                raise ValueError(
+                    f"stages[{i}].d_model={stage.d_model} must be a multiple of its {slots} byte slots per unit "
+                    f"(concat pooling gives each byte d_model / {slots} channels)"
+                )
+            if i + 1 < len(self.stages) and stage.d_model % self.child_slots(i + 1):
+                raise ValueError(
+                    f"stages[{i}].d_model={stage.d_model} must be a multiple of {self.child_slots(i + 1)}, the units "
+                    f"of stages[{i + 1}] in one of its units (its output is cut into one slice per unit)"
+                )
+
+    # -- the shape of the hierarchy ------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
 
     @property
-    def global_byte_dim(self) -> int:
-        """D_G in the paper: per-byte width of the global embedding (global d_model / P)."""
-        return self.global_model.d_model // self.patch_size
+    def is_fixed(self) -> bool:
+        """Every boundary is fixed: units are reshapes of the byte stream."""
+        return all(s.patcher in ("fixed", None) for s in self.stages)
+
+    def child_slots(self, i: int) -> int:
+        """S_i: the most units of stage i inside one unit of stage i-1 (i >= 1)."""
+        parent, stage = self.stages[i - 1], self.stages[i]
+        if parent.patcher == "fixed" and stage.patcher in ("fixed", None):
+            return parent.patch_size // stage.patch_size
+        if stage.patcher in ("space", "entropy"):
+            return parent.patch_size  # a dynamic unit may hold a single byte
+        return -(-parent.patch_size // stage.patch_size)  # fixed units inside a dynamic parent
+
+    def unit_slots(self, i: int) -> int:
+        """U_i: byte slots of one unit of stage i (1 for the byte-level stage)."""
+        return math.prod(self.child_slots(j) for j in range(i + 1, self.num_stages))
+
+    @property
+    def alignment(self) -> int:
+        """Bytes per outermost unit when every boundary is fixed (windows should be a multiple)."""
+        return self.stages[0].patch_size if self.is_fixed else 1
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
@@ -117,64 +257,81 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         return replace(PRESETS[name](), **overrides)
 
+    def to_dict(self) -> dict:
+        """Plain data (for YAML, checkpoints and `entropy_architecture`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _OLD_KEYS}
+        out["stages"] = [{f.name: getattr(s, f.name) for f in fields(s)} for s in self.stages]
+        out["hash_ngram_sizes"] = list(self.hash_ngram_sizes)
+        return out
 
-def _megabyte(patch_size, seq_len, g_dim, g_layers, g_heads, l_dim, l_layers, l_heads) -> ModelConfig:
+
+def stage(mixer: str, d_model: int, n_layers: int, n_heads: int = 4, **kw) -> StageConfig:
+    return StageConfig(mixer, d_model, n_layers, n_heads, **kw)
+
+
+def megabyte(patch_size, seq_len, g_dim, g_layers, g_heads, l_dim, l_layers, l_heads) -> ModelConfig:
+    """Two attention stages over fixed patches of `patch_size` bytes."""
     return ModelConfig(
-        patch_size=patch_size,
+        stages=[
+            stage("attention", g_dim, g_layers, g_heads, patcher="fixed", patch_size=patch_size),
+            stage("attention", l_dim, l_layers, l_heads),
+        ],
         max_seq_len=seq_len,
-        global_model=StackConfig("attention", g_dim, g_layers, g_heads),
-        local_model=StackConfig("attention", l_dim, l_layers, l_heads),
     )
 
 
-def _mambabyte(seq_len, d_model, n_layers) -> ModelConfig:
+def mambabyte(seq_len, d_model, n_layers) -> ModelConfig:
+    """One Mamba stage over bytes."""
+    return ModelConfig(stages=[stage("mamba", d_model, n_layers, 1)], max_seq_len=seq_len, position_embedding=False)
+
+
+def vanilla(seq_len, d_model, n_layers, n_heads) -> ModelConfig:
+    """One attention stage over bytes."""
+    return ModelConfig(stages=[stage("attention", d_model, n_layers, n_heads)], max_seq_len=seq_len)
+
+
+def hybrid(patch_size, seq_len, g_dim, g_layers, l_dim, l_layers, l_heads) -> ModelConfig:
+    """MEGABYTE's layout with a Mamba stage over patches and an attention stage over bytes."""
     return ModelConfig(
-        patch_size=1,
+        stages=[
+            stage("mamba", g_dim, g_layers, 1, patcher="fixed", patch_size=patch_size),
+            stage("attention", l_dim, l_layers, l_heads),
+        ],
         max_seq_len=seq_len,
-        global_model=StackConfig("mamba", d_model, n_layers, n_heads=1, expand=2, d_state=16, d_conv=4),
-        local_model=None,
         position_embedding=False,
-    )
-
-
-def _vanilla(seq_len, d_model, n_layers, n_heads) -> ModelConfig:
-    return ModelConfig(
-        patch_size=1,
-        max_seq_len=seq_len,
-        global_model=StackConfig("attention", d_model, n_layers, n_heads),
-        local_model=None,
     )
 
 
 # Named architectures. GPU-sized ones follow the papers' settings (scaled where noted in the
 # configs/*.yaml comments); "-cpu" ones are small enough to train on a 2-core CPU in minutes.
 PRESETS = {
-    "megabyte-text": lambda: _megabyte(8, 8192, 1024, 16, 16, 512, 8, 8),
-    "megabyte-image64": lambda: _megabyte(12, 12288, 1536, 16, 16, 512, 8, 8),
-    "megabyte-audio": lambda: _megabyte(32, 8192, 2048, 16, 16, 512, 8, 8),
-    "megabyte-text-cpu": lambda: _megabyte(8, 1024, 256, 4, 4, 128, 2, 4),
-    "megabyte-image64-cpu": lambda: _megabyte(12, 12288, 384, 4, 4, 128, 2, 4),
-    "megabyte-audio-cpu": lambda: _megabyte(32, 4096, 512, 4, 4, 128, 2, 4),
-    "mambabyte-353m": lambda: _mambabyte(8192, 1024, 53),
-    "mambabyte-972m": lambda: _mambabyte(8192, 1792, 48),
-    "mambabyte-cpu": lambda: _mambabyte(1024, 128, 4),
-    "vanilla-byte-transformer-cpu": lambda: _vanilla(1024, 256, 4, 4),
-    # The hybrid: MEGABYTE's layout with a Mamba global model over patches and an attention local
-    # model within each patch. Two Mamba blocks (~6 d² parameters each, no feed-forward) stand in
-    # for each global attention block (~12 d² with its feed-forward), so the global stacks match
-    # megabyte-text / megabyte-text-cpu in size; Mamba needs no position table.
-    "hybrid-text": lambda: ModelConfig(
-        patch_size=8,
+    "megabyte-text": lambda: megabyte(8, 8192, 1024, 16, 16, 512, 8, 8),
+    "megabyte-image64": lambda: megabyte(12, 12288, 1536, 16, 16, 512, 8, 8),
+    "megabyte-audio": lambda: megabyte(32, 8192, 2048, 16, 16, 512, 8, 8),
+    "megabyte-text-cpu": lambda: megabyte(8, 1024, 256, 4, 4, 128, 2, 4),
+    "megabyte-image64-cpu": lambda: megabyte(12, 12288, 384, 4, 4, 128, 2, 4),
+    "megabyte-audio-cpu": lambda: megabyte(32, 4096, 512, 4, 4, 128, 2, 4),
+    "mambabyte-353m": lambda: mambabyte(8192, 1024, 53),
+    "mambabyte-972m": lambda: mambabyte(8192, 1792, 48),
+    "mambabyte-cpu": lambda: mambabyte(1024, 128, 4),
+    "vanilla-byte-transformer-cpu": lambda: vanilla(1024, 256, 4, 4),
+    # Two Mamba blocks (~6 d² parameters each, no feed-forward) stand in for each attention block
+    # (~12 d² with its feed-forward), so the patch stages match megabyte-text(-cpu) in size.
+    "hybrid-text": lambda: hybrid(8, 8192, 1024, 32, 512, 8, 8),
+    "hybrid-text-cpu": lambda: hybrid(8, 1024, 256, 8, 128, 2, 4),
+    "megabyte3-text-cpu": lambda: ModelConfig(
+        stages=[
+            stage("attention", 256, 4, 4, patcher="fixed", patch_size=64),
+            stage("attention", 128, 2, 4, patcher="fixed", patch_size=8),
+            stage("attention", 128, 2, 4),
+        ],
         max_seq_len=8192,
-        global_model=StackConfig("mamba", 1024, 32, d_state=16, d_conv=4, expand=2),
-        local_model=StackConfig("attention", 512, 8, 8),
-        position_embedding=False,
     ),
-    "hybrid-text-cpu": lambda: ModelConfig(
-        patch_size=8,
+    "spacebyte-text-cpu": lambda: ModelConfig(
+        stages=[
+            stage("attention", 256, 4, 4, patcher="space", patch_size=16),
+            stage("attention", 128, 2, 4),
+        ],
         max_seq_len=1024,
-        global_model=StackConfig("mamba", 256, 8, d_state=16, d_conv=4, expand=2),
-        local_model=StackConfig("attention", 128, 2, 4),
-        position_embedding=False,
     ),
 }

@@ -1,33 +1,50 @@
-"""The one hierarchical byte model behind MEGABYTE, MambaByte and the vanilla byte transformer.
+"""The one hierarchical byte model behind MEGABYTE, MambaByte, SpaceByte/BLT-style models and the
+vanilla byte transformer. Read top-down: a residual `Block`, a `Stack` of blocks, a `Stage` (a
+stack plus how its inputs are made), and `HierarchicalByteModel`.
 
-Read top-down: a residual `Block` (pre-norm, pluggable mixer, optional feed-forward), a `Stack` of
-blocks, and `HierarchicalByteModel`, which follows MEGABYTE (Yu et al. 2023, section 2):
+The stages, outermost first, run over nested units (patches) of the byte stream; patchers
+(multibyte/patchers/) decide where units start. MEGABYTE (Yu et al. 2023, section 2) is the
+two-stage case with fixed units of P bytes. Every unit of stage i gets one input vector:
 
-    tokens (B, T) bytes, T = K·P
-    global embedding  E_G[x_t] + E_pos[t]               (B, T, D_G)      D_G = global d_model / P
-    group into patches                                  (B, K, P·D_G)
-    shift right by one patch (learned pad patch first)  (B, K, P·D_G)    patch k sees patches < k
-    global stack                                        (B, K, P·D_G)
-    ungroup, project to the local width                 (B, K, P, D_L)
-    + E_L[x_{k,p-1}] (learned pad at p = 0)             (B, K, P, D_L)   byte p sees bytes < p
-    local stack over each patch                         (B·K, P, D_L)
-    norm + linear head                                  (B, T, 256)
+    pooled(previous unit of stage i in the same parent)   learned pad for the parent's first unit
+  + slice of the parent stage's output for this unit      stages below the outermost only
 
-With no local stack, the head reads the ungrouped global output directly; with P = 1 that is a
-plain byte language model (attention: the vanilla transformer; Mamba: MambaByte).
+The padded grid. Units are laid out in a (B, K, S_1, ..., S_{N-1}) grid of byte slots: K
+outermost units, S_i slots for the units of stage i inside one unit of stage i-1; S_{N-1} counts
+bytes. A unit of stage i is a contiguous block of U_i = S_{i+1}···S_{N-1} byte slots. With fixed
+patches the grid IS the byte stream (right-padded to a multiple of U_0), so everything below is
+reshapes; dynamic patches scatter bytes into the grid (empty slots are zero and masked).
+
+    tokens (B, T)
+    grid of bytes                                       (B, K·U_0)
+    stage i: embed each byte slot                       (B, K·U_0, w_i)          w_i = D_i / U_i (concat)
+             pool each unit's slots                     (B, K, S_1..S_i, D_i)
+             shift right by one unit within the parent  (B, K, S_1..S_i, D_i)    unit j sees units < j
+             + parent output cut into S_i slices         (B, K, S_1..S_i, D_i)    projected D_{i-1}/S_i -> D_i
+             stack over the S_i axis                    (B·K·S_1..S_{i-1}, S_i, D_i)
+    last stage's output back to byte order, head        (B, T, vocab)
+
+Decoding is the model's own: `allocate_decode_state`, `prefill` (a prompt in, next-byte logits
+out) and `decode_step` (one byte in, next logits out). Rows of one batch may sit at different
+positions inside their units. See `DecodeState` for how one byte is decoded.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multibyte.config import VOCAB_SIZE, ModelConfig, StackConfig
+from multibyte.config import ModelConfig, StageConfig
 from multibyte.mixers import build_mixer
-from multibyte.patching import FixedPatching
+from multibyte.mixers.attention import KVCache
+from multibyte.patchers import build_patcher, unit_starts
+
+HASH_MODULUS = 2_147_483_647  # 2^31 - 1: rolling n-gram hashes stay far from int64 overflow
 
 
 class FeedForward(nn.Module):
@@ -42,20 +59,23 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + feed_forward(norm(x)) when the stack has one."""
+    """x + mixer(norm(x)), then x + feed_forward(norm(x)) when the stage has one."""
 
-    def __init__(self, stack: StackConfig, dropout: float, norm_eps: float) -> None:
+    def __init__(self, stage: StageConfig, dropout: float, norm_eps: float) -> None:
         super().__init__()
-        self.mixer_norm = nn.RMSNorm(stack.d_model, eps=norm_eps)
-        self.mixer = build_mixer(stack, dropout)
+        self.mixer_norm = nn.RMSNorm(stage.d_model, eps=norm_eps)
+        self.mixer = build_mixer(stage, dropout)
         self.mixer_dropout = nn.Dropout(dropout)
         # MambaByte's blocks are mixer-only; attention blocks carry the usual feed-forward layer.
-        hidden = int(stack.mlp_ratio * stack.d_model) if stack.mixer == "attention" else 0
-        self.ff_norm = nn.RMSNorm(stack.d_model, eps=norm_eps) if hidden else None
-        self.feed_forward = FeedForward(stack.d_model, hidden, dropout) if hidden else None
+        hidden = int(stage.mlp_ratio * stage.d_model) if stage.mixer == "attention" else 0
+        self.ff_norm = nn.RMSNorm(stage.d_model, eps=norm_eps) if hidden else None
+        self.feed_forward = FeedForward(stage.d_model, hidden, dropout) if hidden else None
 
-    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
-        x = x + self.mixer_dropout(self.mixer(self.mixer_norm(x), state))
+    def forward(self, x: torch.Tensor, state=None, run: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if state is None:
+            x = x + self.mixer_dropout(self.mixer(self.mixer_norm(x)))
+        else:
+            x = x + self.mixer_dropout(self.mixer(self.mixer_norm(x), state, run))
         if self.feed_forward is not None:
             x = x + self.feed_forward(self.ff_norm(x))
         return x
@@ -64,127 +84,670 @@ class Block(nn.Module):
 class Stack(nn.Module):
     """n_layers blocks and a final norm: (B, L, D) -> (B, L, D), causal along L."""
 
-    def __init__(self, stack: StackConfig, dropout: float, norm_eps: float) -> None:
+    def __init__(self, stage: StageConfig, dropout: float, norm_eps: float) -> None:
         super().__init__()
-        self.config = stack
-        self.blocks = nn.ModuleList(Block(stack, dropout, norm_eps) for _ in range(stack.n_layers))
-        self.final_norm = nn.RMSNorm(stack.d_model, eps=norm_eps)
+        self.config = stage
+        self.blocks = nn.ModuleList(Block(stage, dropout, norm_eps) for _ in range(stage.n_layers))
+        self.final_norm = nn.RMSNorm(stage.d_model, eps=norm_eps)
 
     def allocate_states(self, batch_size: int, max_len: int, device, dtype) -> list:
         """One decoding state per block (KV cache or recurrent state), allocated once."""
         return [b.mixer.allocate_state(batch_size, max_len, device, dtype) for b in self.blocks]
 
-    def forward(self, x: torch.Tensor, states: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: Optional[list] = None, run: Optional[torch.Tensor] = None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            x = block(x, None if states is None else states[i])
+            x = block(x, None if states is None else states[i], run)
         return self.final_norm(x)
+
+
+class AttentionPooling(nn.Module):
+    """BLT-like pooling: a learned query attends over the byte embeddings of one unit.
+
+    (N, U, D) byte vectors with (N, U) present mask -> (N, D)."""
+
+    def __init__(self, d_model: int, slots: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads if d_model % max(1, n_heads) == 0 else 1
+        self.query = nn.Parameter(torch.zeros(d_model))
+        self.slot_embedding = nn.Parameter(torch.zeros(slots, d_model))  # where in the unit a byte sits
+        self.key_value = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, e: torch.Tensor, present: Optional[torch.Tensor]) -> torch.Tensor:
+        N, U, D = e.shape
+        H = self.n_heads
+        k, v = self.key_value(e + self.slot_embedding.to(e.dtype)).view(N, U, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        q = self.query.to(e.dtype).view(1, H, 1, D // H).expand(N, H, 1, D // H)
+        mask = None
+        if present is not None:
+            mask = present.clone()
+            mask[:, 0] = True  # an empty unit (grid padding) attends to its first slot: finite, unused
+            mask = mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, 1, D/H)
+        return self.out_proj(y.reshape(N, D))
+
+
+class Stage(nn.Module):
+    """Stage i: its stack, its byte embedding, its pooling, its pad and its link to the parent."""
+
+    def __init__(self, config: ModelConfig, i: int) -> None:
+        super().__init__()
+        stage = config.stages[i]
+        self.config = stage
+        self.slots = config.unit_slots(i)  # U_i byte slots per unit
+        D = stage.d_model
+        self.byte_width = D // self.slots if stage.pooling == "concat" else D
+        self.byte_embedding = nn.Embedding(config.vocab_size, self.byte_width)
+        self.pool = AttentionPooling(D, self.slots, stage.n_heads) if stage.pooling == "attention" else None
+        self.pad = nn.Parameter(torch.zeros(D))  # stands in for the unit before a parent's first
+        if i > 0:
+            self.siblings = config.child_slots(i)  # S_i: units of this stage per parent unit
+            parent_width = config.stages[i - 1].d_model
+            self.from_parent = nn.Linear(parent_width // self.siblings, D, bias=False)
+        else:
+            self.siblings = None
+            self.from_parent = None
+        self.stack = Stack(stage, config.dropout, config.norm_eps)
+
+    def pooled(self, e: torch.Tensor, present: Optional[torch.Tensor]) -> torch.Tensor:
+        """(..., U_i, w_i) byte vectors of units and their (..., U_i) present mask -> (..., D_i)."""
+        if self.pool is None:
+            if present is not None:
+                e = e * present[..., None].to(e.dtype)
+            return e.flatten(-2)
+        lead = e.shape[:-2]
+        flat_present = None if present is None else present.reshape(-1, self.slots)
+        return self.pool(e.reshape(-1, self.slots, e.shape[-1]), flat_present).view(*lead, -1)
+
+    def parent_context(self, parent: torch.Tensor) -> torch.Tensor:
+        """(..., D_{i-1}) parent outputs -> (..., S_i, D_i): one projected slice per child unit."""
+        return self.from_parent(parent.unflatten(-1, (self.siblings, -1)))
+
+
+@dataclass
+class Layout:
+    """Where every byte sits in the padded grid of units.
+
+    `index` (B, T): flat grid slot of each byte; None means the grid is the byte stream itself
+    (fixed patches; grid slots past T are padding after every real byte). `present` (B, G):
+    which grid slots hold a byte (None: all slots up to T, padding at the end is harmless)."""
+
+    num_units: int  # K, outermost units (the most any row has)
+    grid_size: int  # G = K · U_0
+    index: Optional[torch.Tensor] = None
+    present: Optional[torch.Tensor] = None
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) per byte -> (B, G, ...) per grid slot (zeros where no byte)."""
+        if self.index is None:
+            pad = self.grid_size - values.shape[1]
+            return F.pad(values, (0, 0) * (values.dim() - 2) + (0, pad)) if pad else values
+        B, T = self.index.shape
+        out = values.new_zeros((B, self.grid_size) + tuple(values.shape[2:]))
+        index = self.index.view(B, T, *([1] * (values.dim() - 2))).expand_as(values)
+        return out.scatter_(1, index, values)
+
+    def gather(self, grid: torch.Tensor, T: int) -> torch.Tensor:
+        """(B, G, ...) per grid slot -> (B, T, ...) per byte."""
+        if self.index is None:
+            return grid[:, :T]
+        B = grid.shape[0]
+        index = self.index.view(B, T, *([1] * (grid.dim() - 2))).expand(B, T, *grid.shape[2:])
+        return grid.gather(1, index)
+
+
+@dataclass
+class DecodeState:
+    """Everything needed to continue B sequences by one byte; allocated once per generation.
+
+    How one byte x_t is decoded (`HierarchicalByteModel.decode_step`):
+      1. x_t is written into its slot of the current outermost unit's buffer;
+      2. the patchers decide, per row, the outermost stage whose unit starts at byte t+1 (`level`;
+         N-1 when only a new byte starts);
+      3. every stage i >= level runs ONE position on its cache: the pooled unit that just ended
+         (or its pad, when a new parent unit starts, after emptying the stage's cache for that
+         row) plus its slice of the parent output; the last stage's output gives the logits.
+    With fixed patches and all rows at the same position, the host knows `level` (no device
+    round trip, as CUDA graphs need); otherwise it is a (B,) tensor and stages run masked.
+    """
+
+    stage_states: list  # per stage, per block: KVCache or MambaState
+    contexts: list  # per stage: None for stage 0, else (B, S_i, D_i) slices of the parent output
+    unit_tokens: torch.Tensor  # (B, U_0) int64: bytes of the current outermost unit, by slot
+    unit_present: torch.Tensor  # (B, U_0) bool
+    unit_extra: Optional[torch.Tensor]  # (B, U_0, w_0): position + hash embeddings of those bytes
+    coords: torch.Tensor  # (B, N) int64: current unit of each stage within its parent (last: byte)
+    unit_lengths: torch.Tensor  # (B, max(N-1, 1)) int64: bytes so far in the current unit per stage
+    positions: torch.Tensor  # (B,) int64: bytes consumed per row
+    history: Optional[torch.Tensor]  # (B, n_max) int64: last bytes, -1 before the start (hashes)
+    patcher_states: list
+    max_len: int
+    fixed: bool = True  # every unit boundary is fixed (the host can follow positions)
+    static: bool = False  # no host synchronisation: every stage runs masked (torch.compile, CUDA graphs)
+    host_position: Optional[int] = 0  # common position of all rows, when the host can know it
+    started: bool = False
+    stack_fns: Optional[list] = None  # per stage: what runs its stack one step (e.g. a torch.compile'd
+    # wrapper of it, see multibyte.sampling.compile_decoding); None: the stacks themselves
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+
+def reset_decode_state(state: DecodeState) -> None:
+    """Make `state` as good as freshly allocated, in place (nothing is reallocated)."""
+    for layer_state in (s for states in state.stage_states for s in states):
+        layer_state.reset()
+    for t in (state.unit_tokens, state.coords, state.unit_lengths, state.positions):
+        t.zero_()
+    state.unit_present.zero_()
+    if state.history is not None:
+        state.history.fill_(-1)
+    state.host_position = 0 if state.fixed else None
+    state.started = False
+
+
+def _where_rows(rows: Optional[torch.Tensor], new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """new for the rows in `rows` (B,) bool (all rows when None), old elsewhere."""
+    if rows is None:
+        return new
+    return torch.where(rows.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
 class HierarchicalByteModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.patching = FixedPatching(config.patch_size)
-        P, D_G = config.patch_size, config.global_byte_dim
-
-        self.global_byte_embedding = nn.Embedding(VOCAB_SIZE, D_G)
-        self.position_embedding = nn.Embedding(config.max_seq_len, D_G) if config.position_embedding else None
-        self.global_pad_patch = nn.Parameter(torch.zeros(P * D_G))  # stands in for "patch -1"
+        N = config.num_stages
+        self.stages = nn.ModuleList(Stage(config, i) for i in range(N))
+        self.patchers = nn.ModuleList(build_patcher(s) for s in config.stages[:-1])
+        w0 = self.stages[0].byte_width
+        self.position_embedding = nn.Embedding(config.max_seq_len, w0) if config.position_embedding else None
+        self.hash_embedding = (
+            nn.Embedding(len(config.hash_ngram_sizes) * config.hash_buckets, w0) if config.hash_buckets else None
+        )
         self.embedding_dropout = nn.Dropout(config.dropout)
-        self.global_stack = Stack(config.global_model, config.dropout, config.norm_eps)
-
-        if config.local_model is not None:
-            D_L = config.local_model.d_model
-            self.global_to_local = nn.Linear(D_G, D_L, bias=False)
-            self.local_byte_embedding = nn.Embedding(VOCAB_SIZE, D_L)
-            self.local_pad_byte = nn.Parameter(torch.zeros(D_L))  # stands in for "byte -1" of a patch
-            self.local_stack = Stack(config.local_model, config.dropout, config.norm_eps)
-            head_dim = D_L
-        else:
-            self.local_stack = None
-            head_dim = D_G
-        self.head = nn.Linear(head_dim, VOCAB_SIZE, bias=False)
+        self.head = nn.Linear(config.stages[-1].d_model, config.vocab_size, bias=False)
+        # Grid strides: slot of a byte in its outermost unit = Σ_{i>=1} coords[i] · U_i.
+        self.register_buffer(
+            "slot_strides", torch.tensor([config.unit_slots(i) for i in range(1, N)], dtype=torch.long), persistent=False
+        )
         self._init_weights()
 
     # ---------------------------------------------------------------- initialisation
     def _init_weights(self) -> None:
         std = self.config.init_std
         for name, p in self.named_parameters():
-            if ".mixer." in name and self._is_mamba_param(name):
-                continue  # Mamba mixers initialise themselves (A_log, dt bias, D need special values)
-            if p.dim() >= 2:
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith(("pad_patch", "pad_byte")):
+            if name.startswith("patchers.") or (".mixer." in name and self._is_mamba_param(name)):
+                continue  # entropy models and Mamba mixers initialise themselves
+            if p.dim() >= 2 or name.endswith((".pad", ".query")):
                 nn.init.normal_(p, mean=0.0, std=std)
         # GPT-2's scaling: each residual branch's output projection shrinks with depth, so the
         # residual stream's variance stays O(1) however many blocks add into it.
-        for stack in (self.global_stack, self.local_stack):
-            if stack is None:
-                continue
-            scale = std / math.sqrt(2 * max(1, stack.config.n_layers))
-            for block in stack.blocks:
-                if hasattr(block.mixer, "out_proj") and not self._is_mamba_module(block.mixer):
+        for stage in self.stages:
+            scale = std / math.sqrt(2 * max(1, stage.config.n_layers))
+            for block in stage.stack.blocks:
+                if hasattr(block.mixer, "out_proj") and not getattr(block.mixer, "initialises_itself", False):
                     nn.init.normal_(block.mixer.out_proj.weight, mean=0.0, std=scale)
                 if block.feed_forward is not None:
                     nn.init.normal_(block.feed_forward.down.weight, mean=0.0, std=scale)
 
     def _is_mamba_param(self, name: str) -> bool:
         module = self.get_submodule(name.rsplit(".mixer.", 1)[0] + ".mixer")
-        return self._is_mamba_module(module)
-
-    @staticmethod
-    def _is_mamba_module(module: nn.Module) -> bool:
         return getattr(module, "initialises_itself", False)
 
-    # ---------------------------------------------------------------- the forward pass
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        """Trainable parameters (a frozen entropy model is not counted)."""
+        params = [p for name, p in self.named_parameters() if not name.startswith("patchers.")]
+        n = sum(p.numel() for p in params)
         if exclude_embeddings:
-            n -= sum(e.weight.numel() for e in self.modules() if isinstance(e, nn.Embedding))
+            n -= sum(e.weight.numel() for name, e in self.named_modules() if isinstance(e, nn.Embedding) and not name.startswith("patchers."))
         return n
 
-    def global_input(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) bytes, T a multiple of P -> (B, K, P·D_G): the global model's input, where
-        position k holds the embedded bytes of patch k-1 (the pad patch at k = 0)."""
+    def training_flops(self, num_bytes: int, num_units: Optional[int] = None) -> float:
+        """FLOPs of one forward + backward pass over a sequence of `num_bytes` whose grid holds
+        `num_units` outermost units (default: fixed units, ceil(num_bytes / U_0)); padded grid
+        slots are counted, since they are computed. 6 x matmul weights used per position, plus
+        causal attention (QK^T and AV: 2 x 2 x d FLOPs per query-key pair, (n+1)/2 keys per
+        query on average, backward twice the forward)."""
+        config = self.config
+        U0 = config.unit_slots(0)
+        K = -(-num_bytes // U0) if num_units is None else num_units
+        G = K * U0
+        flops = 6.0 * G * self.head.weight.numel()
+        for i, stage in enumerate(self.stages):
+            positions = G // stage.slots
+            matrices = sum(p.numel() for p in stage.stack.parameters() if p.dim() >= 2)
+            if stage.from_parent is not None:
+                matrices += stage.from_parent.weight.numel()
+            if stage.pool is not None:
+                matrices += sum(p.numel() for p in stage.pool.parameters() if p.dim() >= 2) * stage.slots
+            flops += 6.0 * positions * matrices
+            if stage.config.mixer == "attention":
+                length = K if i == 0 else stage.siblings
+                flops += 3.0 * positions * stage.config.n_layers * 4 * stage.config.d_model * (length + 1) / 2
+        for patcher in self.patchers:  # an entropy model runs forward only, at every byte
+            if hasattr(patcher, "model"):
+                flops += patcher.model.training_flops(num_bytes) / 3
+        return flops
+
+    # ---------------------------------------------------------------- boundaries and layout
+    def unit_starts(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """(B, T) -> one (B, T) bool per stage but the last: where its units start."""
         B, T = tokens.shape
-        h = self.global_byte_embedding(tokens)  # (B, T, D_G)
+        starts, outer = [], None
+        for patcher in self.patchers:
+            outer = unit_starts(patcher.rule(tokens), outer, patcher.max_length, T, B, tokens.device)
+            starts.append(outer)
+        return starts
+
+    def layout(self, tokens: torch.Tensor, starts: Optional[list[torch.Tensor]] = None) -> Layout:
+        """Where each byte of (B, T) `tokens` goes in the grid (see `Layout`)."""
+        B, T = tokens.shape
+        config = self.config
+        U0 = config.unit_slots(0)
+        if config.is_fixed and starts is None:
+            K = -(-T // U0)
+            return Layout(K, K * U0)
+        starts = self.unit_starts(tokens) if starts is None else starts
+        positions = torch.arange(T, device=tokens.device)
+        unit = starts[0].long().cumsum(1) - 1  # (B, T) outermost unit of each byte
+        index = unit * U0
+        for i in range(1, config.num_stages - 1):
+            parent_begin = torch.where(starts[i - 1], positions, 0).cummax(1).values
+            count = starts[i].long().cumsum(1)
+            index = index + (count - count.gather(1, parent_begin)) * config.unit_slots(i)
+        begin = torch.where(starts[-1], positions, 0).cummax(1).values
+        index = index + positions - begin  # byte within the innermost unit
+        K = int(unit[:, -1].max()) + 1 if T else 0
+        present = torch.zeros(B, K * U0, dtype=torch.bool, device=tokens.device).scatter_(1, index, True)
+        return Layout(K, K * U0, index, present)
+
+    # ---------------------------------------------------------------- embeddings
+    def hash_ids(self, history: torch.Tensor) -> torch.Tensor:
+        """(..., n_max) last bytes (-1 before the start; the newest last) -> (..., n_sizes) rows
+        of the hash embedding: a rolling hash of the n-gram ending at the newest byte, per size."""
+        config = self.config
+        ids, h = [], torch.zeros_like(history[..., 0])
+        sizes = sorted(config.hash_ngram_sizes)
+        n_max = history.shape[-1]
+        by_size = {}
+        for j in range(max(sizes)):  # newest byte first
+            h = (h * 257 + history[..., n_max - 1 - j] + 1) % HASH_MODULUS
+            by_size[j + 1] = h
+        for k, n in enumerate(config.hash_ngram_sizes):
+            ids.append(by_size[n] % config.hash_buckets + k * config.hash_buckets)
+        return torch.stack(ids, dim=-1)
+
+    def _byte_extras(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B, T) -> (B, T, w_0): position and hash n-gram embeddings added to the outermost
+        stage's byte embeddings (None when the model has neither)."""
+        B, T = tokens.shape
+        extra = None
         if self.position_embedding is not None:
-            h = h + self.position_embedding.weight[:T]
-        patches = self.patching.group(h)  # (B, K, P·D_G)
-        pad = self.global_pad_patch.to(patches.dtype).expand(B, 1, -1)
-        return self.embedding_dropout(torch.cat([pad, patches[:, :-1]], dim=1))
+            extra = self.position_embedding.weight[:T].expand(B, T, -1)
+        if self.hash_embedding is not None:
+            n_max = max(self.config.hash_ngram_sizes)
+            padded = F.pad(tokens, (n_max - 1, 0), value=-1)
+            history = padded.unfold(1, n_max, 1)  # (B, T, n_max): bytes t-n_max+1 .. t
+            hashed = self.hash_embedding(self.hash_ids(history)).sum(dim=2)  # (B, T, w_0)
+            extra = hashed if extra is None else extra + hashed
+        return extra
 
-    def local_input(self, global_output: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, K, P·D_G) global output and (B, T) bytes -> (B, K, P, D_L): the local model's input,
-        where byte p of patch k gets its global slice plus the embedding of byte p-1 of the same
-        patch (the pad byte at p = 0)."""
-        B, K, _ = global_output.shape
-        P = self.config.patch_size
-        from_global = self.global_to_local(self.patching.ungroup(global_output))  # (B, K, P, D_L)
-        previous = self.local_byte_embedding(tokens).view(B, K, P, -1)  # (B, K, P, D_L)
-        pad = self.local_pad_byte.to(previous.dtype).expand(B, K, 1, -1)
-        previous = torch.cat([pad, previous[:, :, :-1]], dim=2)
-        return self.embedding_dropout(from_global + previous)
+    # ---------------------------------------------------------------- the forward pass
+    def _check_length(self, T: int) -> None:
+        if self.position_embedding is not None and T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} positions exceeds max_seq_len={self.config.max_seq_len}")
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) bytes (any integer dtype) -> (B, T, 256) next-byte logits.
+    def _pooled_units(self, i: int, grid: torch.Tensor, extra: Optional[torch.Tensor], layout: Layout) -> torch.Tensor:
+        """Stage i's pooled units: (B, K, S_1..S_i, D_i), from the (B, G) byte grid."""
+        stage = self.stages[i]
+        B = grid.shape[0]
+        lead = (B, layout.num_units) + tuple(s.siblings for s in self.stages[1 : i + 1])
+        e = stage.byte_embedding(grid)  # (B, G, w_i)
+        if i == 0 and extra is not None:
+            e = e + extra.to(e.dtype)
+        present = None if layout.present is None else layout.present.view(*lead, stage.slots)
+        return stage.pooled(e.view(*lead, stage.slots, -1), present)
 
-        The logit at position t depends only on bytes < t. T need not be a multiple of P: the
-        sequence is right-padded to one and the padding's logits are dropped.
-        """
+    def forward(self, tokens: torch.Tensor, starts: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """(B, T) symbols (any integer dtype) -> (B, T, vocab) next-symbol logits.
+
+        The logit at position t depends only on symbols < t. T need not be a multiple of any
+        patch size (the grid is right-padded and the padding's logits dropped). `starts`: unit
+        boundaries to use instead of the patchers' (one (B, T) bool per stage but the last)."""
         B, T = tokens.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} bytes exceeds max_seq_len={self.config.max_seq_len}")
+        self._check_length(T)
         tokens = tokens.long()
-        T_padded = self.patching.padded_length(T)
-        if T_padded != T:
-            tokens = F.pad(tokens, (0, T_padded - T))
-        h = self.global_stack(self.global_input(tokens))  # (B, K, P·D_G)
-        if self.local_stack is None:
-            h = self.patching.ungroup(h).reshape(B, T_padded, -1)  # (B, T, D_G)
+        layout = self.layout(tokens, starts)
+        extra = self._byte_extras(tokens)
+        grid = layout.scatter(tokens)  # (B, G)
+        extra = None if extra is None else layout.scatter(extra)  # (B, G, w_0)
+        parent = None
+        for i, stage in enumerate(self.stages):
+            units = self._pooled_units(i, grid, extra, layout)  # (B, K, S_1..S_i, D_i)
+            axis = units.dim() - 2  # the axis this stage runs along (K for stage 0, else S_i)
+            pad = stage.pad.to(units.dtype).expand_as(units.narrow(axis, 0, 1))
+            x = torch.cat([pad, units.narrow(axis, 0, units.shape[axis] - 1)], dim=axis)
+            if parent is not None:
+                x = x + stage.parent_context(parent)
+            x = self.embedding_dropout(x)
+            shape = x.shape
+            parent = stage.stack(x.reshape(-1, shape[-2], shape[-1])).view(shape)
+        h = layout.gather(parent.reshape(B, layout.grid_size, -1), T)  # (B, T, D_last)
+        return self.head(h)
+
+    # ---------------------------------------------------------------- decoding
+    def allocate_decode_state(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+        static: bool = False,
+    ) -> DecodeState:
+        """Caches for `batch_size` rows of up to `max_len` bytes each, allocated once (on the
+        model's device and in its dtype unless told otherwise). `static`: fixed shapes and no
+        host synchronisation in `decode_step` (for torch.compile / CUDA graphs)."""
+        config = self.config
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be at least 1, got {batch_size} and {max_len}")
+        if self.position_embedding is not None and max_len > config.max_seq_len:
+            raise ValueError(
+                f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len} "
+                f"(the length of its learned position table)"
+            )
+        device = self.head.weight.device if device is None else torch.device(device)
+        dtype = self.head.weight.dtype if dtype is None else dtype
+        N, B, U0 = config.num_stages, batch_size, config.unit_slots(0)
+        # Consuming t bytes runs stage 0 at positions 0..(units started), at most t // U_0 + 1
+        # with fixed units and t + 1 with dynamic ones.
+        outer_len = (max_len // U0 + 1) if config.is_fixed else max_len + 1
+        stage_states = [self.stages[0].stack.allocate_states(B, outer_len, device, dtype)]
+        contexts = [None]
+        for i in range(1, N):
+            stage = self.stages[i]
+            stage_states.append(stage.stack.allocate_states(B, stage.siblings, device, dtype))
+            contexts.append(torch.zeros(B, stage.siblings, stage.config.d_model, device=device, dtype=dtype))
+        if static:
+            for layer_state in (s for states in stage_states for s in states):
+                if isinstance(layer_state, KVCache):
+                    layer_state.make_static()
+        w0 = self.stages[0].byte_width
+        has_extra = self.position_embedding is not None or self.hash_embedding is not None
+        state = DecodeState(
+            stage_states=stage_states,
+            contexts=contexts,
+            unit_tokens=torch.zeros(B, U0, dtype=torch.long, device=device),
+            unit_present=torch.zeros(B, U0, dtype=torch.bool, device=device),
+            unit_extra=torch.zeros(B, U0, w0, device=device, dtype=dtype) if has_extra and N > 1 else None,
+            coords=torch.zeros(B, N, dtype=torch.long, device=device),
+            unit_lengths=torch.zeros(B, max(N - 1, 1), dtype=torch.long, device=device),
+            positions=torch.zeros(B, dtype=torch.long, device=device),
+            history=(
+                torch.full((B, max(config.hash_ngram_sizes)), -1, dtype=torch.long, device=device)
+                if self.hash_embedding is not None
+                else None
+            ),
+            patcher_states=[p.allocate_state(B, max_len, device, dtype) for p in self.patchers],
+            max_len=max_len,
+            fixed=config.is_fixed,
+            static=static,
+            host_position=0 if config.is_fixed else None,
+        )
+        return state
+
+    def reset_decode_state(self, state: DecodeState) -> None:
+        """Make `state` as good as freshly allocated, in place (nothing is reallocated)."""
+        reset_decode_state(state)
+
+    @torch.no_grad()
+    def prefill(self, state: DecodeState, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Start every row from `tokens` (B, T) (T may be 0); row b's prompt is its first
+        lengths[b] bytes (all T when None). Returns (B, vocab) fp32 logits of each row's next byte.
+
+        The longest prefix that ends at an outermost unit boundary in every row, with the same
+        number of units in every row, goes through the outermost stage in one parallel pass; the
+        rest is fed byte by byte."""
+        self._check_ready()
+        if state.started:
+            raise ValueError("prefill starts a sequence, but this decode state is in use: reset it first (reset_decode_state)")
+        B, T = tokens.shape
+        if B != state.batch_size:
+            raise ValueError(f"prompt batch of {B} rows for a decode state of {state.batch_size}")
+        if T > state.max_len:
+            raise ValueError(f"prompt of {T} bytes is longer than the decode state's max_len={state.max_len}")
+        tokens = tokens.to(state.positions.device, torch.long)
+        if lengths is None:
+            lengths_list = [T] * B
         else:
-            x = self.local_input(h, tokens)  # (B, K, P, D_L)
-            K, P, D_L = x.shape[1:]
-            h = self.local_stack(x.reshape(B * K, P, D_L)).reshape(B, T_padded, D_L)
-        logits = self.head(h)  # (B, T_padded, 256)
-        return logits[:, :T]
+            lengths = lengths.to(state.positions.device, torch.long)
+            lengths_list = [int(n) for n in lengths.tolist()]
+            if min(lengths_list, default=0) < 0 or max(lengths_list, default=0) > T:
+                raise ValueError(f"prompt lengths must lie in 0..{T}, got {lengths_list}")
+        state.host_position = 0 if state.fixed else None
+        state.started = True
+        n = self._parallel_prefix(tokens, min(lengths_list, default=0))
+        logits = self._prefill_parallel(state, tokens[:, :n]) if n else self._open(state)
+        uniform = len(set(lengths_list)) == 1
+        for t in range(n, max(lengths_list, default=0)):
+            active = None if uniform else torch.tensor([t < n_b for n_b in lengths_list], device=tokens.device)
+            step_logits = self.decode_step(state, tokens[:, t], active)
+            logits = _where_rows(active, step_logits, logits)
+        return logits
+
+    def _parallel_prefix(self, tokens: torch.Tensor, shortest: int) -> int:
+        """Bytes of the prompt that the outermost stage can take in one pass (see `prefill`)."""
+        if shortest == 0:
+            return 0
+        U0 = self.config.unit_slots(0)
+        if self.config.is_fixed:
+            return shortest // U0 * U0
+        head = tokens[:, :shortest]
+        starts = self.unit_starts(head)[0]  # (B, shortest)
+        count = starts.long().cumsum(1)  # units started up to and including each byte
+        common = starts.all(0) & (count == count[:1]).all(0)  # a boundary at p in every row, equal counts
+        common[0] = False
+        candidates = common.nonzero()
+        return int(candidates[-1]) if len(candidates) else 0
+
+    def _check_ready(self) -> None:
+        if self.training:
+            raise ValueError("the model is in training mode (dropout would make decoding random): call model.eval()")
+
+    def _open(self, state: DecodeState) -> torch.Tensor:
+        """Byte 0 of every row: every stage starts a unit, fed its pad."""
+        for patcher, patcher_state in zip(self.patchers, state.patcher_states):
+            patcher.start_state(patcher_state)
+        return self._run_stages(state, None, 0, None, state.coords.clone(), first=0)
+
+    def _prefill_parallel(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Consume (B, n) bytes ending at an outermost unit boundary (the same number of units c
+        in every row): stage 0 runs its c + 1 positions at once, the inner stages open unit c."""
+        B, n = tokens.shape
+        layout = self.layout(tokens)
+        extra = self._byte_extras(tokens)
+        grid = layout.scatter(tokens)
+        extra_grid = None if extra is None else layout.scatter(extra)
+        units = self._pooled_units(0, grid, extra_grid, layout)  # (B, c, D_0)
+        stage = self.stages[0]
+        dtype = state.contexts[-1].dtype if len(self.stages) > 1 else self.head.weight.dtype
+        x = torch.cat([stage.pad.to(units.dtype).expand(B, 1, -1), units], dim=1).to(dtype)  # (B, c + 1, D_0)
+        h = stage.stack(x, state.stage_states[0])[:, -1]  # (B, D_0)
+        for patcher, patcher_state in zip(self.patchers, state.patcher_states):
+            patcher.prefill_state(patcher_state, tokens)
+        if state.history is not None:
+            keep = min(n, state.history.shape[1])
+            state.history[:, -keep:] = tokens[:, n - keep :]
+        state.positions.fill_(n)
+        state.coords[:, 0] = layout.num_units
+        state.host_position = n if self.config.is_fixed else None
+        if len(self.stages) == 1:
+            return self.head(h).float()
+        state.contexts[1].copy_(self.stages[1].parent_context(h))
+        return self._run_stages(state, None, 0, None, state.coords.clone(), first=1)
+
+    @torch.no_grad()
+    def decode_step(self, state: DecodeState, byte: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Feed one byte per row, (B,); return the (B, vocab) fp32 logits of the byte after it.
+        `active` (B,) bool: only these rows consume their byte (the others keep their state and
+        get meaningless logits); None: all rows."""
+        if not state.started:
+            raise ValueError("decode_step needs a started decode state: call prefill first (an empty prompt is fine)")
+        if active is not None and not state.static and bool(active.all()):
+            active = None
+        if active is not None:
+            state.host_position = None  # rows drift apart
+        full = state.host_position >= state.max_len if state.host_position is not None else (
+            not state.static and int(state.positions.max()) >= state.max_len
+        )
+        if full:
+            raise ValueError(f"the decode state is full ({state.max_len} bytes): allocate it with a larger max_len")
+        byte = byte.to(state.positions.device, torch.long)
+        config = self.config
+        N = config.num_stages
+        old_coords = state.coords.clone()
+
+        # 1. record the byte in its slot of the current outermost unit
+        extra = self._step_extra(state, byte, active)  # (B, w_0) or None
+        if N > 1:
+            slot = (state.coords[:, 1:] * self.slot_strides).sum(1, keepdim=True)  # (B, 1)
+            rows_tokens = state.unit_tokens.scatter(1, slot, byte[:, None])
+            state.unit_tokens.copy_(_where_rows(active, rows_tokens, state.unit_tokens))
+            state.unit_present.copy_(_where_rows(active, state.unit_present.scatter(1, slot, True), state.unit_present))
+            if state.unit_extra is not None:
+                rows_extra = state.unit_extra.scatter(1, slot[:, :, None].expand(-1, 1, extra.shape[-1]), extra[:, None].to(state.unit_extra.dtype))
+                state.unit_extra.copy_(_where_rows(active, rows_extra, state.unit_extra))
+
+        # 2. which stage's unit starts at the next byte
+        if state.host_position is not None:  # fixed units, rows in step: known on the host
+            t1 = state.host_position + 1
+            level: int | torch.Tensor = next((i for i, s in enumerate(config.stages[:-1]) if t1 % s.patch_size == 0), N - 1)
+            state.host_position = t1
+        else:
+            level = torch.full_like(byte, N - 1)
+            outer = torch.zeros_like(byte, dtype=torch.bool)
+            for i, patcher in enumerate(self.patchers):
+                fires = patcher.step_rule(state.patcher_states[i], byte, active)
+                starts = outer | (state.unit_lengths[:, i] + 1 >= patcher.max_length)
+                if fires is not None:
+                    starts = starts | fires
+                level = torch.where(starts & (level == N - 1), i, level)
+                outer = starts
+
+        # 3. counters for byte t+1
+        lv = level if isinstance(level, torch.Tensor) else torch.full_like(byte, level)
+        stage_ids = torch.arange(N, device=byte.device)
+        new_coords = torch.where(
+            lv[:, None] < stage_ids, 0, torch.where(lv[:, None] == stage_ids, old_coords + 1, old_coords)
+        )
+        state.coords.copy_(_where_rows(active, new_coords, old_coords))
+        if N > 1:
+            lengths = torch.where(lv[:, None] <= stage_ids[: N - 1], 0, state.unit_lengths + 1)
+            state.unit_lengths.copy_(_where_rows(active, lengths, state.unit_lengths))
+        state.positions.add_(1 if active is None else active.long())
+
+        logits = self._run_stages(state, byte, level, active, old_coords, first=0, extra=extra)
+        # the outermost unit's buffer empties when a new one starts
+        if N > 1:
+            cleared = lv == 0 if active is None else (lv == 0) & active
+            state.unit_present.masked_fill_(cleared[:, None], False)
+        return logits
+
+    def _step_extra(self, state: DecodeState, byte: torch.Tensor, active: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Position and hash embeddings of the byte being consumed, (B, w_0), updating the
+        hash history."""
+        extra = None
+        if self.position_embedding is not None:
+            extra = self.position_embedding(state.positions.clamp(max=self.config.max_seq_len - 1))
+        if state.history is not None:
+            history = torch.cat([state.history[:, 1:], byte[:, None]], dim=1)
+            state.history.copy_(_where_rows(active, history, state.history))
+            hashed = self.hash_embedding(self.hash_ids(history)).sum(dim=1)
+            extra = hashed if extra is None else extra + hashed
+        return extra
+
+    def _run_stages(
+        self,
+        state: DecodeState,
+        byte: Optional[torch.Tensor],
+        level: int | torch.Tensor,
+        active: Optional[torch.Tensor],
+        old_coords: torch.Tensor,
+        first: int,
+        extra: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run one position of every stage from `first` whose unit starts now; return logits.
+
+        byte None: opening (every stage i > `first`... starts a new parent unit, pad inputs)."""
+        N = self.config.num_stages
+        B = state.batch_size
+        host_level = level if isinstance(level, int) else None
+        logits = None
+        for i in range(first, N):
+            stage = self.stages[i]
+            # Which rows run stage i, and which of them start a new parent unit (pad input).
+            if host_level is not None:
+                if i < host_level:
+                    continue
+                run, new_parent = active, (i > host_level or byte is None) and i > 0
+                if byte is None and i == 0:
+                    new_parent = True
+            else:
+                run = level <= i
+                if active is not None:
+                    run = run & active
+                if not state.static:
+                    count = int(run.sum())
+                    if count == 0:
+                        continue
+                    run = None if count == B else run
+                new_parent = level < i
+            # Input: the pooled unit that just ended, or the pad.
+            if byte is None:
+                x = stage.pad.expand(B, -1)
+            else:
+                x = self._pooled_step(i, state, byte, old_coords, extra)
+                if isinstance(new_parent, torch.Tensor):
+                    x = torch.where(new_parent[:, None], stage.pad.to(x.dtype), x)
+                elif new_parent:
+                    x = stage.pad.expand(B, -1)
+            if i > 0:
+                context = state.contexts[i].gather(1, state.coords[:, i, None, None].expand(-1, 1, state.contexts[i].shape[-1]))
+                x = x.to(context.dtype) + context[:, 0]
+            # A new parent unit empties this stage's caches (for those rows).
+            if isinstance(new_parent, torch.Tensor):
+                reset_rows = new_parent if run is None else new_parent & run
+                for layer_state in state.stage_states[i]:
+                    layer_state.reset(reset_rows)
+            elif new_parent:
+                for layer_state in state.stage_states[i]:
+                    layer_state.reset(None if run is None else run)
+            dtype = state.contexts[-1].dtype if N > 1 else self.head.weight.dtype
+            stack = stage.stack if state.stack_fns is None else state.stack_fns[i]
+            h = stack(x[:, None].to(dtype), state.stage_states[i], run)[:, 0]  # (B, D_i)
+            if i + 1 < N:
+                context = self.stages[i + 1].parent_context(h)  # (B, S_{i+1}, D_{i+1})
+                state.contexts[i + 1].copy_(_where_rows(run, context, state.contexts[i + 1]))
+            else:
+                logits = self.head(h).float()
+        return logits
+
+    def _pooled_step(self, i: int, state: DecodeState, byte: torch.Tensor, old_coords: torch.Tensor, extra) -> torch.Tensor:
+        """(B, D_i): stage i's pooled input for the unit that ends with `byte`."""
+        stage = self.stages[i]
+        N = self.config.num_stages
+        if i == N - 1:  # the unit is the byte itself
+            e = stage.byte_embedding(byte)
+            if i == 0 and extra is not None:
+                e = e + extra.to(e.dtype)
+            return stage.pooled(e[:, None], None)
+        # Slots of the finished unit of stage i inside the outermost unit's buffer.
+        base = (old_coords[:, 1 : i + 1] * self.slot_strides[:i]).sum(1, keepdim=True)  # (B, 1)
+        slots = base + torch.arange(stage.slots, device=byte.device)  # (B, U_i)
+        tokens = state.unit_tokens.gather(1, slots)
+        present = state.unit_present.gather(1, slots)
+        e = stage.byte_embedding(tokens)  # (B, U_i, w_i)
+        if i == 0 and state.unit_extra is not None:
+            e = e + state.unit_extra.gather(1, slots[:, :, None].expand(-1, -1, e.shape[-1])).to(e.dtype)
+        return stage.pooled(e, present)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import multibyte.mixers.mamba as mamba
-from multibyte.config import ModelConfig, StackConfig
+from multibyte.config import ModelConfig, StageConfig
 from multibyte.mixers.mamba import (
     MambaMixer,
     _scan_forward_inplace,
@@ -239,15 +239,9 @@ def test_initialisation_follows_the_paper():
 
 
 def test_model_keeps_the_mixers_own_initialisation():
-    config = ModelConfig(
-        patch_size=1,
-        max_seq_len=32,
-        global_model=StackConfig("mamba", d_model=16, n_layers=2, d_state=4),
-        local_model=None,
-        position_embedding=False,
-    )
+    config = ModelConfig(stages=[StageConfig("mamba", d_model=16, n_layers=2, d_state=4)], max_seq_len=32, position_embedding=False)
     model = HierarchicalByteModel(config)
-    for block in model.global_stack.blocks:
+    for block in model.stages[0].stack.blocks:
         torch.testing.assert_close(block.mixer.A_log, torch.log(torch.arange(1.0, 5.0)).expand(32, 4))
         assert (block.mixer.D == 1).all()
         assert (torch.nn.functional.softplus(block.mixer.dt_proj.bias) >= 0.001 * 0.999).all()
@@ -256,56 +250,33 @@ def test_model_keeps_the_mixers_own_initialisation():
 # ---------------------------------------------------------------------------- whole models
 def mambabyte() -> HierarchicalByteModel:
     torch.manual_seed(0)
-    return HierarchicalByteModel(
-        ModelConfig(
-            patch_size=1,
-            max_seq_len=64,
-            global_model=StackConfig("mamba", d_model=16, n_layers=2, d_state=4),
-            local_model=None,
-            position_embedding=False,
-        )
-    ).eval()
+    config = ModelConfig(stages=[StageConfig("mamba", d_model=16, n_layers=2, d_state=4)], max_seq_len=64, position_embedding=False)
+    return HierarchicalByteModel(config).eval()
 
 
 def hybrid() -> HierarchicalByteModel:
     torch.manual_seed(0)
-    return HierarchicalByteModel(
-        ModelConfig(
-            patch_size=4,
-            max_seq_len=64,
-            global_model=StackConfig("mamba", d_model=32, n_layers=2, d_state=4),
-            local_model=StackConfig("attention", d_model=16, n_layers=2, n_heads=2),
-        )
-    ).eval()
+    config = ModelConfig(
+        stages=[
+            StageConfig("mamba", d_model=32, n_layers=2, d_state=4, patcher="fixed", patch_size=4),
+            StageConfig("attention", d_model=16, n_layers=2, n_heads=2),
+        ],
+        max_seq_len=64,
+        position_embedding=False,
+    )
+    return HierarchicalByteModel(config).eval()
 
 
 @torch.no_grad()
-def incremental_logits(model: HierarchicalByteModel, tokens: torch.Tensor, prefill_patches: int = 0):
-    """Logits of every position computed the way a sampler does: the global stack consumes one
-    patch at a time from recurrent states (after an optional parallel prefill of
-    `prefill_patches`), the local stack one byte at a time from a per-patch KV cache."""
+def incremental_logits(model: HierarchicalByteModel, tokens: torch.Tensor, prompt: int = 0) -> torch.Tensor:
+    """Logits of every position the way a sampler gets them: the model's own prefill of the first
+    `prompt` bytes (Mamba's parallel scan from a state), then one recurrent step per byte."""
     B, T = tokens.shape
-    P = model.config.patch_size
-    K = T // P
-    global_in = model.global_input(tokens)  # (B, K, P·D_G); patch k holds bytes of patch k-1
-    states = model.global_stack.allocate_states(B, K, tokens.device, torch.float32)
-    global_out = []
-    if prefill_patches:
-        global_out.append(model.global_stack(global_in[:, :prefill_patches], states))
-    for k in range(prefill_patches, K):
-        global_out.append(model.global_stack(global_in[:, k : k + 1], states))
-    global_out = torch.cat(global_out, dim=1)  # (B, K, P·D_G)
-    if model.local_stack is None:
-        return model.head(global_out.reshape(B, T, -1))
-    caches = model.local_stack.allocate_states(B, P, tokens.device, torch.float32)
-    logits = []
-    for k in range(K):
-        local_in = model.local_input(global_out[:, k : k + 1], tokens[:, k * P : (k + 1) * P])[:, 0]
-        for cache in caches:
-            cache.reset()
-        for p in range(P):
-            logits.append(model.head(model.local_stack(local_in[:, p : p + 1], caches)))
-    return torch.cat(logits, dim=1)  # (B, T, 256)
+    state = model.allocate_decode_state(B, T)
+    logits = [model.prefill(state, tokens[:, :prompt])]
+    for t in range(prompt, T - 1):
+        logits.append(model.decode_step(state, tokens[:, t]))
+    return torch.stack(logits, dim=1)  # (B, T - prompt, 256)
 
 
 @pytest.mark.parametrize("build", [mambabyte, hybrid], ids=["mambabyte", "hybrid"])
@@ -323,10 +294,7 @@ def test_model_prefill_then_steps_equals_parallel_forward(build):
     tokens = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         parallel = model(tokens)
-    prefill = 3 if model.config.patch_size > 1 else 13
-    torch.testing.assert_close(
-        incremental_logits(model, tokens, prefill_patches=prefill), parallel, rtol=1e-4, atol=1e-5
-    )
+    torch.testing.assert_close(incremental_logits(model, tokens, prompt=13), parallel[:, 13:], rtol=1e-4, atol=1e-5)
 
 
 def test_mambabyte_trains_under_bf16_autocast_with_fp32_scan_parameters():
@@ -336,7 +304,7 @@ def test_mambabyte_trains_under_bf16_autocast_with_fp32_scan_parameters():
         logits = model(tokens)
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 256), tokens.reshape(-1))
     loss.backward()
-    mixer = model.global_stack.blocks[0].mixer
+    mixer = model.stages[0].stack.blocks[0].mixer
     assert mixer.A_log.dtype == mixer.D.dtype == torch.float32
     assert torch.isfinite(mixer.A_log.grad).all() and mixer.A_log.grad.abs().sum() > 0
     assert torch.isfinite(mixer.D.grad).all() and mixer.D.grad.abs().sum() > 0

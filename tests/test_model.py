@@ -1,47 +1,63 @@
-"""Invariants of the one hierarchical model, for every architecture it can be configured as."""
+"""Invariants of the one hierarchical model, for every architecture and patcher it can be
+configured as: causality, cached decoding equals full recompute (also for rows at different
+positions), boundaries decided while decoding equal the parallel ones, and worked examples."""
 
 import math
 
 import pytest
 import torch
 
-from multibyte.config import PRESETS, ModelConfig, StackConfig
-from architectures import ARCHITECTURES
+from architectures import ARCHITECTURES, build
+from multibyte.config import PRESETS, ModelConfig, StageConfig
 from multibyte.model import HierarchicalByteModel
+from multibyte.patchers import unit_starts
+from multibyte.patchers.space import space_like
 from multibyte.training import masked_byte_nll
+
+TEXT = b"Hi, there!  A test: 42 bytes, two   spaces.\nNew line; ok." * 2
+
+
+def text_rows(*offsets: int, length: int = 40) -> torch.Tensor:
+    return torch.tensor([list(TEXT[o : o + length]) for o in offsets])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_no_logit_sees_its_own_or_later_bytes(name):
-    # 13 bytes with P = 4: three full patches and a padded partial one, so every kind of border
-    # (inside a patch, patch to patch, real to padding) is crossed.
-    torch.manual_seed(0)
-    config = ARCHITECTURES[name]
-    model = HierarchicalByteModel(config).eval()
-    tokens = torch.randint(0, 256, (2, 13))
+    # Text, so the dynamic patchers place boundaries at several places; 13 bytes cross every
+    # kind of border (inside a patch, patch to patch, real to padding).
+    model = build(name)
+    tokens = text_rows(0, 7, length=13)
     with torch.no_grad():
         reference = model(tokens)
         for t in range(tokens.shape[1]):
             changed = tokens.clone()
-            changed[:, t] = (changed[:, t] + 97) % 256
+            changed[:, t] = (changed[:, t] + 97) % 256  # also moves dynamic boundaries after t
             logits = model(changed)
             # Positions <= t predict bytes <= t from bytes < t: byte t is not among their inputs.
             torch.testing.assert_close(logits[:, : t + 1], reference[:, : t + 1], rtol=0, atol=1e-6)
             if t + 1 < tokens.shape[1]:
-                # ...and some later position must react, or the test proves nothing. (Without a
-                # local model, bytes of the same patch cannot see each other: the next patch does.)
+                # ...and some later position must react, or the test proves nothing.
                 assert (logits[:, t + 1 :] - reference[:, t + 1 :]).abs().max() > 1e-4, f"byte {t} unused"
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", ["megabyte", "vanilla", "mambabyte", "hybrid", "megabyte-3stage", "space", "entropy"])
 def test_tiny_model_overfits_one_batch(name):
-    torch.manual_seed(0)
-    model = HierarchicalByteModel(ARCHITECTURES[name])
+    model = build(name).train()
     # Random bytes, byte 0 included on purpose: it is an ordinary byte to learn, not padding.
+    torch.manual_seed(0)
     tokens = torch.randint(0, 256, (2, 48))
     tokens[:, ::7] = 0
+    tokens[:, 3::5] = 32  # spaces, so the space patcher cuts words
     lengths = torch.full((2,), 48)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(200):
         nll, count = masked_byte_nll(model(tokens), tokens, lengths)
         loss = nll / count
@@ -56,14 +72,163 @@ def test_tiny_model_overfits_one_batch(name):
 
 
 def test_padding_to_a_patch_multiple_does_not_change_real_logits():
-    torch.manual_seed(0)
-    model = HierarchicalByteModel(ARCHITECTURES["megabyte"]).eval()
+    model = build("megabyte")
     tokens = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         full = model(tokens)
         short = model(tokens[:, :13])  # padded internally to 16
     assert short.shape == (1, 13, 256)
     torch.testing.assert_close(short, full[:, :13], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["megabyte", "megabyte-3stage", "hybrid"])
+def test_fixed_grid_equals_the_scattered_grid(name):
+    # Fixed patches take the reshape path; giving the same boundaries explicitly takes the
+    # scatter/gather path of dynamic patches. Both must compute the same logits.
+    model = build(name)
+    tokens = text_rows(0, 3, length=29)
+    with torch.no_grad():
+        starts = model.unit_starts(tokens)
+        torch.testing.assert_close(model(tokens, starts=starts), model(tokens), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Boundaries: worked examples, and the decoder decides what the parallel pass decides
+# ------------------------------------------------------------------------------------------------
+
+
+def starts_string(text: bytes, starts: torch.Tensor) -> str:
+    return "".join(("|" if s else "") + chr(c) for c, s in zip(text, starts.tolist()))
+
+
+def test_space_rule_worked_example():
+    # Space-like: not a letter, digit or UTF-8 continuation byte. A unit starts after the first
+    # space-like byte of a run (the run's other bytes open the next word); max_length 5 cuts
+    # "abcdefgh" after 5 bytes.
+    text = b"ab, cd  e1 abcdefgh"
+    tokens = torch.tensor([list(text)])
+    from multibyte.patchers.space import SpacePatcher
+
+    patcher = SpacePatcher(StageConfig(patcher="space", patch_size=5))
+    starts = unit_starts(patcher.rule(tokens), None, 5, len(text), 1, "cpu")[0]
+    assert starts_string(text, starts) == "|ab,| cd | e1 |abcde|fgh"
+    # UTF-8: "é" is C3 A9 (lead byte space-like, continuation not); "日本" is E6 97 A5 E6 9C AC.
+    assert space_like(torch.tensor(list("aé日".encode()))).tolist() == [False, True, False, True, False, False]
+
+
+def test_nested_starts_worked_example():
+    # Outer fixed units of 6 bytes, inner units of 2 bytes restart at every outer start.
+    T = 10
+    outer = unit_starts(None, None, 6, T, 1, "cpu")
+    inner = unit_starts(None, outer, 2, T, 1, "cpu")
+    assert outer[0].nonzero().flatten().tolist() == [0, 6]
+    assert inner[0].nonzero().flatten().tolist() == [0, 2, 4, 6, 8]
+    # An inner rule start restarts the length count: rule at 3 -> 0, 2, 3, 5, then outer 6, 8.
+    rule = torch.zeros(1, T, dtype=torch.bool)
+    rule[0, 3] = True
+    inner = unit_starts(rule, outer, 2, T, 1, "cpu")
+    assert inner[0].nonzero().flatten().tolist() == [0, 2, 3, 5, 6, 8]
+
+
+def boundaries_while_decoding(model, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: where the decoder opened a new outermost unit while consuming `tokens`."""
+    B, T = tokens.shape
+    state = model.allocate_decode_state(B, T + 1)
+    model.prefill(state, tokens[:, :0])
+    seen = [torch.ones(B, dtype=torch.bool)]
+    for t in range(T - 1):
+        before = state.coords[:, 0].clone()
+        model.decode_step(state, tokens[:, t])
+        seen.append(state.coords[:, 0] != before)
+    return torch.stack(seen, dim=1)
+
+
+@pytest.mark.parametrize("name", ["space", "entropy", "entropy-monotonic", "space-3stage-mamba", "megabyte"])
+def test_decoder_places_boundaries_where_the_parallel_pass_does(name):
+    model = build(name)
+    tokens = text_rows(0, 11, length=40)
+    parallel = model.unit_starts(tokens)[0]
+    assert 0.1 < parallel.float().mean() < 0.9  # irregular boundaries, not every byte nor none
+    assert torch.equal(boundaries_while_decoding(model, tokens), parallel)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding with rows at different positions
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["megabyte", "megabyte-3stage", "mambabyte", "hybrid", "space", "entropy", "space-3stage-mamba"])
+def test_rows_with_different_prompt_lengths_match_full_recompute(name):
+    # Three rows, prompts of 0, 9 and 17 bytes (different offsets inside their patches), then
+    # 12 shared steps: each row's logits equal the full forward pass at its own positions.
+    # Tolerance 2e-5 in fp32: a cached step and a full pass sum in different orders.
+    model = build(name)
+    rows = text_rows(0, 5, 20, length=32)
+    lengths = torch.tensor([0, 9, 17])
+    with torch.no_grad():
+        full = model(rows)  # (3, 32, 256)
+    state = model.allocate_decode_state(3, 32)
+    logits = model.prefill(state, rows[:, :17], lengths)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(logits[b], full[b, n], rtol=0, atol=2e-5)
+    position = lengths.clone()
+    for _ in range(12):
+        byte = rows[torch.arange(3), position]
+        logits = model.decode_step(state, byte)
+        position += 1
+        torch.testing.assert_close(logits, full[torch.arange(3), position], rtol=0, atol=2e-5)
+
+
+def test_inactive_rows_keep_their_state():
+    model = build("space")
+    rows = text_rows(0, 5, length=20)
+    with torch.no_grad():
+        full = model(rows)
+    state = model.allocate_decode_state(2, 20)
+    model.prefill(state, rows[:, :0])
+    # Row 1 sits out every other step; it must end where feeding its bytes alone would put it.
+    fed = [0, 0]
+    for step in range(14):
+        active = torch.tensor([True, step % 2 == 0])
+        byte = torch.stack([rows[0, fed[0]], rows[1, fed[1]]])
+        logits = model.decode_step(state, byte, active)
+        fed[0] += 1
+        if step % 2 == 0:
+            fed[1] += 1
+            torch.testing.assert_close(logits[1], full[1, fed[1]], rtol=0, atol=2e-5)
+        torch.testing.assert_close(logits[0], full[0, fed[0]], rtol=0, atol=2e-5)
+
+
+def test_a_subword_vocabulary_is_the_same_core():
+    config = ModelConfig(
+        stages=[StageConfig("attention", 32, 1, 2, patcher="fixed", patch_size=2), StageConfig("attention", 16, 1, 2)],
+        vocab_size=1000,
+        max_seq_len=16,
+    )
+    torch.manual_seed(0)
+    model = HierarchicalByteModel(config).eval()
+    tokens = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        full = model(tokens)
+    assert full.shape == (2, 9, 1000)
+    state = model.allocate_decode_state(2, 9)
+    logits = model.prefill(state, tokens[:, :4])
+    torch.testing.assert_close(logits, full[:, 4], rtol=0, atol=1e-5)
+
+
+def test_hash_ngram_ids_worked_example():
+    model = build("space-hash")  # buckets 13, sizes [2, 3]
+    # The 2-gram ending at the newest byte: h = ((0·257 + (b_t + 1))·257 + (b_{t-1} + 1)).
+    history = torch.tensor([[-1, 5, 7]])  # ..., 5, 7 (newest last)
+    ids = model.hash_ids(history)[0].tolist()
+    two = ((7 + 1) * 257 + (5 + 1)) % 13
+    three = (((7 + 1) * 257 + (5 + 1)) * 257 + 0) % 13 + 13  # the byte before the start hashes as 0
+    assert ids == [two, three]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss and configuration
+# ------------------------------------------------------------------------------------------------
 
 
 def test_masked_nll_counts_only_real_bytes():
@@ -75,11 +240,45 @@ def test_masked_nll_counts_only_real_bytes():
     assert nll.item() == pytest.approx(7 * math.log(256), rel=1e-6)
 
 
-def test_config_rejects_inconsistent_shapes():
-    with pytest.raises(ValueError, match="multiple of patch_size"):
-        ModelConfig(patch_size=3, max_seq_len=12, global_model=StackConfig(d_model=16, n_heads=2))
-    with pytest.raises(ValueError, match="must divide d_model"):
-        StackConfig(d_model=30, n_heads=4)
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(patch_size=8), r"patch_size -> stages\[0\]\.patch_size"),
+        (dict(global_model={"d_model": 16}), r"global_model -> stages\[0\]"),
+        (dict(stages=[StageConfig(d_model=16, n_heads=2, patcher="fixed", patch_size=4)]), "byte-level stage"),
+        (dict(stages=[StageConfig(d_model=32, n_heads=2), StageConfig(d_model=16, n_heads=2)]), "needs a patcher"),
+        (dict(stages=[StageConfig(d_model=30, n_heads=2, patcher="fixed", patch_size=4), StageConfig(d_model=16, n_heads=2)]), "multiple of its 4 byte slots"),
+        (
+            dict(stages=[
+                StageConfig(d_model=48, n_heads=2, patcher="fixed", patch_size=6),
+                StageConfig(d_model=16, n_heads=2, patcher="fixed", patch_size=4),
+                StageConfig(d_model=16, n_heads=2),
+            ]),
+            "must be a multiple of stages",
+        ),
+        (dict(stages=[StageConfig(d_model=32, n_heads=2, patcher="entropy", patch_size=4), StageConfig(d_model=16, n_heads=2)]), "entropy_model"),
+        (dict(vocab_size=1), "vocab_size"),
+    ],
+)
+def test_config_rejects_inconsistent_shapes_with_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(d_model=30, n_heads=4), "must divide d_model"),
+        (dict(n_heads=0), "n_heads must be at least 1"),
+        (dict(mixer="lstm"), "unknown mixer 'lstm'"),
+        (dict(patcher="words"), "unknown patcher 'words'"),
+        (dict(d_model=0), "d_model must be at least 1"),
+        (dict(patch_size=0), "patch_size must be at least 1"),
+    ],
+)
+def test_stage_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StageConfig(**kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

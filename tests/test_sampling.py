@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from multibyte.cli import make_cli, resolve_config_path
-from architectures import ARCHITECTURES, tiny
+from architectures import ARCHITECTURES, build, tiny
 from multibyte.model import HierarchicalByteModel
 from multibyte.sampling import (
     allocate_decode_state,
@@ -34,11 +34,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, HierarchicalByteModel]:
-    built = {}
-    for i, (name, config) in enumerate(ARCHITECTURES.items()):
-        torch.manual_seed(i)
-        built[name] = HierarchicalByteModel(config).eval()
-    return built
+    return {name: build(name, seed=i) for i, name in enumerate(ARCHITECTURES)}
 
 
 def greedy_with_logits(model, state, prompt: torch.Tensor, new_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +233,7 @@ def test_bad_input_is_one_clear_error(models):
     model = models["megabyte"]  # max_seq_len 64
     with pytest.raises(ValueError, match="60 bytes plus max_new_bytes=10 exceeds the model's max_seq_len=64"):
         generate(model, torch.zeros(1, 60, dtype=torch.long), 10)
-    with pytest.raises(ValueError, match=r"bytes must lie in 0\.\.255"):
+    with pytest.raises(ValueError, match=r"symbols must lie in 0\.\.255"):
         generate(model, torch.tensor([[1, 256]]), 1)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 1, top_p=0.0)

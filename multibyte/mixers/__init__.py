@@ -6,13 +6,13 @@ device, dtype)` and accepts that state in `forward(x, state)` for incremental de
 
 from torch import nn
 
-from multibyte.config import StackConfig
+from multibyte.config import StageConfig
 from multibyte.mixers.attention import CausalSelfAttention, KVCache
 
 __all__ = ["CausalSelfAttention", "KVCache", "build_mixer"]
 
 
-def build_mixer(stack: StackConfig, dropout: float = 0.0) -> nn.Module:
+def build_mixer(stack: StageConfig, dropout: float = 0.0) -> nn.Module:
     """The mixer named by `stack.mixer`, at width `stack.d_model`."""
     if stack.mixer == "attention":
         return CausalSelfAttention(stack.d_model, stack.n_heads, dropout)

@@ -35,30 +35,89 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @dataclass
 class KVCache:
-    """Keys and values of every position seen so far, for one attention layer.
+    """Keys and values of every position seen so far, for one attention layer and B rows.
 
-    Two ways of tracking how full it is:
-    - dynamic (the default): `length`, a host integer; attention reads only keys[:, :, :length],
-      the fewest keys, which is fastest when every op runs eagerly;
-    - static (after `make_static()`): `position`, a 0-d int64 tensor on the cache's device;
-      attention reads the whole cache under a mask, so every decoding step has the same shapes
-      and reads no changing host integer, which torch.compile (one graph, no recompiles) and
-      CUDA graphs need. `length` is not maintained in this mode.
+    Rows may hold different numbers of positions (`lengths`, on the device): a hierarchical model
+    decodes rows whose patches end at different bytes. Two ways of reading it:
+    - dynamic (the default): `bound`, a host integer >= every row's length, limits what attention
+      reads, the fewest keys, fastest when every op runs eagerly; while `uniform` (all rows hold
+      the same number of positions, as in plain batched sampling) writes are slices and one new
+      query needs no mask at all;
+    - static (after `make_static()`): attention reads the whole cache under a per-row mask and no
+      host integer changes, so every step has the same shapes (torch.compile, CUDA graphs).
+    One slot past `max_len` is scratch: a row that does not advance this step writes there or at
+    its own next slot, which no query of that row reads before it is overwritten.
     """
 
-    keys: torch.Tensor  # (B, H, max_len, head_dim)
-    values: torch.Tensor  # (B, H, max_len, head_dim)
-    length: int = 0  # positions filled so far (dynamic mode)
-    position: Optional[torch.Tensor] = None  # positions filled so far (static mode), 0-d int64
+    keys: torch.Tensor  # (B, H, max_len + 1, head_dim)
+    values: torch.Tensor  # (B, H, max_len + 1, head_dim)
+    lengths: torch.Tensor  # (B,) int64: positions filled per row
+    bound: int = 0  # dynamic mode: an upper bound of lengths, on the host
+    uniform: bool = True  # dynamic mode: every row holds `bound` positions
+    static: bool = False
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2] - 1
 
     def make_static(self) -> None:
-        self.position = torch.zeros((), dtype=torch.long, device=self.keys.device)
+        self.static = True
 
-    def reset(self) -> None:
-        # Stale entries beyond the fill level are never read, so resetting needs no memset.
-        self.length = 0
-        if self.position is not None:
-            self.position.zero_()
+    def reset(self, rows: Optional[torch.Tensor] = None) -> None:
+        """Forget every position (of `rows` only, (B,) bool, when given). Stale entries beyond a
+        row's length are never read, so this needs no memset."""
+        if rows is None:
+            self.lengths.zero_()
+            self.bound, self.uniform = 0, True
+        else:
+            self.lengths.masked_fill_(rows, 0)
+            self.uniform = False
+
+
+def attend_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, run: Optional[torch.Tensor]) -> torch.Tensor:
+    """Append L new positions per row to `cache` and attend causally over everything it holds.
+
+    q, k, v: (B, H, L, hd). `run` (B,) bool: rows that really advance (None: all); the others'
+    outputs are meaningless and their lengths unchanged."""
+    B, H, L, _ = q.shape
+    start = cache.lengths  # (B,)
+    if not cache.static and cache.uniform and run is None:
+        s, end = cache.bound, cache.bound + L
+        if end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked to write up to {end}")
+        cache.keys[:, :, s:end] = k.to(cache.keys.dtype)
+        cache.values[:, :, s:end] = v.to(cache.values.dtype)
+        cache.lengths.add_(L)
+        cache.bound = end
+        keys, values = cache.keys[:, :, :end].to(q.dtype), cache.values[:, :, :end].to(q.dtype)
+        if L == 1:
+            return F.scaled_dot_product_attention(q, keys, values)  # one query sees every key
+        allowed = torch.ones(L, end, dtype=torch.bool, device=q.device).tril(diagonal=s)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+    # Per-row positions: scatter the new entries at start[b] + i, clamped into the scratch slot.
+    offsets = torch.arange(L, device=q.device)
+    positions = (start[:, None] + offsets).clamp(max=cache.max_len)  # (B, L)
+    rows = torch.arange(B, device=q.device)[:, None, None]
+    heads = torch.arange(H, device=q.device)[None, :, None]
+    cache.keys[rows, heads, positions[:, None, :]] = k.to(cache.keys.dtype)
+    cache.values[rows, heads, positions[:, None, :]] = v.to(cache.values.dtype)
+    if cache.static:
+        width = cache.max_len + 1
+    else:
+        if cache.bound + L > cache.max_len:
+            cache.bound = cache.max_len
+        else:
+            cache.bound += L
+        width = cache.bound
+        cache.uniform = cache.uniform and run is None
+    key_positions = torch.arange(width, device=q.device)
+    allowed = key_positions[None, None, :] <= (start[:, None, None] + offsets[None, :, None])  # (B, L, width)
+    if run is None:
+        cache.lengths.add_(L)
+    else:
+        cache.lengths.add_(run.long() * L)
+    keys, values = cache.keys[:, :, :width].to(q.dtype), cache.values[:, :, :width].to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None])
 
 
 class CausalSelfAttention(nn.Module):
@@ -71,10 +130,16 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
     def allocate_state(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
-        shape = (batch_size, self.n_heads, max_len, self.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        shape = (batch_size, self.n_heads, max_len + 1, self.head_dim)
+        return KVCache(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
 
-    def forward(self, x: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: KVCache | None = None, run: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D). With a cache, continue the rows it holds (`run`: see
+        `attend_with_cache`)."""
         B, L, D = x.shape
         # (B, L, 3D) -> three of (B, H, L, head_dim)
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -84,7 +149,7 @@ class CausalSelfAttention(nn.Module):
         elif state is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            y = self._attend_with_cache(q, k, v, state)
+            y = attend_with_cache(q, k, v, state, run)
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, H, L, hd) -> (B, L, D)
         return self.out_proj(y)
 
@@ -96,36 +161,3 @@ class CausalSelfAttention(nn.Module):
         # on GPUs the fused kernel wins. Beyond ~1K positions the explicit (L, L) scores would
         # cost too much memory, so long sequences always take the fused kernel.
         return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= EXPLICIT_MAX_LEN
-
-    @staticmethod
-    def _attend_with_cache(q, k, v, cache: KVCache) -> torch.Tensor:
-        if cache.position is not None:
-            return CausalSelfAttention._attend_with_static_cache(q, k, v, cache)
-        start, L = cache.length, q.shape[2]
-        end = start + L
-        if end > cache.keys.shape[2]:
-            raise ValueError(f"KV cache holds {cache.keys.shape[2]} positions; asked to write up to {end}")
-        cache.keys[:, :, start:end] = k.to(cache.keys.dtype)
-        cache.values[:, :, start:end] = v.to(cache.values.dtype)
-        cache.length = end
-        keys, values = cache.keys[:, :, :end].to(q.dtype), cache.values[:, :, :end].to(q.dtype)
-        if L == 1:
-            # One new query sees every cached position: no mask needed.
-            return F.scaled_dot_product_attention(q, keys, values)
-        # Query i (absolute position start+i) may see keys 0..start+i.
-        allowed = torch.ones(L, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-
-    @staticmethod
-    def _attend_with_static_cache(q, k, v, cache: KVCache) -> torch.Tensor:
-        """The same attention with fixed shapes: positions come from a device tensor and every
-        query reads the whole cache, masked beyond its own position (slots not yet written lie
-        beyond every query's position, so what they hold never matters). Writing past the end
-        fails inside index_copy_; callers check lengths on the host."""
-        L, max_len = q.shape[2], cache.keys.shape[2]
-        positions = cache.position + torch.arange(L, device=q.device)  # (L,) absolute positions of the new entries
-        cache.keys.index_copy_(2, positions, k.to(cache.keys.dtype))
-        cache.values.index_copy_(2, positions, v.to(cache.values.dtype))
-        cache.position += L
-        allowed = torch.arange(max_len, device=q.device) <= positions[:, None]  # (L, max_len)
-        return F.scaled_dot_product_attention(q, cache.keys.to(q.dtype), cache.values.to(q.dtype), attn_mask=allowed)

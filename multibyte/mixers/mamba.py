@@ -341,9 +341,14 @@ class MambaState:
     # No position counter: nothing here depends on how many positions came before, which also
     # keeps a torch.compile'd decoding step free of Python-int guards.
 
-    def reset(self) -> None:
-        self.conv.zero_()
-        self.ssm.zero_()
+    def reset(self, rows: Optional[torch.Tensor] = None) -> None:
+        """Back to "no position seen" (for `rows` only, (B,) bool, when given)."""
+        if rows is None:
+            self.conv.zero_()
+            self.ssm.zero_()
+        else:
+            self.conv.masked_fill_(rows[:, None, None], 0)
+            self.ssm.masked_fill_(rows[:, None, None], 0)
 
 
 class MambaMixer(nn.Module):
@@ -422,11 +427,14 @@ class MambaMixer(nn.Module):
         )
 
     # -------------------------------------------------------------------------------- forward
-    def forward(self, u: torch.Tensor, state: Optional[MambaState] = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, state: Optional[MambaState] = None, run: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L, D) -> (B, L, D). With a state, continue the sequence it holds and update it in
-        place: one O(1) recurrent step when L == 1, a parallel prefill when L > 1."""
+        place: one O(1) recurrent step when L == 1, a parallel prefill when L > 1. `run` (B,)
+        bool: only these rows' states advance (one-step decoding; None: all rows)."""
         if state is not None and u.shape[1] == 1:
-            return self.step(u, state)
+            return self.step(u, state, run)
+        if run is not None:
+            raise ValueError("MambaMixer: a parallel prefill advances every row (run must be None)")
         if state is None and u.is_cuda and selective_scan_fn is not None:
             return self._forward_fused(u)
         return self._forward_parallel(u, state)
@@ -481,19 +489,21 @@ class MambaMixer(nn.Module):
         y = y * F.silu(z.float())
         return self.out_proj(y.to(z.dtype))
 
-    def step(self, u: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """One position, (B, 1, D) -> (B, 1, D), in O(1) time and memory; updates `state`."""
+    def step(self, u: torch.Tensor, state: MambaState, run: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One position, (B, 1, D) -> (B, 1, D), in O(1) time and memory; updates `state` (the
+        rows in `run` only, when given)."""
         x, z = self.in_proj(u[:, 0]).chunk(2, dim=-1)  # (B, E) each
         # Convolution: slide the window by one position and apply the taps to it.
         window = torch.cat([state.conv.to(x.dtype), x[:, None, :]], dim=1)  # (B, d_conv, E)
-        state.conv.copy_(window[:, 1:].detach())
+        new_conv = window[:, 1:].detach()
+        state.conv.copy_(new_conv if run is None else torch.where(run[:, None, None], new_conv, state.conv))
         x = F.silu(self._causal_conv(window)[:, 0])  # (B, E)
 
         delta, B, C = self._ssm_inputs(x)  # (B, E) fp32, (B, N), (B, N)
         B, C, xf = B.float(), C.float(), x.float()
         decay = torch.exp(delta[:, :, None] * self._A())  # (B, E, N)
         h = decay * state.ssm + delta[:, :, None] * B[:, None, :] * xf[:, :, None]  # (B, E, N)
-        state.ssm.copy_(h.detach())
+        state.ssm.copy_(h.detach() if run is None else torch.where(run[:, None, None], h.detach(), state.ssm))
         y = (h * C[:, None, :]).sum(-1) + xf * self.D.float()  # (B, E)
         y = y * F.silu(z.float())
         return self.out_proj(y.to(z.dtype))[:, None, :]
