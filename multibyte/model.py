@@ -71,9 +71,9 @@ class Block(nn.Module):
         self.ff_norm = nn.RMSNorm(stage.d_model, eps=norm_eps) if hidden else None
         self.feed_forward = FeedForward(stage.d_model, hidden, dropout) if hidden else None
 
-    def forward(self, x: torch.Tensor, state=None, run: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state=None, run: Optional[torch.Tensor] = None, **segment_kw) -> torch.Tensor:
         if state is None:
-            x = x + self.mixer_dropout(self.mixer(self.mixer_norm(x)))
+            x = x + self.mixer_dropout(self.mixer(self.mixer_norm(x), **segment_kw))
         else:
             x = x + self.mixer_dropout(self.mixer(self.mixer_norm(x), state, run))
         if self.feed_forward is not None:
@@ -94,9 +94,19 @@ class Stack(nn.Module):
         """One decoding state per block (KV cache or recurrent state), allocated once."""
         return [b.mixer.allocate_state(batch_size, max_len, device, dtype) for b in self.blocks]
 
-    def forward(self, x: torch.Tensor, states: Optional[list] = None, run: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        states: Optional[list] = None,
+        run: Optional[torch.Tensor] = None,
+        segments: Optional[torch.Tensor] = None,
+        window: int = 0,
+    ) -> torch.Tensor:
+        """`segments` (B, L) nondecreasing ids, `window` >= every segment's length: attention
+        sees only earlier positions of the same segment (the packed byte stage)."""
+        kw = {} if segments is None else {"segments": segments, "window": window}
         for i, block in enumerate(self.blocks):
-            x = block(x, None if states is None else states[i], run)
+            x = block(x, None if states is None else states[i], run, **kw)
         return self.final_norm(x)
 
 
@@ -176,6 +186,7 @@ class Layout:
     grid_size: int  # G = K · U_0
     index: Optional[torch.Tensor] = None
     present: Optional[torch.Tensor] = None
+    inner_starts: Optional[torch.Tensor] = None  # (B, T) bool: where the innermost units start
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) per byte -> (B, G, ...) per grid slot (zeros where no byte)."""
@@ -183,6 +194,7 @@ class Layout:
             pad = self.grid_size - values.shape[1]
             return F.pad(values, (0, 0) * (values.dim() - 2) + (0, pad)) if pad else values
         B, T = self.index.shape
+        values = values.expand(B, *values.shape[1:])
         out = values.new_zeros((B, self.grid_size) + tuple(values.shape[2:]))
         index = self.index.view(B, T, *([1] * (values.dim() - 2))).expand_as(values)
         return out.scatter_(1, index, values)
@@ -315,8 +327,10 @@ class HierarchicalByteModel(nn.Module):
         K = -(-num_bytes // U0) if num_units is None else num_units
         G = K * U0
         flops = 6.0 * G * self.head.weight.numel()
+        packed = not config.is_fixed and self.stages[-1].config.mixer == "attention" and self.stages[-1].pool is None
         for i, stage in enumerate(self.stages):
-            positions = G // stage.slots
+            last = i == len(self.stages) - 1
+            positions = num_bytes if (last and packed) else G // stage.slots
             matrices = sum(p.numel() for p in stage.stack.parameters() if p.dim() >= 2)
             if stage.from_parent is not None:
                 matrices += stage.from_parent.weight.numel()
@@ -325,7 +339,8 @@ class HierarchicalByteModel(nn.Module):
             flops += 6.0 * positions * matrices
             if stage.config.mixer == "attention":
                 length = K if i == 0 else stage.siblings
-                flops += 3.0 * positions * stage.config.n_layers * 4 * stage.config.d_model * (length + 1) / 2
+                keys = 2 * stage.siblings if (last and packed and i > 0) else (length + 1) / 2  # banded: 2 blocks
+                flops += 3.0 * positions * stage.config.n_layers * 4 * stage.config.d_model * keys
         for patcher in self.patchers:  # an entropy model runs forward only, at every byte
             if hasattr(patcher, "model"):
                 flops += patcher.model.training_flops(num_bytes) / 3
@@ -361,7 +376,7 @@ class HierarchicalByteModel(nn.Module):
         index = index + positions - begin  # byte within the innermost unit
         K = int(unit[:, -1].max()) + 1 if T else 0
         present = torch.zeros(B, K * U0, dtype=torch.bool, device=tokens.device).scatter_(1, index, True)
-        return Layout(K, K * U0, index, present)
+        return Layout(K, K * U0, index, present, starts[-1])
 
     # ---------------------------------------------------------------- embeddings
     def hash_ids(self, history: torch.Tensor) -> torch.Tensor:
@@ -385,7 +400,7 @@ class HierarchicalByteModel(nn.Module):
         B, T = tokens.shape
         extra = None
         if self.position_embedding is not None:
-            extra = self.position_embedding.weight[:T].expand(B, T, -1)
+            extra = self.position_embedding.weight[:T][None]  # (1, T, w_0): the same for every row
         if self.hash_embedding is not None:
             n_max = max(self.config.hash_ngram_sizes)
             padded = F.pad(tokens, (n_max - 1, 0), value=-1)
@@ -425,6 +440,9 @@ class HierarchicalByteModel(nn.Module):
         extra = None if extra is None else layout.scatter(extra)  # (B, G, w_0)
         parent = None
         for i, stage in enumerate(self.stages):
+            if i == len(self.stages) - 1 and self._packs_bytes(layout):
+                h = self._packed_byte_stage(tokens, layout, parent)  # (B, T, D_last)
+                return self.head(h)
             units = self._pooled_units(i, grid, extra, layout)  # (B, K, S_1..S_i, D_i)
             axis = units.dim() - 2  # the axis this stage runs along (K for stage 0, else S_i)
             pad = stage.pad.to(units.dtype).expand_as(units.narrow(axis, 0, 1))
@@ -436,6 +454,27 @@ class HierarchicalByteModel(nn.Module):
             parent = stage.stack(x.reshape(-1, shape[-2], shape[-1])).view(shape)
         h = layout.gather(parent.reshape(B, layout.grid_size, -1), T)  # (B, T, D_last)
         return self.head(h)
+
+    def _packs_bytes(self, layout: Layout) -> bool:
+        """Dynamic units would leave most byte slots of the grid empty (a unit of S slots holds
+        a word of ~5 bytes): an attention byte stage then runs on the packed byte stream instead,
+        each byte attending to the earlier bytes of its own unit (see `_packed_byte_stage`)."""
+        last = self.stages[-1]
+        return layout.index is not None and last.config.mixer == "attention" and last.pool is None
+
+    def _packed_byte_stage(self, tokens: torch.Tensor, layout: Layout, parent: torch.Tensor) -> torch.Tensor:
+        """The byte stage on the (B, T) stream itself: the same inputs as in the grid (the
+        previous byte of the unit, or the pad at a unit's first byte, plus the byte's slice of
+        its unit's parent output) and attention restricted to the byte's own unit."""
+        stage = self.stages[-1]
+        B, T = tokens.shape
+        e = stage.byte_embedding(tokens)  # (B, T, D)
+        previous = torch.cat([e[:, :1], e[:, :-1]], dim=1)
+        x = torch.where(layout.inner_starts[..., None], stage.pad.to(e.dtype), previous)
+        context = stage.parent_context(parent).reshape(B, layout.grid_size, -1)  # (B, G, D): one per byte slot
+        x = self.embedding_dropout(x + layout.gather(context, T))
+        segments = layout.inner_starts.long().cumsum(1)  # (B, T): which innermost unit each byte is in
+        return stage.stack(x, segments=segments, window=stage.siblings)
 
     # ---------------------------------------------------------------- decoding
     def allocate_decode_state(

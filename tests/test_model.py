@@ -298,3 +298,34 @@ def test_explicit_attention_equals_fused_kernel(dtype):
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(explicit_causal_attention(q, k, v).float(), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("name", ["space", "entropy", "space-hash"])
+def test_packed_byte_stage_equals_the_padded_grid(name, monkeypatch):
+    # With dynamic units the byte stage runs on the packed stream (no empty slots computed);
+    # forcing the padded grid must give the same logits.
+    model = build(name)
+    tokens = text_rows(0, 13, length=37)
+    with torch.no_grad():
+        packed = model(tokens)
+        monkeypatch.setattr(type(model), "_packs_bytes", lambda self, layout: False)
+        padded = model(tokens)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+
+
+def test_segment_causal_attention_equals_a_full_mask():
+    from multibyte.mixers.attention import segment_causal_attention
+
+    torch.manual_seed(0)
+    B, H, L, hd, W = 2, 2, 23, 8, 5
+    q, k, v = (torch.randn(B, H, L, hd) for _ in range(3))
+    starts = torch.rand(B, L) < 0.3
+    starts[:, 0] = True
+    # cut segments longer than W, as the patchers guarantee
+    positions = torch.arange(L)
+    begin = torch.where(starts, positions, 0).cummax(1).values
+    starts |= (positions - begin) % W == 0
+    segments = starts.long().cumsum(1)
+    mask = (segments[:, None, :] == segments[:, :, None]) & torch.ones(L, L, dtype=torch.bool).tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    torch.testing.assert_close(segment_causal_attention(q, k, v, segments, W), expected, rtol=0, atol=1e-5)

@@ -33,6 +33,41 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return weights @ v
 
 
+def segment_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor, window: int, dropout: float = 0.0
+) -> torch.Tensor:
+    """Causal attention inside segments: query i sees key j iff j <= i and segments[j] ==
+    segments[i]. q, k, v (B, H, L, hd); segments (B, L) nondecreasing; every segment at most
+    `window` long. Banded: the sequence is cut into blocks of `window` positions and a block's
+    queries read only their own block and the one before (a segment can span no further), so
+    the cost is O(L · 2·window), not O(L²)."""
+    B, H, L, hd = q.shape
+    W = max(1, window)
+    n = -(-L // W)
+    pad = n * W - L
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        segments = F.pad(segments, (0, pad), value=-1)  # padding matches no real segment...
+        segments[:, L:] = -1 - torch.arange(pad, device=segments.device)  # ...nor each other
+    blocks = lambda t: t.view(B, H, n, W, hd)  # noqa: E731
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    before = lambda t: torch.cat([torch.zeros_like(t[:, :, :1]), t[:, :, :-1]], dim=2)  # noqa: E731
+    keys = torch.cat([before(kb), kb], dim=3)  # (B, H, n, 2W, hd)
+    values = torch.cat([before(vb), vb], dim=3)
+    seg = segments.view(B, n, W)
+    seg_before = torch.cat([torch.full_like(seg[:, :1], -(2**62)), seg[:, :-1]], dim=1)
+    key_seg = torch.cat([seg_before, seg], dim=2)  # (B, n, 2W)
+    query_pos = torch.arange(W, device=q.device)[:, None] + W  # positions inside [previous, own] block
+    key_pos = torch.arange(2 * W, device=q.device)[None, :]
+    allowed = (key_pos <= query_pos) & (key_seg[:, :, None, :] == seg[:, :, :, None])  # (B, n, W, 2W)
+    scores = (qb @ keys.transpose(-1, -2)) * hd**-0.5  # (B, H, n, W, 2W)
+    weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+    if dropout > 0.0:
+        weights = F.dropout(weights, p=dropout)
+    y = (weights @ values).view(B, H, n * W, hd)
+    return y[:, :, :L]
+
+
 @dataclass
 class KVCache:
     """Keys and values of every position seen so far, for one attention layer and B rows.
@@ -137,14 +172,24 @@ class CausalSelfAttention(nn.Module):
             torch.zeros(batch_size, dtype=torch.long, device=device),
         )
 
-    def forward(self, x: torch.Tensor, state: KVCache | None = None, run: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: KVCache | None = None,
+        run: Optional[torch.Tensor] = None,
+        segments: Optional[torch.Tensor] = None,
+        window: int = 0,
+    ) -> torch.Tensor:
         """(B, L, D) -> (B, L, D). With a cache, continue the rows it holds (`run`: see
-        `attend_with_cache`)."""
+        `attend_with_cache`). With `segments` (B, L), attend within segments of at most
+        `window` positions only (`segment_causal_attention`)."""
         B, L, D = x.shape
         # (B, L, 3D) -> three of (B, H, L, head_dim)
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         dropout = self.dropout if self.training else 0.0
-        if state is None and self._explicit_is_faster(q):
+        if segments is not None:
+            y = segment_causal_attention(q, k, v, segments, window, dropout)
+        elif state is None and self._explicit_is_faster(q):
             y = explicit_causal_attention(q, k, v, dropout)
         elif state is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
