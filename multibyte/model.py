@@ -326,8 +326,8 @@ class HierarchicalByteModel(nn.Module):
         U0 = config.unit_slots(0)
         K = -(-num_bytes // U0) if num_units is None else num_units
         G = K * U0
-        flops = 6.0 * G * self.head.weight.numel()
         packed = not config.is_fixed and self.stages[-1].config.mixer == "attention" and self.stages[-1].pool is None
+        flops = 6.0 * (num_bytes if packed else G) * self.head.weight.numel()
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
             positions = num_bytes if (last and packed) else G // stage.slots
@@ -471,8 +471,9 @@ class HierarchicalByteModel(nn.Module):
         e = stage.byte_embedding(tokens)  # (B, T, D)
         previous = torch.cat([e[:, :1], e[:, :-1]], dim=1)
         x = torch.where(layout.inner_starts[..., None], stage.pad.to(e.dtype), previous)
-        context = stage.parent_context(parent).reshape(B, layout.grid_size, -1)  # (B, G, D): one per byte slot
-        x = self.embedding_dropout(x + layout.gather(context, T))
+        slices = parent.unflatten(-1, (stage.siblings, -1)).reshape(B, layout.grid_size, -1)  # (B, G, D_parent / S)
+        context = stage.from_parent(layout.gather(slices, T))  # (B, T, D): projected for real bytes only
+        x = self.embedding_dropout(x + context)
         segments = layout.inner_starts.long().cumsum(1)  # (B, T): which innermost unit each byte is in
         return stage.stack(x, segments=segments, window=stage.siblings)
 
