@@ -83,6 +83,8 @@ class AudioDataModule(ByteStreamDataModule):
             if source.suffix.lower() not in AUDIO_FILE_SUFFIXES:
                 raise DataError(f"{source}: not a .wav or .flac file")
             return [source]
+        if not source.is_dir():
+            raise DataError(f"{source}: neither a regular file nor a folder")
         files = sorted(
             path for path in source.rglob("*") if path.is_file() and path.suffix.lower() in AUDIO_FILE_SUFFIXES
         )
@@ -101,4 +103,6 @@ class AudioDataModule(ByteStreamDataModule):
                 wave = load_audio_file(path, self.sample_rate)
             except ValueError as error:
                 raise DataError(str(error)) from error
+            if not len(wave):
+                raise DataError(f"{path}: holds no audio samples")  # an empty record could empty a split
             writer.append_record(SPLITS[split_id], waveform_to_bytes(wave, self.encoding))

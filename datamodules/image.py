@@ -15,6 +15,8 @@ example (seq_len = alignment = 12,288); evaluation scores each image once.
 """
 
 import re
+import struct
+import tokenize
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -68,8 +70,18 @@ class NpzImageRows:
             if "data.npy" not in archive.namelist():
                 arrays = [name.removesuffix(".npy") for name in archive.namelist()]
                 raise DataError(f"{path}: has no 'data' array (arrays found: {arrays})")
-            with archive.open("data.npy") as stream:
+            member = archive.getinfo("data.npy")
+            with archive.open(member) as stream:
                 self.num_rows, self._fortran_order = self._read_header(stream)
+                header_bytes = stream.tell()
+        # The header's shape is checked against the member's size before anything is converted
+        # (or, for column-major files, allocated): a wrong row count is a damaged file.
+        declared, present = self.num_rows * IMAGE_BYTES, member.file_size - header_bytes
+        if declared != present:
+            raise DataError(
+                f"{path}: 'data' declares {self.num_rows} rows ({declared} bytes) but holds {present} bytes; "
+                f"the file is truncated or corrupt"
+            )
 
     @contextmanager
     def _reading_errors(self) -> Iterator[None]:
@@ -78,17 +90,27 @@ class NpzImageRows:
             yield
         except DataError:
             raise
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as error:
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
+            raise DataError(f"{self.path}: cannot read ({error.strerror})") from error
+        except MemoryError as error:  # only the column-major path loads a whole array
+            raise DataError(f"{self.path}: 'data' is too large to load into memory ({error})") from error
+        except (
+            zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError,
+            RuntimeError, struct.error, SyntaxError, tokenize.TokenError, TypeError, KeyError, IndexError,
+        ) as error:  # fmt: skip
+            # RuntimeError: an encrypted member; NotImplementedError: an unknown compression method;
+            # SyntaxError, TokenError: numpy parsing a damaged header (a Python literal).
             raise DataError(f"{self.path}: not a readable .npz file, corrupt or truncated ({error})") from error
 
     def _read_header(self, stream: BinaryIO) -> tuple[int, bool]:
         version = np.lib.format.read_magic(stream)
         if version not in _NPY_HEADER_READERS:
             raise DataError(f"{self.path}: 'data' uses .npy format version {version}, which is not supported")
+        # The header is a Python literal read with ast.literal_eval: nothing in it can run code.
         shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
         if dtype != np.uint8:
             raise DataError(f"{self.path}: 'data' has dtype {dtype}, expected uint8")
-        if len(shape) != 2 or shape[1] != IMAGE_BYTES:
+        if len(shape) != 2 or shape[1] != IMAGE_BYTES or shape[0] < 0:
             raise DataError(
                 f"{self.path}: 'data' has shape {shape}, expected (N, {IMAGE_BYTES}): "
                 f"one 64x64x3 channel-planar image per row"
@@ -99,7 +121,8 @@ class NpzImageRows:
         """Yield the rows in order, as uint8 arrays (k, 12288) of at most rows_per_chunk rows."""
         if self._fortran_order:
             # Column-major storage cannot be streamed row by row; such files are rare and small.
-            with self._reading_errors(), np.load(self.path) as arrays:
+            # np.load refuses pickled (object) arrays by default; the dtype was checked anyway.
+            with self._reading_errors(), np.load(self.path, allow_pickle=False) as arrays:
                 data = arrays["data"]
             for start in range(0, self.num_rows, rows_per_chunk):
                 yield np.ascontiguousarray(data[start : start + rows_per_chunk])
@@ -185,7 +208,13 @@ class ImageNet64DataModule(ByteStreamDataModule):
             if source.suffix.lower() in IMAGE_FILE_SUFFIXES:
                 return "images", [source]
             raise DataError(f"{source}: neither an .npz file nor an image file ({', '.join(IMAGE_FILE_SUFFIXES)})")
-        batches = [path for path in source.iterdir() if OFFICIAL_TRAIN_FILE.fullmatch(path.name)]
+        if not source.is_dir():
+            raise DataError(f"{source}: neither a regular file nor a folder")
+        try:
+            entries = list(source.iterdir())
+        except OSError as error:
+            raise DataError(f"{source}: cannot list the folder ({error.strerror})") from error
+        batches = [path for path in entries if OFFICIAL_TRAIN_FILE.fullmatch(path.name)]
         if batches:
             batches.sort(key=lambda path: int(OFFICIAL_TRAIN_FILE.fullmatch(path.name).group(1)))
             test_file = source / OFFICIAL_TEST_FILE
@@ -195,7 +224,7 @@ class ImageNet64DataModule(ByteStreamDataModule):
                     f"set, used as the test split)"
                 )
             return "official", batches + [test_file]
-        npz_files = sorted(path for path in source.iterdir() if path.is_file() and path.suffix.lower() == ".npz")
+        npz_files = sorted(path for path in entries if path.is_file() and path.suffix.lower() == ".npz")
         if npz_files:
             return "npz", npz_files
         images = sorted(

@@ -11,7 +11,7 @@ Accepted sources (`data_path`):
 """
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from datamodules.base import (
     EMBEDDED_DATA_DIR,
@@ -37,7 +37,21 @@ def text_split_sizes(total: int, source: Path) -> tuple[int, int, int]:
 
 def text_files_in(folder: Path) -> list[Path]:
     """The .txt files directly inside `folder`, sorted by name."""
-    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() == ".txt")
+    try:
+        entries = list(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"{folder}: cannot list the folder ({error.strerror})") from error
+    return sorted(path for path in entries if path.is_file() and path.suffix.lower() == ".txt")
+
+
+def read_chunks(path: Path) -> Iterator[bytes]:
+    """The bytes of `path`, COPY_CHUNK_BYTES at a time; a file that cannot be read raises DataError."""
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(COPY_CHUNK_BYTES):
+                yield chunk
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from error
 
 
 def copy_concatenation(files: list[Path], portions: list[tuple[str, int]], writer: CacheWriter) -> None:
@@ -49,18 +63,17 @@ def copy_concatenation(files: list[Path], portions: list[tuple[str, int]], write
     remaining = [size for _, size in portions]
     current = 0
     for path in files:
-        with open(path, "rb") as file:
-            while chunk := file.read(COPY_CHUNK_BYTES):
-                view = memoryview(chunk)
-                while view:
-                    while current < len(portions) and remaining[current] == 0:
-                        current += 1
-                    if current == len(portions):
-                        raise DataError(f"{path}: grew while it was being read")
-                    take = min(remaining[current], len(view))
-                    writer.append_bytes(portions[current][0], view[:take])
-                    remaining[current] -= take
-                    view = view[take:]
+        for chunk in read_chunks(path):
+            view = memoryview(chunk)
+            while view:
+                while current < len(portions) and remaining[current] == 0:
+                    current += 1
+                if current == len(portions):
+                    raise DataError(f"{path}: grew while it was being read")
+                take = min(remaining[current], len(view))
+                writer.append_bytes(portions[current][0], view[:take])
+                remaining[current] -= take
+                view = view[take:]
     if any(remaining):
         raise DataError(f"{files[-1]}: the files shrank while they were being read")
 
@@ -107,6 +120,8 @@ class TextDataModule(ByteStreamDataModule):
         """Files of one stream to split (a list), or each split's own files (a dict, PG-19 layout)."""
         if source.is_file():
             return [source]
+        if not source.is_dir():
+            raise DataError(f"{source}: neither a regular file nor a folder")
         split_folders = {split: source / split for split in SPLITS}
         present = [split for split, folder in split_folders.items() if folder.is_dir()]
         if present:

@@ -202,10 +202,15 @@ def prompt_bytes(
     if file is None:
         return np.zeros(0, dtype=np.uint8)
     path = Path(file)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"prompt file {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"prompt file {path}: not a regular file")
     if fmt.modality == "text":
-        return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        try:
+            return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        except OSError as error:
+            raise ValueError(f"prompt file {path}: cannot read ({error.strerror or error})") from error
     if fmt.modality == "image":
         if not 0 <= image_rows <= IMAGE_SIZE:
             raise ValueError(f"prompt rows must lie in 0..{IMAGE_SIZE}, got {image_rows}")
@@ -216,9 +221,11 @@ def prompt_bytes(
         # the top rows are the first rows · 64 · 3 bytes either way.
         data = image_to_bytes(load_image_file(path), fmt.image_order, fmt.image_patch_size)
         return data[: image_rows * IMAGE_SIZE * 3]
+    if audio_seconds is not None and not (math.isfinite(audio_seconds) and audio_seconds >= 0):
+        raise ValueError(f"prompt seconds must be a finite number >= 0, got {audio_seconds}")
     wave = load_audio_file(path, fmt.sample_rate)
     if audio_seconds is not None:
-        wave = wave[: max(0, round(audio_seconds * fmt.sample_rate))]
+        wave = wave[: round(audio_seconds * fmt.sample_rate)]
     return waveform_to_bytes(wave, fmt.encoding)
 
 

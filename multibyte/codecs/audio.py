@@ -7,8 +7,14 @@ Two byte encodings:
 
 Waveforms are float32 numpy arrays in [-1, 1]. The int16 <-> float mapping is x = s / 32768 and
 s = clip(round(x * 32768)), which is exact in float32, so bytes -> waveform -> bytes is the identity.
+
+Files come from anywhere, so `load_audio_file` trusts nothing in a header: it reads in blocks (a
+header's frame count never sizes an allocation), checks the count it declared, refuses NaN/inf
+samples, and bounds what a sample rate can cost (the resampling filter and the resampled length).
 """
 
+import math
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -22,6 +28,14 @@ from multibyte.codecs.text import ByteLike, as_byte_array
 AUDIO_ENCODINGS = ("pcm16", "mulaw8")
 MULAW_LEVELS = 256
 PCM16_SCALE = 32768.0  # 2**15, int16 full scale
+READ_BLOCK_FRAMES = 1 << 16  # frames decoded at a time
+# torchaudio's sinc resampler builds a (new, orig + 2·width) filter for the gcd-reduced rates:
+# 160 x 475 for 44.1 kHz -> 16 kHz, but 16000 x 44135 (706 M entries) for a 44,101 Hz file.
+RESAMPLE_LOWPASS_WIDTH = 6  # torchaudio's defaults, which `resample` is called with
+RESAMPLE_ROLLOFF = 0.99
+MAX_RESAMPLE_FILTER = 1 << 22  # filter entries (16 MiB of float32); every common rate pair is far below
+MAX_RATE_RATIO_ERROR = 1e-4  # a rate ratio approximated to fit the filter is this close: 0.17 cents of pitch
+MAX_CLIP_SAMPLES = 1 << 28  # one clip after resampling: 1 GiB as float32 (resampling needs ~3x), 4.7 hours at 16 kHz
 
 Waveform = Union[np.ndarray, torch.Tensor]
 
@@ -35,51 +49,117 @@ def bytes_per_sample(encoding: str) -> int:
     raise ValueError(f"encoding must be one of {AUDIO_ENCODINGS}, got {encoding!r}")
 
 
-def _wav_data_shortfall(path: Union[str, Path]) -> Optional[tuple[int, int]]:
+def _wav_data_shortfall(file: BinaryIO) -> Optional[tuple[int, int]]:
     """(declared, present) byte counts when a RIFF/WAVE file's data chunk is cut short, else None.
 
     libsndfile silently reads whatever is there in a truncated WAV, so a cut-off download would
     pass for a shorter clip. The data chunk header says how long the samples should be.
     """
-    with open(path, "rb") as file:
-        header = file.read(12)
-        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+    file.seek(0)
+    header = file.read(12)
+    if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        return None
+    while True:
+        chunk_header = file.read(8)
+        if len(chunk_header) < 8:
             return None
-        while True:
-            chunk_header = file.read(8)
-            if len(chunk_header) < 8:
-                return None
-            chunk_id, declared = chunk_header[:4], int.from_bytes(chunk_header[4:], "little")
-            if chunk_id == b"data":
-                data_start = file.tell()
-                present = file.seek(0, 2) - data_start
-                # 0 and 0xFFFFFFFF mean "length unknown" (WAVs written to a pipe); nothing to check.
-                if declared not in (0, 0xFFFFFFFF) and declared > present:
-                    return declared, present
-                return None
-            file.seek(declared + (declared & 1), 1)  # chunks are padded to an even size
+        chunk_id, declared = chunk_header[:4], int.from_bytes(chunk_header[4:], "little")
+        if chunk_id == b"data":
+            data_start = file.tell()
+            present = file.seek(0, 2) - data_start
+            # 0 and 0xFFFFFFFF mean "length unknown" (WAVs written to a pipe); nothing to check.
+            if declared not in (0, 0xFFFFFFFF) and declared > present:
+                return declared, present
+            return None
+        file.seek(declared + (declared & 1), 1)  # chunks are padded to an even size
+
+
+def _resample_filter_size(orig_freq: int, new_freq: int) -> int:
+    """Entries of the filter torchaudio's `resample` builds for orig_freq -> new_freq."""
+    gcd = math.gcd(orig_freq, new_freq)
+    orig, new = orig_freq // gcd, new_freq // gcd
+    width = math.ceil(RESAMPLE_LOWPASS_WIDTH * orig / (RESAMPLE_ROLLOFF * min(orig, new)))
+    return new * (orig + 2 * width)
+
+
+def resampling_rates(file_rate: int, sample_rate: int) -> Optional[tuple[int, int]]:
+    """(orig_freq, new_freq) to resample file_rate -> sample_rate with: the rates themselves, or,
+    when their exact ratio needs a filter over MAX_RESAMPLE_FILTER entries (coprime rates such as
+    44,101 -> 16,000 Hz), the closest ratio of smaller integers that fits, which differs from the
+    exact one by at most MAX_RATE_RATIO_ERROR. None when no such ratio exists (absurd rates).
+    """
+    if _resample_filter_size(file_rate, sample_rate) <= MAX_RESAMPLE_FILTER:
+        return file_rate, sample_rate
+    exact = Fraction(sample_rate, file_rate)
+    max_denominator = min(file_rate, 1 << 16)
+    while max_denominator >= 1:
+        ratio = exact.limit_denominator(max_denominator)  # new/orig with orig <= max_denominator
+        if ratio.numerator and _resample_filter_size(ratio.denominator, ratio.numerator) <= MAX_RESAMPLE_FILTER:
+            if abs(ratio / exact - 1) <= MAX_RATE_RATIO_ERROR:
+                return ratio.denominator, ratio.numerator
+            return None  # smaller denominators only approximate worse
+        max_denominator //= 2
+    return None
 
 
 def load_audio_file(path: Union[str, Path], sample_rate: int) -> np.ndarray:
     """Read a WAV/FLAC file as a mono float32 waveform (num_samples,) in [-1, 1] at `sample_rate`.
 
-    Channels are averaged; a file at another rate is resampled (band-limited sinc interpolation).
-    Raises ValueError naming the file when it is unreadable, corrupt or truncated.
+    Channels are averaged; a file at another rate is resampled (band-limited sinc interpolation);
+    float files beyond full scale are clipped to [-1, 1]. Raises ValueError naming the file when
+    it is unreadable, corrupt or truncated, holds NaN/inf samples, or has a sample rate that
+    cannot be resampled to `sample_rate` or would resample to over MAX_CLIP_SAMPLES samples.
     """
     try:
-        with soundfile.SoundFile(str(path)) as file:
+        handle = open(path, "rb")  # opened here, so that an unreadable file says why
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read ({error.strerror or error})") from error
+    # libsndfile's failures: SoundFileError (open, decode), ValueError for some malformed headers.
+    library_errors = (soundfile.SoundFileError, RuntimeError, OSError, ValueError)
+    blocks: list[np.ndarray] = []
+    num_frames = num_non_finite = 0
+    with handle:
+        try:
+            file = soundfile.SoundFile(handle)
+        except library_errors as error:
+            raise ValueError(f"{path}: cannot read audio ({error})") from error
+        with file:
             file_rate, declared_frames = file.samplerate, file.frames
-            frames = file.read(dtype="float32", always_2d=True)  # (num_frames, channels); int16 / 32768
-        shortfall = _wav_data_shortfall(path)
-    except (soundfile.SoundFileError, RuntimeError, OSError) as error:
-        raise ValueError(f"{path}: cannot read audio ({error})") from error
+            if file_rate < 1:
+                raise ValueError(f"{path}: header declares a sample rate of {file_rate} Hz")
+            rates = resampling_rates(file_rate, sample_rate) if file_rate != sample_rate else (1, 1)
+            if rates is None:
+                raise ValueError(f"{path}: cannot resample its {file_rate} Hz audio to {sample_rate} Hz")
+            while True:
+                try:
+                    frames = file.read(READ_BLOCK_FRAMES, dtype="float32", always_2d=True)  # (n, channels)
+                except library_errors as error:
+                    raise ValueError(f"{path}: cannot read audio ({error})") from error
+                if not len(frames):
+                    break
+                num_frames += len(frames)
+                if math.ceil(num_frames * rates[1] / rates[0]) > MAX_CLIP_SAMPLES:
+                    raise ValueError(
+                        f"{path}: {num_frames}+ frames at {file_rate} Hz make over {MAX_CLIP_SAMPLES} samples at "
+                        f"{sample_rate} Hz, more than one clip may hold; split the file"
+                    )
+                num_non_finite += int(np.count_nonzero(~np.isfinite(frames)))
+                if not num_non_finite:  # otherwise the file is refused below, once it has been counted
+                    blocks.append(frames.mean(axis=1, dtype=np.float32))  # integer formats arrive as int / full scale
+        try:
+            shortfall = _wav_data_shortfall(handle)
+        except OSError as error:
+            raise ValueError(f"{path}: cannot read audio ({error})") from error
     if shortfall is not None:
         raise ValueError(f"{path}: truncated WAV: header declares {shortfall[0]} data bytes, file holds {shortfall[1]}")
-    if len(frames) != declared_frames:
-        raise ValueError(f"{path}: truncated audio: header declares {declared_frames} frames, read {len(frames)}")
-    mono = frames.mean(axis=1, dtype=np.float32)
+    if num_frames != declared_frames:
+        raise ValueError(f"{path}: truncated audio: header declares {declared_frames} frames, read {num_frames}")
+    if num_non_finite:
+        raise ValueError(f"{path}: holds {num_non_finite} NaN or infinite samples; not a usable waveform")
+    mono = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    np.clip(mono, -1.0, 1.0, out=mono)  # float files may exceed full scale
     if file_rate != sample_rate and len(mono):
-        resampled = torchaudio.functional.resample(torch.from_numpy(mono), orig_freq=file_rate, new_freq=sample_rate)
+        resampled = torchaudio.functional.resample(torch.from_numpy(mono), orig_freq=rates[0], new_freq=rates[1])
         # Sinc interpolation can overshoot full scale by a little; keep the [-1, 1] contract.
         mono = resampled.clamp_(-1.0, 1.0).numpy()
     return mono
@@ -91,7 +171,10 @@ def _as_waveform(wave: Waveform) -> np.ndarray:
     wave = np.asarray(wave, dtype=np.float32)
     if wave.ndim != 1:
         raise ValueError(f"expected a mono waveform of shape (num_samples,), got shape {wave.shape}")
-    return np.nan_to_num(wave, nan=0.0)
+    non_finite = int(np.count_nonzero(~np.isfinite(wave)))
+    if non_finite:
+        raise ValueError(f"the waveform holds {non_finite} NaN or infinite samples, which have no byte encoding")
+    return wave
 
 
 def _waveform_to_int16(wave: np.ndarray) -> np.ndarray:
@@ -99,7 +182,10 @@ def _waveform_to_int16(wave: np.ndarray) -> np.ndarray:
 
 
 def waveform_to_bytes(wave: Waveform, encoding: str = "pcm16") -> np.ndarray:
-    """Mono waveform (num_samples,) in [-1, 1] -> uint8 bytes, `bytes_per_sample(encoding)` per sample."""
+    """Mono waveform (num_samples,) in [-1, 1] -> uint8 bytes, `bytes_per_sample(encoding)` per sample.
+
+    Samples beyond [-1, 1] are clipped; NaN or infinite samples raise ValueError.
+    """
     bytes_per_sample(encoding)  # validates the name
     wave = np.clip(_as_waveform(wave), -1.0, 1.0)
     if encoding == "pcm16":

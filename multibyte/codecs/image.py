@@ -9,12 +9,13 @@ that many bytes sees exactly one square of the image per patch.
 Both orders are one fixed permutation of the same 12,288 bytes, so encoding and decoding are exact.
 """
 
+import struct
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from multibyte.codecs.text import ByteLike, as_byte_array
 
@@ -111,19 +112,56 @@ def bytes_to_png(
     Image.fromarray(bytes_to_image(data, order, patch_size), mode="RGB").save(path_or_fileobj, format="PNG")
 
 
+def _high_depth_to_8bit(image: Image.Image, path: Union[str, Path]) -> Image.Image:
+    """An image with more than 8 bits per pixel value, as 8-bit ("L"); other modes pass through.
+
+    Pillow reads 16-bit grayscale (PNG, TIFF, PGM) as mode "I;16*" or "I", whose `convert("RGB")`
+    clips every value above 255 to white instead of scaling; 0..65535 maps to 0..255 here. "I"
+    values outside 0..65535 and floating-point ("F") pixels have no fixed range to scale from.
+    """
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image)  # (H, W) int32, uint16 or float32
+    low, high = values.min(), values.max()
+    if image.mode == "F" or low < 0 or high > 65535:
+        raise ValueError(
+            f"{path}: mode {image.mode} pixels ({low}..{high}) have no 8-bit mapping; save it as 8- or 16-bit"
+        )
+    scaled = (values.astype(np.uint32) * 255 + 32767) // 65535  # round(v * 255 / 65535)
+    return Image.fromarray(scaled.astype(np.uint8))  # (H, W) uint8 -> mode "L"
+
+
 def load_image_file(path: Union[str, Path]) -> np.ndarray:
     """Read an image file of any size and mode as 64x64x3 uint8: converted to RGB, box-resized.
 
     Box filtering averages the source pixels under each target pixel, which is how the official
-    downsampled ImageNet was made. Raises ValueError naming the file when it cannot be decoded.
+    downsampled ImageNet was made; 16-bit images are scaled to 8 bits first. Raises ValueError
+    naming the file when it cannot be read or decoded.
     """
     try:
-        with Image.open(path) as image:
+        file = open(path, "rb")
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read ({error.strerror or error})") from error
+    with file:
+        try:
+            image = Image.open(file)
+            image.load()  # decodes the (first) frame: malformed data fails here
+        except UnidentifiedImageError as error:
+            raise ValueError(f"{path}: cannot decode image (not an image format Pillow recognises)") from error
+        # Pillow's decoders report malformed data with any of these (OSError covers unidentified
+        # formats and truncated data); each is this file's problem, reported as one error.
+        except (
+            OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, MemoryError,
+            Image.DecompressionBombError,
+        ) as error:  # fmt: skip
+            raise ValueError(f"{path}: cannot decode image ({error})") from error
+    with image:
+        image = _high_depth_to_8bit(image, path)
+        try:
             rgb = image.convert("RGB")
-            small = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        # OSError covers unidentified formats and truncated data; the others are raised by some decoders.
-        raise ValueError(f"{path}: cannot decode image ({error})") from error
+        except ValueError as error:  # a mode Pillow cannot convert
+            raise ValueError(f"{path}: cannot convert its mode {image.mode} pixels to RGB ({error})") from error
+        small = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.uint8).copy()
 
 
