@@ -6,21 +6,49 @@
 A `--config` value that is not an existing file is looked up among the shipped configs (the
 repository's configs/ folder, installed as `multibyte.shipped_configs`), so the commands above
 work from any folder. After `fit`, the test split is scored and its bits per byte printed.
+
+Bad input (a config value, a data file, a checkpoint, an existing output) ends in one line,
+`multibyte: <what and where>`, and exit status 2; a traceback means a bug (MULTIBYTE_DEBUG=1 shows
+one for every error). SIGTERM during `fit` saves last.ckpt and exits with 143.
+
+With --ckpt_path, the model is built from the checkpoint's hyperparameters. Settings given on the
+command line or in a --config that contradict them are refused, listing the keys: the
+architecture always (the weights are made for it), and on a `fit` resume also the optimisation
+settings (learning rate, betas, weight decay, warm-up, min_lr_ratio), which the restored optimizer
+and schedule would otherwise silently replace. To train on with other optimisation settings,
+`export` the weights and start a new run from the export directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
+from typing import Iterator, Optional
 
+import lightning
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+import datamodules
+import multibyte
 from datamodules.base import ByteStreamDataModule
+from multibyte.checkpoints import CheckpointError, checkpoint_hparams, config_from_dict, load_checkpoint, plain
+from multibyte.config import ModelConfig
+from multibyte.fault_tolerance import DivergenceGuard, PreemptionCheckpoint, TrainingDiverged
 from multibyte.trainer import EXTRA_SUBCOMMANDS, MultibyteTrainer
-from multibyte.training import ByteLM
+from multibyte.training import ByteLM, describe_conflicts, hparam_conflicts
+
+# Subcommands that work without --data (compress / decompress take the window from the model).
+DATA_OPTIONAL = ("export", "compress", "decompress")
+# ckpt_path values Lightning resolves itself (its reader, made safe by MultibyteTrainer, reads them).
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 def shipped_config_dir() -> Path:
@@ -36,9 +64,8 @@ def resolve_config_path(value: str) -> str:
         if candidate.is_file():
             return str(candidate)
     available = sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml"))
-    raise SystemExit(
-        f"multibyte: config file {value!r} not found, neither here nor among the shipped configs "
-        f"({', '.join(available)})"
+    raise ValueError(
+        f"config file {value!r} not found, neither here nor among the shipped configs ({', '.join(available)})"
     )
 
 
@@ -62,6 +89,69 @@ class MultibyteCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), **EXTRA_SUBCOMMANDS}
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        if subcommand not in DATA_OPTIONAL:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # LightningCLI makes --data optional when it is given no datamodule class; pretend so here.
+        datamodule_class, self.datamodule_class = self.datamodule_class, None
+        try:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        finally:
+            self.datamodule_class = datamodule_class
+
+    def parse_arguments(self, parser, args) -> None:
+        self._given_args = args  # parsed again in _parse_ckpt_path
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read --ckpt_path safely before anything else does, and build the model from its
+        hyperparameters with what was given on top, refusing what contradicts them.
+
+        (Replaces LightningCLI's version, which reads the file with torch.load itself, so a bad
+        file fails deep inside Lightning, and silently lets the checkpoint's values replace
+        --model flags.)
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return
+        path = Path(str(ckpt_path))
+        if not path.exists():
+            if str(ckpt_path).split(":")[0] in SPECIAL_CKPT_PATHS or "://" in str(ckpt_path):
+                return
+            raise CheckpointError(f"checkpoint {path}: no such file or directory")
+        stored = checkpoint_hparams(load_checkpoint(path, mmap=True))
+        parser = self._parser(subcommand)
+        configured = parser.get_defaults().get("model")
+        known = set(vars(configured)) if configured is not None else set()
+        stored = {name: value for name, value in stored.items() if name in known}
+        if not stored:  # weights without hyperparameters: the configured model is used as it is
+            return
+        if isinstance(stored.get("architecture"), dict):
+            try:  # the config's own checks, so that their message names the checkpoint
+                config_from_dict(ModelConfig, stored["architecture"])
+            except (ValueError, TypeError) as error:
+                raise CheckpointError(f"checkpoint {path}: its architecture does not fit this multibyte: {error}") from None
+        # Parse the command line again with the checkpoint's values as the defaults: what comes
+        # out is the checkpoint's model with exactly the given settings on top.
+        try:
+            parser.set_defaults({f"model.{name}": value for name, value in stored.items()})
+            self.parse_arguments(self.parser, self._given_args)
+        except (ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(
+                f"checkpoint {path}: its hyperparameters do not fit this version of multibyte ({error})"
+            ) from None
+        given = plain(self.config[subcommand]["model"].as_dict())
+        conflicts = hparam_conflicts(given, stored, resuming=subcommand == "fit")
+        if conflicts:
+            raise CheckpointError(describe_conflicts(path, conflicts, resuming=subcommand == "fit"))
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand == "export":  # reads the checkpoint itself: the model needs no memory
+            with torch.device("meta"):
+                return super().instantiate_classes()
+        return super().instantiate_classes()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -92,27 +182,75 @@ class MultibyteCLI(LightningCLI):
             print(f"test {unit}: {bpb:.4f}")
 
 
-def make_cli(args: list[str] | None = None, run: bool = True) -> MultibyteCLI:
+class CommandLineError(SystemExit):
+    """Exit status 2 for bad input; str() is the message (already printed as `multibyte: ...`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# Errors about the input: raised on purpose by multibyte's own checks (DataError, CheckpointError,
+# CompressionError and the flag checks are ValueErrors), or by Lightning's checks of its flags.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, TrainingDiverged, MisconfigurationException)
+_CHECKING_CODE = tuple(str(Path(package.__file__).parent) + os.sep for package in (multibyte, datamodules, lightning))
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Bad input, not a bug, so one line says it all: one of USER_ERRORS raised by multibyte's or
+    Lightning's own code. The same types raised inside torch or numpy mean multibyte called them
+    wrongly, and keep their traceback."""
+    if not isinstance(error, USER_ERRORS):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(_CHECKING_CODE)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input becomes `multibyte: <message>` on stderr and exit status 2 (CommandLineError);
+    SIGTERM becomes exit status 143; anything else keeps its traceback. MULTIBYTE_DEBUG=1 keeps
+    every traceback."""
+    try:
+        yield
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except Exception as error:
+        if os.environ.get("MULTIBYTE_DEBUG", "") not in ("", "0") or not is_user_error(error):
+            raise
+        message = str(error).strip() or type(error).__name__
+        print(f"multibyte: {message}", file=sys.stderr, flush=True)
+        raise CommandLineError(message) from None
+
+
+def make_cli(args: Optional[list[str]] = None, run: bool = True) -> MultibyteCLI:
     """The CLI over `args` (None: the command line). `run=False` only parses and instantiates."""
-    return MultibyteCLI(
-        ByteLM,
-        ByteStreamDataModule,
-        trainer_class=MultibyteTrainer,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "multibyte"},
-        auto_configure_optimizers=False,
-    )
+    with one_line_errors():
+        return MultibyteCLI(
+            ByteLM,
+            ByteStreamDataModule,
+            trainer_class=MultibyteTrainer,
+            # Always on, not configurable away: a diverged run stops, a preempted one saves.
+            trainer_defaults={"callbacks": [DivergenceGuard(), PreemptionCheckpoint()]},
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "multibyte"},
+            auto_configure_optimizers=False,
+        )
 
 
-def main(argv: list[str] | None = None) -> None:
-    if argv is None:  # the command line: rewrite it in place (LightningCLI reads sys.argv)
-        sys.argv[1:] = resolve_config_arguments(sys.argv[1:])
-        args = None
-    else:
-        args = resolve_config_arguments(argv)
+def main(argv: Optional[list[str]] = None) -> None:
+    with one_line_errors():
+        if argv is None:  # the command line: rewrite it in place (LightningCLI reads sys.argv)
+            sys.argv[1:] = resolve_config_arguments(sys.argv[1:])
+            args = None
+        else:
+            args = resolve_config_arguments(argv)
     # Matmuls in TF32 on Ampere+ GPUs: a free 2-3x there, no effect on CPU.
     torch.set_float32_matmul_precision("high")
     make_cli(args)

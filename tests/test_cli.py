@@ -1,5 +1,6 @@
 """The command line: every shipped config parses and builds, and `fit` runs end to end."""
 
+import json
 import re
 import subprocess
 import sys
@@ -8,14 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from multibyte.cli import make_cli, resolve_config_arguments, resolve_config_path, shipped_config_dir
-from multibyte.config import ModelConfig
+from multibyte.checkpoints import plain
+from multibyte.cli import main, make_cli, resolve_config_arguments, resolve_config_path, shipped_config_dir
+from multibyte.config import ModelConfig, megabyte
 from multibyte.training import ByteLM
 
 CONFIGS = shipped_config_dir()
-BASE_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
-LAYERED_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("cpu/*.yaml"))
 LAYERED_ON = re.compile(r"layered on (\S+\.yaml)")
+# multinode.yaml holds trainer settings only, layered on a model config (tests/test_distributed.py)
+BASE_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not LAYERED_ON.search(p.read_text()))
+LAYERED_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("cpu/*.yaml"))
 
 
 def base_of(layered: str) -> str:
@@ -44,7 +47,7 @@ def test_every_base_config_parses_and_builds(name, tmp_path):
     assert isinstance(cli.model.architecture, ModelConfig)
     assert cli.model.model.num_parameters() > 1_000_000
     seq_len = cli.datamodule.seq_len
-    assert seq_len % cli.model.architecture.patch_size == 0
+    assert seq_len % cli.model.architecture.alignment == 0
     assert seq_len <= cli.model.architecture.max_seq_len
 
 
@@ -52,7 +55,7 @@ def test_every_base_config_parses_and_builds(name, tmp_path):
 def test_every_cpu_preset_parses_on_its_base(name, tmp_path):
     cli = build([base_of(name), name], tmp_path)
     assert cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
-    assert cli.datamodule.seq_len % cli.model.architecture.patch_size == 0
+    assert cli.datamodule.seq_len % cli.model.architecture.alignment == 0
 
 
 def test_bare_config_names_resolve_to_shipped_files(tmp_path, monkeypatch):
@@ -62,7 +65,7 @@ def test_bare_config_names_resolve_to_shipped_files(tmp_path, monkeypatch):
     (tmp_path / "image64.yaml").write_text("seed_everything: 1\n")
     assert resolve_config_path("image64.yaml") == "image64.yaml"  # a local file wins
     assert resolve_config_arguments(["fit", "--config=text.yaml"]) == ["fit", f"--config={CONFIGS / 'text.yaml'}"]
-    with pytest.raises(SystemExit, match="nosuch.yaml"):
+    with pytest.raises(ValueError, match="nosuch.yaml"):
         resolve_config_path("nosuch.yaml")
 
 
@@ -113,3 +116,96 @@ def test_seq_len_not_a_multiple_of_the_patch_size_is_one_clear_error(tmp_path):
     )
     assert result.returncode != 0
     assert "seq_len=1020 is not a multiple of the model's patch_size=8" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input ends in one line, `multibyte: <message>`, and exit status 2
+# ------------------------------------------------------------------------------------------------
+
+TINY = json.dumps(plain(megabyte(4, 32, 32, 1, 2, 16, 1, 2)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A folder with a small text file and an untrained tiny checkpoint (weights only)."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "book.txt").write_bytes(bytes(range(32, 127)) * 40)
+    torch.save({"state_dict": ByteLM(megabyte(4, 32, 32, 1, 2, 16, 1, 2)).state_dict()}, root / "tiny.ckpt")
+    return root
+
+
+def tiny_flags(root: Path) -> list[str]:
+    return [
+        "--model.architecture", TINY, "--data", "datamodules.TextDataModule", "--data.data_path", str(root / "book.txt"),
+        "--data.seq_len", "32", "--data.batch_size", "2", "--data.cache_dir", str(root / "cache"),
+        "--trainer.default_root_dir", str(root / "run"), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def one_line_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        main(list(args))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"multibyte: {stopped.value}"
+    return str(stopped.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "--model.min_lr_ratio", "-0.5"], "--model.min_lr_ratio must lie in [0, 1], got -0.5"),
+        (["fit", "--model.learning_rate", "0"], "--model.learning_rate must be a positive number, got 0.0"),
+        (["fit", "--model.architecture", json.dumps({"stages": [{"d_model": 32, "n_heads": 0}]})],
+         "stage n_heads must be at least 1, got 0"),
+        (["fit", "--trainer.val_check_interval", "100000", "--trainer.max_steps", "1"], "`val_check_interval` (100000) must be"),
+        (["bench", "--batch_size", "0", "--ckpt_path", "{ckpt}"], "--batch_size must be at least 1, got 0"),
+        (["sample", "--top_p", "1.5", "--ckpt_path", "{ckpt}"], "--top_p must lie in (0, 1], got 1.5"),
+        (["sample", "--top_p", "0", "--ckpt_path", "{ckpt}"], "--top_p must lie in (0, 1], got 0.0"),
+        (["sample", "--temperature", "-1", "--ckpt_path", "{ckpt}"], "--temperature must be >= 0 (0 is greedy), got -1.0"),
+        (["sample", "--num_samples", "0", "--ckpt_path", "{ckpt}"], "--num_samples must be at least 1, got 0"),
+        (["compress", "--lanes", "0", "--input_file", "{book}", "--ckpt_path", "{ckpt}"], "--lanes must lie in 1..65535, got 0"),
+        (["test", "--ckpt_path", "{root}/nothing.ckpt"], "checkpoint {root}/nothing.ckpt: no such file or directory"),
+        (["fit", "--data.data_path", "{root}/nothing.txt"], "nothing.txt"),
+    ],
+    ids=["min_lr_ratio", "learning_rate", "n_heads", "lightning-flag", "bench-batch", "top_p-high", "top_p-zero",
+         "temperature", "num_samples", "lanes", "missing-ckpt", "missing-data"],
+)
+def test_bad_values_are_one_line_and_exit_2(args, message, tiny_run, capsys):
+    def fill(text: str) -> str:
+        for name, value in {"ckpt": tiny_run / "tiny.ckpt", "book": tiny_run / "book.txt", "root": tiny_run}.items():
+            text = text.replace("{" + name + "}", str(value))
+        return text
+
+    args = [fill(a) for a in args]
+    flags = tiny_flags(tiny_run)
+    if "--model.architecture" in args:  # replace the tiny architecture
+        flags = flags[2:]
+    assert fill(message) in one_line_error(capsys, args[0], *flags, *args[1:])
+
+
+def test_bugs_keep_their_traceback(tiny_run, monkeypatch):
+    from multibyte.trainer import MultibyteTrainer
+
+    def broken(self, *args, **kwargs):
+        return int("not a number")  # a ValueError, but raised by a mistake, not by a check
+
+    monkeypatch.setattr(MultibyteTrainer, "bench", broken)
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        main(["bench", *tiny_flags(tiny_run)])
+
+
+def test_multibyte_debug_shows_every_traceback(tiny_run, monkeypatch):
+    monkeypatch.setenv("MULTIBYTE_DEBUG", "1")
+    with pytest.raises(ValueError, match="--model.min_lr_ratio must lie in"):
+        main(["fit", *tiny_flags(tiny_run), "--model.min_lr_ratio", "2"])
+
+
+@pytest.mark.slow
+def test_a_bad_value_in_a_real_process(tiny_run, tmp_path):
+    result = run_cli("fit", *tiny_flags(tiny_run), "--model.min_lr_ratio", "-1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "multibyte: --model.min_lr_ratio must lie in [0, 1], got -1.0"

@@ -1,0 +1,374 @@
+"""Checkpoints that people share: read them safely, write them atomically, export the weights.
+
+A checkpoint is untrusted input. A Lightning `.ckpt` is a pickle, and a pickle can name any
+function to call while it is read. Every read here goes through `torch.load(weights_only=True)`,
+whose unpickler builds only tensors, containers, primitives and the globals allowed below (the
+config dataclasses of `multibyte.config`, which `save_hyperparameters` stores for a `ByteLM` built
+in Python). A checkpoint that names anything else is refused before that thing runs, with one
+error naming the file; so is a truncated or foreign file. The advice torch attaches to such
+failures (retry with weights_only=False, i.e. run the payload) is never passed on.
+
+Two layouts are read:
+
+    run/.../checkpoints/last.ckpt      Lightning's checkpoint: weights, optimizer, loops, hparams
+    DIR/model.safetensors              `python -m multibyte export`: the byte model's weights
+    DIR/config.yaml                    ... and the `ByteLM` hyperparameters under `model:` (so it
+                                       also works as `--config DIR/config.yaml`)
+
+`load_checkpoint` returns both as a Lightning-style dict, so every command that takes
+`--ckpt_path` takes either. `SafeCheckpointIO` puts the same reader under Lightning (resume,
+validate, test, predict) and writes checkpoints through a temporary file in the same folder,
+fsync and `os.replace`, so a kill mid-save leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pickle
+import re
+import tempfile
+import typing
+import zipfile
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
+
+import torch
+import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.yaml"
+MODULE_PREFIX = "model."  # ByteLM holds its HierarchicalByteModel as `.model`
+EXPORT_FORMAT = "multibyte-export-1"  # stored in the safetensors metadata
+
+PathLike = Union[str, Path]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used. The message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What a checkpoint may name
+# ------------------------------------------------------------------------------------------------
+
+
+def allowed_globals() -> list[type]:
+    """The classes a checkpoint may name besides tensors and containers: every dataclass defined in
+    `multibyte.config` (the model configuration `save_hyperparameters` keeps)."""
+    import multibyte.config as config
+
+    return [
+        value
+        for value in vars(config).values()
+        if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == config.__name__
+    ]
+
+
+@contextlib.contextmanager
+def safe_globals() -> Iterator[None]:
+    """Within this context `torch.load(weights_only=True)` also accepts the config dataclasses."""
+    with torch.serialization.safe_globals(allowed_globals()):
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+def is_export_dir(path: PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / EXPORT_WEIGHTS).is_file()
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint as Lightning's dict: `state_dict` (ByteLM keys, "model.*") and
+    `hyper_parameters`, plus the training state for a `.ckpt`.
+
+    `path` is a Lightning checkpoint file or an `export` directory. `mmap=True` maps the tensor
+    data instead of reading it (a cheap look at the hyperparameters of a big file). Raises
+    CheckpointError naming the file when it is missing, unreadable, unsafe or not a checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_export_dir(path, map_location)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file or directory")
+    checkpoint = _torch_load(path, map_location, mmap)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        hint = f" (for an export, pass its folder, {path.parent})" if path.name == EXPORT_WEIGHTS else ""
+        raise CheckpointError(f"checkpoint {path}: holds no state_dict (not a Lightning checkpoint){hint}")
+    return checkpoint
+
+
+def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
+    # mmap needs torch's zip layout; an old-style (or foreign) file is read plainly, equally safely.
+    mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        with safe_globals():
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if named:
+            raise CheckpointError(
+                f"checkpoint {path}: refused: loading it would call {named.group(1)}, and a checkpoint "
+                f"holds only tensors and configs. Nothing in it was run."
+            ) from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read: not a PyTorch checkpoint (or corrupted)") from None
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(
+            f"checkpoint {path}: cannot be read: truncated, corrupted or not a PyTorch checkpoint ({_reason(error)})"
+        ) from None
+
+
+def _reason(error: BaseException) -> str:
+    """The first sentence of a loader's error, for the message (never torch's weights_only advice)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip().split("\n")[0].split(". ")[0]
+    if not text or "weights_only" in text:
+        return type(error).__name__
+    return text[:160]
+
+
+def _load_export_dir(folder: Path, map_location: Any) -> dict[str, Any]:
+    weights_path, config_path = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
+    for needed in (weights_path, config_path):
+        if not needed.is_file():
+            raise CheckpointError(
+                f"checkpoint {folder}: a folder without {needed.name} (not a `multibyte export` directory)"
+            )
+    import lightning
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        weights = load_file(weights_path, device=device)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {weights_path}: cannot be read: truncated or corrupted ({_reason(error)})") from None
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"checkpoint {config_path}: cannot be read as YAML ({_reason(error)})") from None
+    hparams = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("architecture"), dict):
+        raise CheckpointError(f"checkpoint {config_path}: no model.architecture in it")
+    return {
+        "state_dict": {MODULE_PREFIX + name: tensor for name, tensor in weights.items()},
+        "hyper_parameters": hparams,
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+    }
+
+
+def checkpoint_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The `ByteLM` hyperparameters of a checkpoint as plain data (config dataclasses as dicts,
+    tuples as lists), without Lightning's private keys (`_instantiator`, `_class_path`)."""
+    raw = checkpoint.get("hyper_parameters") or {}
+    return {name: plain(value) for name, value in dict(raw).items() if not str(name).startswith("_")}
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses, tuples and mappings as dicts, lists and primitives (what YAML and JSON hold)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_dict = getattr(value, "to_dict", None)
+        value = to_dict() if callable(to_dict) else {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def byte_model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The `HierarchicalByteModel` weights of a checkpoint (ByteLM's "model." prefix removed; a model
+    trained with compile=True saved them under "model._orig_mod.")."""
+    state = {}
+    for name, tensor in checkpoint["state_dict"].items():
+        if name.startswith(MODULE_PREFIX):
+            name = name[len(MODULE_PREFIX) :]
+            state[name.removeprefix("_orig_mod.")] = tensor
+    return state
+
+
+def load_module_weights(module: torch.nn.Module, path: PathLike, checkpoint: Optional[dict] = None) -> None:
+    """Load a checkpoint's weights into a `ByteLM` (strictly); CheckpointError when they do not fit."""
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
+    target = getattr(module, "model", None)
+    if target is None:
+        raise CheckpointError(f"checkpoint {path}: the module has no byte model to load it into")
+    target = getattr(target, "_orig_mod", target)  # under torch.compile, the module it wraps
+    try:
+        target.load_state_dict(byte_model_state(checkpoint))
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the configured architecture: {_summarise_load_error(error)}"
+        ) from None
+
+
+def load_byte_model(path: PathLike, map_location: Any = "cpu") -> torch.nn.Module:
+    """The `HierarchicalByteModel` of a checkpoint or export directory, built from its
+    architecture, with its weights, in eval mode (e.g. an entropy patcher's byte model)."""
+    from multibyte.config import ModelConfig
+    from multibyte.model import HierarchicalByteModel
+
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    architecture = checkpoint_hparams(checkpoint).get("architecture")
+    if not isinstance(architecture, dict):
+        raise CheckpointError(f"checkpoint {path}: no model architecture among its hyperparameters")
+    model = HierarchicalByteModel(config_from_dict(ModelConfig, architecture))
+    try:
+        model.load_state_dict(byte_model_state(checkpoint))
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its own architecture: {_summarise_load_error(error)}") from None
+    return model.eval()
+
+
+def _summarise_load_error(error: RuntimeError) -> str:
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    text = " ".join(lines) or str(error)
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparing configurations
+# ------------------------------------------------------------------------------------------------
+
+
+def config_differences(given: Any, stored: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, given, stored) for every leaf where two plain configurations disagree.
+
+    Keys present on one side only are not differences (a field added or removed since the
+    checkpoint was written keeps its default); lists of different lengths differ as a whole.
+    """
+    if isinstance(given, dict) and isinstance(stored, dict):
+        found = []
+        for key in given:
+            if key in stored:
+                found += config_differences(given[key], stored[key], f"{prefix}.{key}" if prefix else str(key))
+        return found
+    if isinstance(given, (list, tuple)) and isinstance(stored, (list, tuple)) and len(given) == len(stored):
+        found = []
+        for index, (a, b) in enumerate(zip(given, stored)):
+            found += config_differences(a, b, f"{prefix}[{index}]")
+        return found
+    return [] if plain(given) == plain(stored) else [(prefix, given, stored)]
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build the dataclass `cls` from plain data, nested dataclasses (also in lists and Optionals)
+    included. Keys `cls` does not have are passed on, so that its own validation names them."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _build(hints.get(key), value) for key, value in data.items()})
+
+
+def _build(hint: Any, value: Any) -> Any:
+    if value is None or hint is None:
+        return value
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return config_from_dict(hint, value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        for option in args:
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                return config_from_dict(option, value)
+        return value
+    if origin is list and args and isinstance(value, (list, tuple)):
+        return [_build(args[0], item) for item in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through `write(file)` on a temporary file in the same folder, fsync it and
+    rename it into place: a reader (or a resumed run) sees the old file or the new one, never half
+    of one, whatever kills the writer. Lightning's own save goes through a temporary file in the
+    system temp folder, which becomes a non-atomic copy when that folder is another file system."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make shared runs unreadable
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader and writer, made safe: reads through `load_checkpoint`
+    (weights_only, the config dataclasses allowed, export directories accepted, one clear error),
+    writes local files through `atomic_write`. Remote URLs keep Lightning's fsspec path."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+    def load_checkpoint(
+        self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+    ) -> dict[str, Any]:
+        # weights_only is always True here, whatever the caller asks.
+        if "://" in str(path):
+            with safe_globals():
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------------
+
+
+def export_checkpoint(ckpt_path: PathLike, output_dir: PathLike, overwrite: bool = False) -> list[Path]:
+    """Write `model.safetensors` (the byte model's weights) and `config.yaml` (the `ByteLM`
+    hyperparameters under `model:`) into `output_dir`. Existing files are never replaced unless
+    `overwrite`. An entropy patcher's byte model is part of the weights and its architecture part
+    of the config, so the directory is self-contained. Returns the two paths."""
+    from safetensors.torch import save
+
+    folder = Path(output_dir)
+    targets = [folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG]
+    if not overwrite:
+        for target in targets:
+            if target.exists():
+                raise FileExistsError(f"{target}: already exists (--overwrite true replaces it)")
+    checkpoint = load_checkpoint(ckpt_path)
+    hparams = checkpoint_hparams(checkpoint)
+    if not isinstance(hparams.get("architecture"), dict):
+        raise CheckpointError(f"checkpoint {ckpt_path}: no model architecture among its hyperparameters")
+    for stage in hparams["architecture"].get("stages") or []:
+        if isinstance(stage, dict) and stage.get("entropy_architecture") is not None:
+            stage["entropy_model"] = None  # its weights travel inside model.safetensors
+    # safetensors refuses tensors that share storage (tied weights): every tensor gets its own copy.
+    weights = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in byte_model_state(checkpoint).items()}
+    blob = save(weights, metadata={"format": EXPORT_FORMAT})
+    header = (
+        f"# multibyte export of {Path(ckpt_path).name}: {EXPORT_WEIGHTS} beside this file holds the weights.\n"
+        f"# Use: python -m multibyte sample --config DIR/{EXPORT_CONFIG} --ckpt_path DIR ...\n"
+    )
+    text = header + yaml.safe_dump({"model": hparams}, sort_keys=False)
+    atomic_write(targets[0], lambda file: file.write(blob))
+    atomic_write(targets[1], lambda file: file.write(text.encode("utf-8")))
+    return targets
