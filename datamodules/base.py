@@ -18,16 +18,24 @@ run never leaves a partial file behind.
 Batch format (what the models consume): `(tokens, lengths)` with tokens uint8 (B, L) and lengths
 int64 (B,) = number of real bytes per row; positions >= length are padding (0). Targets are the
 tokens themselves: a window of L bytes gives L predictions (the model shifts internally).
-- training: windows of exactly L = seq_len bytes at uniformly random, aligned start offsets;
+Which bytes each window covers is decided in `datamodules/windows.py`:
+- training: windows of exactly L = seq_len bytes at aligned start offsets drawn by a pure function
+  of (seed, epoch, window index); each rank of a distributed run draws its own indices, and the
+  position in the stream is saved in checkpoints, so a resumed run draws what an uninterrupted
+  one would;
 - evaluation: contiguous windows [i*L, min((i+1)*L, N)) covering the split, the last one possibly
-  short, so every byte of the split is scored exactly once.
+  short, shared out between ranks without repeats, so every byte of the split is scored exactly
+  once however many processes evaluate.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
-import math
 import os
+import sys
 import tempfile
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -35,8 +43,19 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.windows import (
+    DrawKey,
+    EvalShardSampler,
+    TrainPosition,
+    TrainWindowSampler,
+    contiguous_window,
+    num_contiguous_windows,
+    train_window_starts,
+)
 from multibyte.codecs.text import ByteLike, as_byte_array
 
 SPLITS = ("train", "validation", "test")
@@ -90,7 +109,12 @@ class CacheWriter:
 
     Use as a context manager: leaving it by an exception deletes every temporary file; `commit()`
     renames the split streams and record offsets into place and writes the manifest last.
+    Temporaries are `.<final name>.<random>.partial`; a process killed before `commit()` finishes
+    leaves them (and maybe some renamed splits) in a folder without a manifest, which
+    `clear_incomplete` empties. Write only while holding the folder's `CacheLock`.
     """
+
+    TEMPORARY_SUFFIX = ".partial"
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -106,7 +130,7 @@ class CacheWriter:
             raise
 
     def _new_temporary(self, final_name: str) -> Path:
-        handle, name = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".partial", dir=self.folder)
+        handle, name = tempfile.mkstemp(prefix=f".{final_name}.", suffix=self.TEMPORARY_SUFFIX, dir=self.folder)
         os.close(handle)
         self._temporaries[final_name] = Path(name)
         return Path(name)
@@ -147,14 +171,36 @@ class CacheWriter:
             for split in SPLITS:
                 with open(self._new_temporary(f"{split}.offsets.npy"), "wb") as file:
                     np.save(file, np.asarray(self._record_starts[split], dtype=np.int64))
+                    file.flush()
+                    os.fsync(file.fileno())
         sizes = {split: {"num_bytes": self.num_bytes(split), "num_records": self.num_records(split)} for split in SPLITS}
         manifest = {**description, "splits": sizes}
         with open(self._new_temporary(MANIFEST_NAME), "w", encoding="utf-8") as file:
             json.dump(manifest, file, indent=2, sort_keys=True)
+            file.flush()
+            os.fsync(file.fileno())
         # Manifest last: its presence is what marks the folder complete.
         for final_name in sorted(self._temporaries, key=lambda name: name == MANIFEST_NAME):
             os.replace(self._temporaries[final_name], self.folder / final_name)
             del self._temporaries[final_name]
+        folder = os.open(self.folder, os.O_RDONLY)  # the renames themselves reach the disk
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    @classmethod
+    def clear_incomplete(cls, folder: Path) -> None:
+        """Delete what unfinished preparations left in `folder`, a cache folder without a manifest:
+        temporaries of writers that died, and split files a killed `commit()` had moved into place.
+
+        Only under the folder's `CacheLock`: a live writer's temporaries would go too.
+        """
+        if not folder.is_dir() or (folder / MANIFEST_NAME).exists():
+            return
+        final_names = [name for split in SPLITS for name in (f"{split}.bin", f"{split}.offsets.npy")]
+        for path in [*folder.glob(f".*{cls.TEMPORARY_SUFFIX}"), *(folder / name for name in final_names)]:
+            path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Delete every temporary file written so far."""
@@ -169,6 +215,67 @@ class CacheWriter:
     def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], traceback: Any) -> None:
         if exc_type is not None:
             self.discard()
+
+
+class CacheLock:
+    """An exclusive lock on one cache folder across processes: `with CacheLock(folder): ...`.
+
+    An flock on the sibling file `<folder>.lock`. The kernel drops an flock when its holder exits,
+    killed or not, so a dead preparer never blocks the next one. The file is deleted on release,
+    while still held, so nothing stays next to the caches; a waiter that then gets the lock of the
+    deleted file finds that the name leads elsewhere (or nowhere) and locks the name's new file.
+    On a file system without flock (some network mounts) it warns and does not lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder.parent / f"{folder.name}.lock"
+        self._fd: Optional[int] = None
+
+    def _holds_current_file(self, fd: int) -> bool:
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+    def _lock(self, fd: int) -> bool:
+        """Block until `fd` is locked; False when the file system cannot lock."""
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process to finish preparing {self.folder}", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            print(f"{self.path}: the file system cannot lock ({error.strerror}); preparing unlocked", file=sys.stderr)
+            return False
+        return True
+
+    def __enter__(self) -> "CacheLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    if not self._lock(fd) or self._holds_current_file(fd):
+                        self._fd = fd
+                        return self
+                except BaseException:
+                    os.close(fd)
+                    raise
+                os.close(fd)  # locked a file its holder has since deleted: lock the new one
+        except OSError as error:
+            raise DataError(f"{self.path}: cannot lock the cache folder ({error.strerror or error})") from error
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], traceback: Any) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: see the class docstring
+            os.close(self._fd)  # releases the flock
+            self._fd = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,11 +307,11 @@ class CachedSplit(Dataset):
 
 
 class RandomWindows(CachedSplit):
-    """Training windows: `seq_len` bytes starting at a uniformly random multiple of `alignment`.
+    """Training windows: `seq_len` bytes starting at a multiple of `alignment`, drawn uniformly.
 
-    The index only counts windows (an epoch is `num_windows` of them); the start comes from torch's
-    global RNG, which Lightning's `seed_everything(workers=True)` seeds in the main process and in
-    every worker, so runs are reproducible.
+    Item `DrawKey(seed, epoch, index)` is the window `train_window_starts` assigns to that key, a
+    pure function of it; a plain integer i means DrawKey(0, 0, i). `TrainWindowSampler` decides
+    which keys a rank reads; an epoch is `num_windows` of them.
     """
 
     def __init__(self, path: Union[str, Path], num_bytes: int, seq_len: int, alignment: int, num_windows: int) -> None:
@@ -214,33 +321,36 @@ class RandomWindows(CachedSplit):
         self.seq_len = seq_len
         self.alignment = alignment
         self.num_windows = num_windows
-        self.num_starts = (num_bytes - seq_len) // alignment + 1  # aligned starts whose window fits
 
     def __len__(self) -> int:
         return self.num_windows
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < self.num_windows:
-            raise IndexError(index)
-        start = self.alignment * int(torch.randint(self.num_starts, ()).item())
+    def __getitem__(self, key: Union[int, DrawKey]) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)):
+            if not 0 <= key < self.num_windows:
+                raise IndexError(key)
+            key = DrawKey(0, 0, int(key))
+        seed, epoch, index = key
+        (start,) = train_window_starts(seed, epoch, np.asarray([index]), self.num_bytes, self.seq_len, self.alignment)
+        start = int(start)
         return self._window(start, start + self.seq_len)
 
 
 class ContiguousWindows(CachedSplit):
-    """Evaluation windows: [i*seq_len, min((i+1)*seq_len, num_bytes)), the last one possibly short."""
+    """Evaluation windows: [i*seq_len, min((i+1)*seq_len, num_bytes)), the last one possibly short;
+    item None is an empty window."""
 
     def __init__(self, path: Union[str, Path], num_bytes: int, seq_len: int) -> None:
         super().__init__(path, num_bytes)
         self.seq_len = seq_len
 
     def __len__(self) -> int:
-        return math.ceil(self.num_bytes / self.seq_len)
+        return num_contiguous_windows(self.num_bytes, self.seq_len)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        start = index * self.seq_len
-        return self._window(start, min(start + self.seq_len, self.num_bytes))
+    def __getitem__(self, index: Optional[int]) -> torch.Tensor:
+        if index is None:  # an empty window: evens out the ranks' shares (EvalShardSampler), scores nothing
+            return torch.zeros(0, dtype=torch.uint8)
+        return self._window(*contiguous_window(index, self.num_bytes, self.seq_len))
 
 
 def pad_windows(windows: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,8 +386,9 @@ class ByteStreamDataModule(LightningDataModule):
         eval_batch_size: windows per validation/test batch; None means batch_size.
         num_workers: DataLoader worker processes (0 loads in the main process).
         cache_dir: where converted splits are kept; None means $MULTIBYTE_CACHE or ~/.cache/multibyte.
-        train_windows_per_epoch: random training windows per epoch; None means
-            train bytes // seq_len (at least 1), i.e. about one pass over the train split.
+        train_windows_per_epoch: random training windows per epoch, shared out between all
+            processes; None means train bytes // seq_len (at least 1), i.e. about one pass over
+            the train split. The windows are keyed by the run's seed (`seed_everything`).
         split_seed: seed of the shuffle that assigns records (images, clips) to splits.
     """
 
@@ -316,6 +427,8 @@ class ByteStreamDataModule(LightningDataModule):
         self._cache_folder: Optional[Path] = None
         self._manifest: Optional[dict[str, Any]] = None
         self._train: Optional[RandomWindows] = None
+        self._train_sampler: Optional[TrainWindowSampler] = None
+        self._resume: Optional[TrainPosition] = None  # from a checkpoint, for the next train_dataloader()
 
     # -- what a modality provides ----------------------------------------------------------------
 
@@ -375,35 +488,44 @@ class ByteStreamDataModule(LightningDataModule):
         return self._cache_folder
 
     def prepare_data(self) -> None:
-        """Convert the source into the cache folder, unless a complete one (with manifest) exists."""
+        """Convert the source into the cache folder, unless a complete one (with manifest) exists.
+
+        Safe under concurrent processes and kills: conversion runs under the folder's `CacheLock`,
+        so a second process waits, then finds the cache complete; a folder without a manifest is
+        never read, and the next preparation deletes what a killed one left in it. A failure
+        leaves no file behind.
+        """
         folder = self.cache_folder
         if (folder / MANIFEST_NAME).is_file():
             return
         source = self.source
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            with CacheWriter(folder) as writer:
-                self._write_splits(source, writer)
-                for split in SPLITS:
-                    if writer.num_bytes(split) == 0:
-                        raise DataError(f"{source}: the {split} split would be empty (no bytes)")
-                writer.commit(
-                    {
-                        "format_version": CACHE_FORMAT_VERSION,
-                        "modality": self.modality,
-                        "source": str(source),
-                        "num_source_files": len(self._source_files(source)),
-                        "params": self._codec_params(),
-                    }
-                )
-        except BaseException:
-            if created:
+        with CacheLock(folder):
+            if (folder / MANIFEST_NAME).is_file():
+                return  # another process completed it while this one waited
+            folder.mkdir(exist_ok=True)
+            CacheWriter.clear_incomplete(folder)
+            try:
+                with CacheWriter(folder) as writer:
+                    self._write_splits(source, writer)
+                    for split in SPLITS:
+                        if writer.num_bytes(split) == 0:
+                            raise DataError(f"{source}: the {split} split would be empty (no bytes)")
+                    writer.commit(
+                        {
+                            "format_version": CACHE_FORMAT_VERSION,
+                            "modality": self.modality,
+                            "source": str(source),
+                            "num_source_files": len(self._source_files(source)),
+                            "params": self._codec_params(),
+                        }
+                    )
+            except BaseException:
+                CacheWriter.clear_incomplete(folder)  # splits a failed commit() had moved into place
                 try:
                     folder.rmdir()  # only succeeds when empty, i.e. nothing of ours is left
                 except OSError:
                     pass
-            raise
+                raise
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -447,11 +569,25 @@ class ByteStreamDataModule(LightningDataModule):
         """Contiguous windows covering every byte of `split` exactly once."""
         return ContiguousWindows(self._split_path(split), self.split_num_bytes(split), self.seq_len)
 
-    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        """(global rank, number of processes) of the attached trainer; (0, 1) without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            # Lightning would wrap these rank-aware samplers in a DistributedSampler: each rank
+            # would see a fraction of its own share, and evaluation would count windows twice.
+            raise ValueError(
+                "the byte datamodules shard their windows between processes themselves: "
+                "run with --trainer.use_distributed_sampler false (the multibyte CLI's default)"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=False,  # training windows are random already; evaluation keeps stream order
+            sampler=sampler,  # in order: training keys are random draws already, evaluation keeps stream order
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -459,12 +595,70 @@ class ByteStreamDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """This rank's training windows; a run resumed from a checkpoint continues where it stopped."""
         if self._train is None:
             self.setup("fit")
-        return self._loader(self._train, self.batch_size)
+        rank, world_size = self._rank_and_world_size()
+        resume, self._resume = self._resume, None
+        # Draws are keyed by the run's seed (`seed_everything`, LightningCLI's --seed_everything),
+        # or, on a resumed run, by the seed the checkpoint's run used.
+        seed = resume.seed if resume is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self._train_sampler = TrainWindowSampler(self._train.num_windows, seed, rank, world_size)
+        if resume is not None:
+            self._train_sampler.resume(resume.epoch, self._windows_done(resume, world_size))
+        return self._loader(self._train, self._train_sampler, self.batch_size)
+
+    def _windows_done(self, position: TrainPosition, world_size: int) -> int:
+        """Local windows of `position.epoch` already trained, for this run's batch and world size."""
+        if (position.batch_size, position.world_size) == (self.batch_size, world_size):
+            return position.batches_done * self.batch_size
+        trained = position.batches_done * position.batch_size * position.world_size  # windows, all ranks
+        per_step = self.batch_size * world_size
+        if trained % per_step:
+            rank_zero_warn(
+                f"resuming with batch_size={self.batch_size} on {world_size} processes from a checkpoint made with "
+                f"batch_size={position.batch_size} on {position.world_size}: the data position is rounded down "
+                f"to a whole step, so up to {per_step - 1} windows are drawn again"
+            )
+        return trained // per_step * self.batch_size
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self.eval_dataset(split)
+        return self._loader(dataset, EvalShardSampler(len(dataset), *self._rank_and_world_size()), self.eval_batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("validation"), self.eval_batch_size)
+        return self._eval_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"), self.eval_batch_size)
+        return self._eval_loader("test")
+
+    # -- the data position in checkpoints ---------------------------------------------------------
+
+    def train_position(self) -> Optional[TrainPosition]:
+        """Where training is in its stream of windows now: the epoch and the batches of it already
+        trained (optimizer steps taken, as the trainer counts them), or None outside `fit`."""
+        trainer = self.trainer
+        if trainer is None or self._train_sampler is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        # `processed` counts this epoch's batches whose training step has run; a checkpoint saved
+        # at the end of batch k holds their weights. (The loader itself has already prefetched
+        # batch k + 1, so counting what it yielded would skip a batch.)
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return TrainPosition(
+            seed=self._train_sampler.seed,
+            epoch=trainer.current_epoch,
+            batches_done=batches_done,
+            batch_size=self.batch_size,
+            world_size=self._train_sampler.world_size,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self.train_position()
+        return {} if position is None else {"train_position": position.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_position" in state_dict:
+            self._resume = TrainPosition.from_state_dict(state_dict["train_position"])
+            # Lightning warns that a mid-epoch resume replays data unless the DataLoader object
+            # itself is stateful; the position is restored here instead, so that warning is wrong.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")

@@ -15,8 +15,12 @@ inference mode, the four rows of MEGABYTE's Table 9 (Yu et al. 2023):
     sliding+strided  both: two passes of sliding windows (S must be a multiple of P). Cost about 4x.
 
 Cost is reported as model positions computed per scored byte, with wall time and throughput.
-The plan of windows is plain data (`inference_plan`), so "every byte exactly once" is checked
-directly on it (tests/test_bench.py) and again on the scored count.
+The plan of windows is plain data (`datamodules.windows.inference_plan`), so "every byte exactly
+once" is checked directly on it (tests/test_windows.py) and again on the scored count.
+
+Under torch.distributed (e.g. `bench --trainer.strategy ddp --trainer.devices 2`) each rank scores
+its share of the plan's windows (`rank_share`: no window twice) and the bit and byte totals are
+summed over the ranks; rank 0 alone runs the codecs and writes the report.
 
 The report puts the model's rows beside `reference_codecs` on exactly the same bytes and is
 written as Markdown, JSON and (with matplotlib, the `plot` extra) a bar chart PNG.
@@ -35,94 +39,24 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+# The plan of windows lives with the datamodules' windows; its names stay importable from here.
+from datamodules.windows import (  # noqa: F401
+    INFERENCE_MODES,
+    Window,
+    check_mode,
+    inference_plan,
+    pass_windows,
+    rank_share,
+)
 from multibyte.compression import write_atomically
 from multibyte.config import VOCAB_SIZE
 from multibyte.model import HierarchicalByteModel
 from multibyte.reference_codecs import CodecResult, reference_codecs
 
-INFERENCE_MODES = ("basic", "sliding", "strided", "sliding+strided")
 LN2 = math.log(2.0)
-
-
-# ------------------------------------------------------------------------------------------------
-# Which bytes each window feeds and scores
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Window:
-    """Bytes [start, stop) go through the model; those from `score_from` on, and, in a strided
-    pass, only those in the first half of their patch (counted from `start`), are scored."""
-
-    start: int
-    stop: int
-    score_from: int
-    strided: bool
-
-    def scored_mask(self, patch_size: int) -> np.ndarray:
-        """(stop - start,) bool: which of the window's positions are scored."""
-        offsets = np.arange(self.stop - self.start)
-        mask = offsets >= self.score_from - self.start
-        if self.strided:
-            mask &= offsets % patch_size < patch_size // 2
-        return mask
-
-
-def pass_windows(num_bytes: int, seq_len: int, sliding: bool, offset: int = 0, strided: bool = False) -> list[Window]:
-    """One pass of windows over bytes [offset, num_bytes).
-
-    Without sliding: [offset + i·L, offset + (i+1)·L), every byte scored. With sliding: windows
-    start every S = L // 2 bytes; window 0 scores all its bytes, window k > 0 only its last S (its
-    first L - S are context), so the scored parts tile the range.
-    """
-    windows: list[Window] = []
-    if offset >= num_bytes:
-        return windows
-    if not sliding:
-        for start in range(offset, num_bytes, seq_len):
-            windows.append(Window(start, min(start + seq_len, num_bytes), start, strided))
-        return windows
-    stride = seq_len // 2
-    start = offset
-    windows.append(Window(start, min(start + seq_len, num_bytes), start, strided))
-    while start + seq_len < num_bytes:
-        start += stride
-        windows.append(Window(start, min(start + seq_len, num_bytes), start + seq_len - stride, strided))
-    return windows
-
-
-def check_mode(mode: str, seq_len: int, patch_size: int) -> None:
-    """Raise ValueError when `mode` cannot tile the data with these window and patch sizes."""
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"inference mode must be one of {INFERENCE_MODES}, got {mode!r}")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be at least 1, got {seq_len}")
-    if "sliding" in mode and seq_len < 2:
-        raise ValueError(f"sliding-window inference needs seq_len >= 2, got {seq_len}")
-    if "strided" in mode:
-        if patch_size < 2 or patch_size % 2:
-            raise ValueError(
-                f"strided inference keeps the first half of each patch: needs an even patch_size, got {patch_size}"
-            )
-        step_name, step = ("seq_len // 2", seq_len // 2) if "sliding" in mode else ("seq_len", seq_len)
-        if step % patch_size:
-            raise ValueError(
-                f"{mode} inference needs windows that start on patch borders: "
-                f"{step_name} = {step} is not a multiple of patch_size={patch_size}"
-            )
-
-
-def inference_plan(num_bytes: int, seq_len: int, patch_size: int, mode: str) -> list[Window]:
-    """Every window `mode` runs over `num_bytes` bytes; together they score each byte exactly once."""
-    check_mode(mode, seq_len, patch_size)
-    sliding = "sliding" in mode
-    if "strided" not in mode:
-        return pass_windows(num_bytes, seq_len, sliding)
-    # Pass A keeps bytes at phase < P/2 of their patch, pass B (patches shifted by P/2) the rest.
-    half = patch_size // 2
-    return pass_windows(num_bytes, seq_len, sliding, 0, True) + pass_windows(num_bytes, seq_len, sliding, half, True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +95,13 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.inference_mode()
 def score_bytes(
     model: HierarchicalByteModel,
@@ -170,13 +111,19 @@ def score_bytes(
     batch_size: int = 8,
     precision: str = "32-true",
 ) -> ModelScore:
-    """Bits of every byte of `data` (uint8 (N,), e.g. a memory-mapped split) under `mode`."""
+    """Bits of every byte of `data` (uint8 (N,), e.g. a memory-mapped split) under `mode`.
+
+    Under torch.distributed every rank must call this with the same arguments: each scores its
+    share of the windows and every rank returns the totals over all of them.
+    """
     if seq_len > model.config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    P = model.config.patch_size
-    windows = inference_plan(len(data), seq_len, P, mode)
+    P = model.config.alignment
+    plan = inference_plan(len(data), seq_len, P, mode)
+    rank, world_size = distributed_rank()
+    windows = [plan[i] for i in rank_share(len(plan), rank, world_size)]
     device = model.head.weight.device
     was_training = model.training
     model.eval()
@@ -201,9 +148,17 @@ def score_bytes(
             scored += int(mask.sum())
     finally:
         model.train(was_training)
+    seconds = time.perf_counter() - began
+    if world_size > 1:  # totals over the ranks' shares; the slowest rank's time is the run's
+        totals = torch.tensor([total_bits, scored, computed], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        elapsed = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        total_bits, scored, computed = float(totals[0]), int(totals[1]), int(totals[2])
+        seconds = float(elapsed[0])
     if scored != len(data):  # the plan tiles the data; anything else is a bug, never a result
         raise RuntimeError(f"{mode} inference scored {scored} bytes of {len(data)}")
-    return ModelScore(mode, total_bits, scored, computed, time.perf_counter() - began)
+    return ModelScore(mode, total_bits, scored, computed, seconds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,11 +209,18 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Score `model` on `split` of `datamodule` in every mode, and the codecs on the same bytes.
 
-    Returns the report as a JSON-ready dict (see `write_report`).
+    Returns the report as a JSON-ready dict (see `write_report`). Under torch.distributed every
+    rank calls this and gets the same report (the scores summed over the ranks' shares of the
+    windows, the codec rows from rank 0); writing it is rank 0's job.
     """
     seq_len = datamodule.seq_len
     for mode in modes:  # fail before any work is done
-        check_mode(mode, seq_len, model.config.patch_size)
+        check_mode(mode, seq_len, model.config.alignment)
+    rank, world_size = distributed_rank()
+    if world_size > 1:  # one process converts the data (as Lightning's prepare_data), then all read it
+        if rank == 0:
+            datamodule.prepare_data()
+        dist.barrier()
     data = split_bytes(datamodule, split, max_bytes)
     if len(data) == 0:
         raise ValueError(f"split {split!r} of {datamodule.source} holds no bytes")
@@ -280,12 +242,19 @@ def run_benchmark(
         )
     skipped: list[dict[str, str]] = []
     if codecs:
-        raw = np.asarray(data).tobytes()
-        for result in reference_codecs(raw, datamodule.modality, **codec_params(datamodule)):
-            if result.skipped:
-                skipped.append({"method": result.name, "reason": result.note})
-                continue
-            rows.append(codec_row(result, len(raw)))
+        codec_rows: list[dict[str, Any]] = []
+        if rank == 0:  # the codecs run once; the other ranks receive their rows
+            raw = np.asarray(data).tobytes()
+            for result in reference_codecs(raw, datamodule.modality, **codec_params(datamodule)):
+                if result.skipped:
+                    skipped.append({"method": result.name, "reason": result.note})
+                else:
+                    codec_rows.append(codec_row(result, len(raw)))
+        if world_size > 1:
+            shared = [codec_rows, skipped]
+            dist.broadcast_object_list(shared, src=0)
+            codec_rows, skipped = shared
+        rows += codec_rows
     return {
         "modality": datamodule.modality,
         "unit": "bits/dim" if datamodule.modality == "image" else "bits/byte",
@@ -295,7 +264,7 @@ def run_benchmark(
         "model": {
             "checkpoint": checkpoint,
             "parameters": model.num_parameters(),
-            "patch_size": model.config.patch_size,
+            "patch_size": model.config.alignment,
             "seq_len": seq_len,
             "precision": precision,
             "device": str(model.head.weight.device),

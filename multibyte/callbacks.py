@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from multibyte.codecs import IMAGE_BYTES
 from multibyte.decoders import SampleFormat, SampleRun, sample_to_files
+from multibyte.model import HierarchicalByteModel
 
 
 class SampleCallback(Callback):
@@ -64,13 +66,16 @@ class SampleCallback(Callback):
         if trainer.sanity_checking:
             return
         self.validations += 1
-        if self.validations % self.every_n_validations or not trainer.is_global_zero:
+        if self.validations % self.every_n_validations:
             return
-        fmt = SampleFormat.from_datamodule(trainer.datamodule)
-        model = pl_module.model
-        model = getattr(model, "_orig_mod", model)  # under torch.compile, the module it wraps
+        # From here every rank takes part: `log_dir` is a broadcast from rank 0, and gathering a
+        # sharded model's weights is a collective. Only rank 0 generates and writes.
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         folder = folder / f"validation_{self.validations:04d}_step_{trainer.global_step}"
+        model = self._whole_model(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        fmt = SampleFormat.from_datamodule(trainer.datamodule)
         try:
             run = sample_to_files(
                 model,
@@ -93,6 +98,35 @@ class SampleCallback(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 self._log_to_tensorboard(logger.experiment, fmt, run, trainer.global_step)
+
+    @staticmethod
+    def _whole_model(trainer: Trainer, pl_module: LightningModule) -> Optional[torch.nn.Module]:
+        """The model to sample from on rank 0 (None on other ranks).
+
+        Unsharded (one process, DDP): the training model itself; its forward has no collectives,
+        so rank 0 samples alone while the others wait at the next step's all-reduce. Sharded
+        (FSDPStrategy, ModelParallelStrategy): every rank joins in gathering the full weights,
+        which land on rank 0 only (on the CPU), in a fresh unsharded copy; the training model's
+        shards are untouched.
+        """
+        if not isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            model = pl_module.model
+            return getattr(model, "_orig_mod", model)  # under torch.compile, the module it wraps
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full weights on rank 0 only
+        weights = get_model_state_dict(trainer.strategy.model, options=options)
+        if not trainer.is_global_zero:
+            return None
+        prefix = "model."
+        weights = {
+            name[len(prefix) :].replace("_orig_mod.", ""): value
+            for name, value in weights.items()
+            if name.startswith(prefix)
+        }
+        model = HierarchicalByteModel(pl_module.architecture)
+        model.load_state_dict(weights)
+        return model.to(trainer.strategy.root_device).eval()
 
     def _max_new_bytes(self, fmt: SampleFormat, trainer: Trainer, max_seq_len: int) -> int:
         if self.max_new_bytes is not None:

@@ -29,10 +29,11 @@ Container (little-endian, HEADER_SIZE = 56 bytes, then the payload):
     payload_crc    I    CRC32 of the payload
     header_crc     I    CRC32 of the 52 header bytes before it
 
-Decompression checks, in order, magic, version, header checksum, weights hash, payload size
-(truncation) and payload checksum before decoding anything, and the data checksum after: a wrong
-model, a truncated file or a flipped bit raises `CompressionError` naming the file and the
-problem, never returns wrong bytes.
+Decompression checks, in order, magic, version, header checksum, the announced length (at most
+MAX_LENGTH, and no more than the payload can encode: see `max_decodable_length`), weights hash,
+payload size (truncation) and payload checksum before decoding anything or allocating the output,
+and the data checksum after: a wrong model, a truncated or crafted file or a flipped bit raises
+`CompressionError` naming the file and the problem, never returns wrong bytes.
 """
 
 from __future__ import annotations
@@ -52,7 +53,15 @@ from typing import Union
 import numpy as np
 import torch
 
-from multibyte.arithmetic_coding import ArithmeticDecoder, ArithmeticEncoder, cumulative_frequencies
+from datamodules.windows import groups, inference_plan
+from multibyte.arithmetic_coding import (
+    ALPHABET_SIZE,
+    FREQUENCY_TOTAL,
+    STATE_BITS,
+    ArithmeticDecoder,
+    ArithmeticEncoder,
+    cumulative_frequencies,
+)
 from multibyte.model import HierarchicalByteModel
 from multibyte.sampling import DecodeState, allocate_decode_state, decode_step, prefill, reset_decode_state
 
@@ -63,6 +72,19 @@ DEFAULT_LANES = 32
 _HEADER = struct.Struct("<4sBBHIQQ16sII")  # everything up to header_crc
 _HEADER_CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 56
+# The longest input compressed or restored: both sides hold the whole file in memory.
+MAX_LENGTH = 1 << 34  # 16 GiB
+# Every symbol keeps at least 1 of the FREQUENCY_TOTAL counts for each of the other 255, so the
+# likeliest symbol has p <= (2^24 - 255) / 2^24 and costs at least this many bits (~2.2e-5).
+MIN_BITS_PER_SYMBOL = -math.log2((FREQUENCY_TOTAL - (ALPHABET_SIZE - 1)) / FREQUENCY_TOTAL)
+
+
+def max_decodable_length(payload_size: int) -> int:
+    """The most bytes `payload_size` bytes of arithmetic code can stand for. The coder emits (or
+    owes) one bit each time its interval has halved, so its output holds at least the symbols'
+    total cost, >= length * MIN_BITS_PER_SYMBOL; STATE_BITS of slack covers the final flush and
+    the interval's rounding."""
+    return int((8 * payload_size + STATE_BITS) / MIN_BITS_PER_SYMBOL)
 
 
 class CompressionError(ValueError):
@@ -123,6 +145,17 @@ class Header:
             raise CompressionError(
                 f"{source}: corrupt header (precision {precision}, lanes {lanes}, seq_len {seq_len})"
             )
+        # The length decides how much is allocated and decoded: bound it before anything trusts it.
+        if length > MAX_LENGTH:
+            raise CompressionError(
+                f"{source}: corrupt header: it announces {length:,} bytes, more than the {MAX_LENGTH:,} "
+                f"this multibyte restores"
+            )
+        if length > max_decodable_length(payload_size):
+            raise CompressionError(
+                f"{source}: corrupt header: it announces {length:,} bytes, more than a {payload_size:,}-byte "
+                f"payload can encode (at most {max_decodable_length(payload_size):,})"
+            )
         return cls(PRECISIONS[precision], lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc)
 
 
@@ -157,10 +190,10 @@ def weights_hash(model: torch.nn.Module) -> bytes:
 
 
 def window_groups(length: int, seq_len: int, lanes: int) -> list[list[tuple[int, int]]]:
-    """The windows [start, stop) of `length` bytes, `seq_len` each (the last one shorter), in
-    groups of at most `lanes` that are decoded side by side."""
-    windows = [(start, min(start + seq_len, length)) for start in range(0, length, seq_len)]
-    return [windows[i : i + lanes] for i in range(0, len(windows), lanes)]
+    """The windows [start, stop) of `length` bytes, `seq_len` each (the last one shorter: bench's
+    basic plan, `datamodules.windows`), in groups of at most `lanes` that are decoded side by side."""
+    windows = [(window.start, window.stop) for window in inference_plan(length, seq_len, 1, "basic")]
+    return [list(group) for group in groups(windows, lanes)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,6 +271,8 @@ def compress_bytes(
 ) -> tuple[bytes, CompressionStats]:
     """Compress `data` with `model` in windows of `seq_len` bytes; returns (container bytes, stats)."""
     _check_model(model, seq_len, lanes, precision)
+    if len(data) > MAX_LENGTH:
+        raise ValueError(f"input of {len(data):,} bytes: at most {MAX_LENGTH:,} can be compressed")
     began = time.perf_counter()
     data = bytes(data)
     source = np.frombuffer(data, dtype=np.uint8)

@@ -7,11 +7,25 @@ stays thin: it loads what it needs and hands over to the module that does the wo
 
 from __future__ import annotations
 
+import contextlib
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, Union
 
 from lightning import LightningDataModule, LightningModule, Trainer
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from multibyte.checkpoints import (
+    SafeCheckpointIO,
+    checkpoint_hparams,
+    export_checkpoint,
+    is_export_dir,
+    load_checkpoint,
+    load_module_weights,
+    plain,
+    safe_globals,
+)
+from multibyte.decoders import check_writable
 from multibyte.model import HierarchicalByteModel
 
 # Subcommand name -> the method arguments LightningCLI fills in itself (not exposed as flags).
@@ -20,12 +34,157 @@ EXTRA_SUBCOMMANDS: dict[str, set[str]] = {
     "bench": {"model", "datamodule"},
     "compress": {"model", "datamodule"},
     "decompress": {"model", "datamodule"},
+    "export": {"model", "datamodule"},
 }
 
 InferenceMode = Literal["basic", "sliding", "strided", "sliding+strided"]
 
 
+def _writable(paths: list[Path], overwrite: bool) -> None:
+    """`check_writable`, with the flag that allows replacing named in the error."""
+    for path in paths:
+        try:
+            check_writable([path], overwrite)
+        except FileExistsError:
+            raise FileExistsError(f"{path}: already exists (--overwrite true replaces it)") from None
+
+
+def _set_up_and_call(strategy: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+    strategy.setup_environment()  # this process's device and its torch.distributed process group
+    return function(*args, **kwargs)
+
+
 class MultibyteTrainer(Trainer):
+    def __init__(self, *args: Any, use_distributed_sampler: bool = False, **kwargs: Any) -> None:
+        """Lightning's Trainer with the byte suite's defaults.
+
+        Args:
+            use_distributed_sampler: keep False: the byte datamodules share windows out between
+                processes themselves (datamodules/windows.py), without the padding by which
+                DistributedSampler would score some evaluation windows twice.
+        """
+        super().__init__(*args, use_distributed_sampler=use_distributed_sampler, **kwargs)
+
+    # ---------------------------------------------------------------- fit / validate / test / predict
+    # Lightning's own entry points, with every checkpoint read made safe: the strategy's reader
+    # becomes `SafeCheckpointIO` (weights_only, the config dataclasses allowed, one clear error
+    # naming the file, atomic writes), and any other reader a strategy uses still runs with
+    # weights_only=True and the same allowed classes. An `export` directory is accepted wherever
+    # a checkpoint is.
+
+    @contextlib.contextmanager
+    def _safe_checkpoint_reads(self, weights_only: Optional[bool]) -> Iterator[None]:
+        if weights_only is False:
+            raise ValueError(
+                "--weights_only false is not supported: checkpoints are read with weights_only=True "
+                "(tensors and the multibyte config classes), never as arbitrary pickles"
+            )
+        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            self.strategy.checkpoint_io = SafeCheckpointIO()
+        with safe_globals():
+            yield
+
+    def fit(
+        self,
+        model: LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: Optional[LightningDataModule] = None,
+        ckpt_path: Optional[Union[str, Path]] = None,
+        weights_only: Optional[bool] = None,
+    ) -> None:
+        """Train the model; with --ckpt_path, resume a run.
+
+        Args:
+            ckpt_path: resume from this Lightning checkpoint (weights, optimizer, schedule, step
+                counter, callbacks) or "last" / "hpc"; settings that contradict the checkpoint's
+                architecture or optimisation are refused. An `export` directory instead starts a
+                new run from its weights (fresh optimizer, schedule and step counter).
+            weights_only: checkpoints are always read with weights_only=True; false is refused.
+        """
+        if ckpt_path is not None and is_export_dir(ckpt_path):
+            self._start_from_weights(model, ckpt_path)
+            ckpt_path = None
+        with self._safe_checkpoint_reads(weights_only):
+            return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only=True)
+
+    def validate(
+        self,
+        model: Optional[LightningModule] = None,
+        dataloaders: Any = None,
+        ckpt_path: Optional[Union[str, Path]] = None,
+        verbose: bool = True,
+        datamodule: Optional[LightningDataModule] = None,
+        weights_only: Optional[bool] = None,
+    ) -> list[dict[str, float]]:
+        """Score the validation split.
+
+        Args:
+            ckpt_path: a Lightning checkpoint or `export` directory, or "best" / "last".
+            verbose: print the results.
+            weights_only: checkpoints are always read with weights_only=True; false is refused.
+        """
+        with self._safe_checkpoint_reads(weights_only):
+            return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only=True)
+
+    def test(
+        self,
+        model: Optional[LightningModule] = None,
+        dataloaders: Any = None,
+        ckpt_path: Optional[Union[str, Path]] = None,
+        verbose: bool = True,
+        datamodule: Optional[LightningDataModule] = None,
+        weights_only: Optional[bool] = None,
+    ) -> list[dict[str, float]]:
+        """Score the test split.
+
+        Args:
+            ckpt_path: a Lightning checkpoint or `export` directory, or "best" / "last".
+            verbose: print the results.
+            weights_only: checkpoints are always read with weights_only=True; false is refused.
+        """
+        with self._safe_checkpoint_reads(weights_only):
+            return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only=True)
+
+    def predict(
+        self,
+        model: Optional[LightningModule] = None,
+        dataloaders: Any = None,
+        datamodule: Optional[LightningDataModule] = None,
+        return_predictions: Optional[bool] = None,
+        ckpt_path: Optional[Union[str, Path]] = None,
+        weights_only: Optional[bool] = None,
+    ) -> Any:
+        """Run the model's predict_step over the predict dataloader.
+
+        Args:
+            return_predictions: collect and return the predictions.
+            ckpt_path: a Lightning checkpoint or `export` directory, or "best" / "last".
+            weights_only: checkpoints are always read with weights_only=True; false is refused.
+        """
+        with self._safe_checkpoint_reads(weights_only):
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only=True)
+
+    def _start_from_weights(self, model: LightningModule, folder: Union[str, Path]) -> None:
+        """Load an export directory's weights into `model` for a new run, after checking that the
+        configured architecture is the one they were trained for."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from multibyte.training import describe_conflicts, hparam_conflicts
+
+        if isinstance(self.strategy, ModelParallelStrategy):
+            # The weights go in before fit, into a model built whole; FSDP2 shards it only when
+            # it builds the model itself (ByteLM.configure_model, under the strategy's mesh).
+            raise ValueError(
+                f"fit --ckpt_path {folder}: starting from an export directory is not supported with "
+                f"ModelParallelStrategy; use ddp or fsdp, or a Lightning checkpoint"
+            )
+        checkpoint = load_checkpoint(folder)
+        conflicts = hparam_conflicts(plain(dict(model.hparams)), checkpoint_hparams(checkpoint), resuming=False)
+        if conflicts:
+            raise ValueError(describe_conflicts(folder, conflicts, resuming=False))
+        load_module_weights(model, folder, checkpoint)
+
     # ---------------------------------------------------------------- sample
     def sample(
         self,
@@ -87,12 +246,10 @@ class MultibyteTrainer(Trainer):
         from multibyte.sampling import fastest_decode_dtype
 
         if datamodule is None:
-            raise SystemExit("multibyte sample: choose the output format with --data (e.g. --config image64.yaml)")
-        try:
-            fmt = SampleFormat.from_datamodule(datamodule)
-            prompt_data = prompt_bytes(fmt, prompt, prompt_file, prompt_rows, prompt_seconds)
-        except ValueError as error:
-            raise SystemExit(f"multibyte sample: {error}") from error
+            raise ValueError("sample: choose the output format with --data (e.g. --config image64.yaml)")
+        check_sampling_flags(num_samples, batch_size, max_new_bytes, temperature, top_k, top_p, stop_byte)
+        fmt = SampleFormat.from_datamodule(datamodule)
+        prompt_data = prompt_bytes(fmt, prompt, prompt_file, prompt_rows, prompt_seconds)
         byte_model = self._load_weights(model, ckpt_path).model
         device = self.strategy.root_device
         if dtype is None:
@@ -107,10 +264,10 @@ class MultibyteTrainer(Trainer):
             max_new_bytes = (IMAGE_BYTES if fmt.modality == "image" else context) - T
         where = f"prompt file {prompt_file}" if prompt_file else "the prompt"
         if max_new_bytes < 1:
-            raise SystemExit(f"multibyte sample: {where} already holds {T} bytes: nothing left to generate")
+            raise ValueError(f"sample: {where} already holds {T} bytes: nothing left to generate")
         if byte_model.position_embedding is not None and T + max_new_bytes > context:
-            raise SystemExit(
-                f"multibyte sample: {where} holds {T} bytes; with max_new_bytes={max_new_bytes} that exceeds "
+            raise ValueError(
+                f"sample: {where} holds {T} bytes; with max_new_bytes={max_new_bytes} that exceeds "
                 f"the model's max_seq_len={context} (use a shorter prompt, e.g. --prompt_rows or --prompt_seconds)"
             )
         output = Path(output_dir) if output_dir else Path(self.default_root_dir) / "samples"
@@ -139,41 +296,19 @@ class MultibyteTrainer(Trainer):
                     "device": str(device),
                 },
             )
-        except (FileExistsError, ValueError) as error:
-            raise SystemExit(f"multibyte sample: {error}") from error
+        except FileExistsError as error:
+            raise FileExistsError(f"{error} (--overwrite true replaces it)") from None
         print(
             f"wrote {len(run.paths)} files to {output} ({run.new_bytes:,} bytes in {run.seconds:.1f} s, "
             f"{run.bytes_per_second:,.0f} bytes/s)"
         )
         return [str(path) for path in run.paths]
 
-    def _load_weights(self, model: LightningModule, ckpt_path: str) -> LightningModule:
-        """Load a Lightning checkpoint's weights into the configured `model`; one clear error
-        naming the file when it is missing, unreadable or made for another architecture."""
-        import torch
-
-        from multibyte.config import ModelConfig, StackConfig
-
-        path = Path(ckpt_path)
-        if not path.is_file():
-            raise SystemExit(f"multibyte: checkpoint {path}: no such file")
-        try:
-            # The checkpoint's hyperparameters hold the config dataclasses; allow exactly those.
-            with torch.serialization.safe_globals([ModelConfig, StackConfig]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a truncated or foreign file: torch raises many kinds
-            raise SystemExit(f"multibyte: checkpoint {path}: cannot be read ({error})") from error
-        weights = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-        if weights is None:
-            raise SystemExit(f"multibyte: checkpoint {path}: no state_dict in it (not a Lightning checkpoint)")
-        # A model trained with compile=True saved its weights under "model._orig_mod.".
-        weights = {name.replace("._orig_mod.", "."): value for name, value in weights.items()}
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as error:
-            raise SystemExit(
-                f"multibyte: checkpoint {path} does not fit the configured architecture:\n{error}"
-            ) from error
+    def _load_weights(self, model: LightningModule, ckpt_path: Union[str, Path]) -> LightningModule:
+        """Load a checkpoint's (or export directory's) weights into the configured `model`, read
+        safely; one clear error naming the file when it is missing, unreadable, unsafe or made for
+        another architecture."""
+        load_module_weights(model, ckpt_path)
         return model
 
     # ---------------------------------------------------------------- bench / compress / decompress
@@ -184,6 +319,14 @@ class MultibyteTrainer(Trainer):
         if ckpt_path is not None:
             self._load_weights(model, ckpt_path)
         return model.model.to(self.strategy.root_device).eval()
+
+    def _in_every_process(self, function, *args: Any, **kwargs: Any) -> Any:
+        """`function(*args, **kwargs)` in every process of the strategy, with torch.distributed
+        set up: Lightning's launcher starts the other processes as `fit` does (none for one device,
+        or when torchrun/SLURM started them). Returns rank 0's result in the calling process."""
+        run = partial(_set_up_and_call, self.strategy, function, *args, **kwargs)  # picklable, for ddp_spawn
+        launcher = self.strategy.launcher
+        return run() if launcher is None else launcher.launch(run)
 
     def bench(
         self,
@@ -196,6 +339,7 @@ class MultibyteTrainer(Trainer):
         max_bytes: Optional[int] = None,
         codecs: bool = True,
         output_dir: Optional[str] = None,
+        overwrite: bool = False,
     ) -> dict[str, Any]:
         """Density benchmark: bits per byte (bits/dim) on a split beside the reference codecs.
 
@@ -214,27 +358,37 @@ class MultibyteTrainer(Trainer):
             codecs: also run the reference codecs on the same bytes.
             output_dir: where bench-<modality>-<split>.{md,json,png} go; None means
                 <trainer.default_root_dir>/bench.
+            overwrite: replace report files that already exist.
         """
         from multibyte.bench import markdown_table, run_benchmark, write_report
 
         if datamodule is None:
-            raise SystemExit("multibyte bench: choose the data to score with --data (e.g. --config text.yaml)")
+            raise ValueError("bench: choose the data to score with --data (e.g. --config text.yaml)")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"--max_bytes must be at least 1, got {max_bytes}")
+        folder = Path(output_dir) if output_dir else Path(self.default_root_dir) / "bench"
+        stem = f"bench-{getattr(datamodule, 'modality', 'data')}-{split}"
+        _writable([folder / f"{stem}.{suffix}" for suffix in ("md", "json", "png")], overwrite)
         byte_model = self._byte_model(model, ckpt_path)
-        try:
-            report = run_benchmark(
-                byte_model,
-                datamodule,
-                split=split,
-                modes=inference or ["basic"],
-                batch_size=batch_size,
-                max_bytes=max_bytes,
-                precision=str(self.precision),
-                codecs=codecs,
-                checkpoint=ckpt_path,
-            )
-        except ValueError as error:  # bad data (DataError), an impossible mode or window size
-            raise SystemExit(f"multibyte bench: {error}") from error
-        paths = write_report(report, output_dir or Path(self.default_root_dir) / "bench")
+        # Under a multi-process strategy (ddp, torchrun, SLURM) every rank scores its share of
+        # the windows; rank 0 runs the codecs and writes the report.
+        report = self._in_every_process(
+            run_benchmark,
+            byte_model,
+            datamodule,
+            split=split,
+            modes=inference or ["basic"],
+            batch_size=batch_size,
+            max_bytes=max_bytes,
+            precision=str(self.precision),
+            codecs=codecs,
+            checkpoint=None if ckpt_path is None else str(ckpt_path),
+        )
+        if not self.is_global_zero:
+            return report
+        paths = write_report(report, folder, stem)
         print(markdown_table(report))
         written = [str(path) for path in paths.values() if path is not None]
         print("wrote " + ", ".join(written) + ("" if paths["png"] else " (no chart: pip install 'multibyte[plot]')"))
@@ -249,6 +403,7 @@ class MultibyteTrainer(Trainer):
         seq_len: Optional[int] = None,
         lanes: int = 32,
         precision: Literal["32-true", "bf16-mixed"] = "32-true",
+        overwrite: bool = False,
         datamodule: Optional[LightningDataModule] = None,
     ) -> None:
         """Compress a file: arithmetic coding under the checkpoint's next-byte probabilities.
@@ -256,7 +411,8 @@ class MultibyteTrainer(Trainer):
         Args:
             input_file: the file to compress.
             output_file: where the compressed file goes; None means <input_file>.mbac.
-            ckpt_path: the model checkpoint (decompression needs the very same one).
+            ckpt_path: the model checkpoint or export directory (decompression needs the very
+                same weights).
             seq_len: window length in bytes, each window coded from an empty context as bench
                 scores it; None means the datamodule's seq_len when --data is given, else the
                 model's max_seq_len.
@@ -264,20 +420,23 @@ class MultibyteTrainer(Trainer):
             precision: arithmetic of the model while coding, stored in the file so decompression
                 repeats it. float32 is as fast as bf16 for one-byte steps on a CPU and the
                 safer choice for bit-identical probabilities.
+            overwrite: replace output_file if it exists.
         """
-        from multibyte.compression import CompressionError, compress_file
+        from multibyte.compression import compress_file
 
         if ckpt_path is None:
-            raise SystemExit("multibyte compress: --ckpt_path is required (decompression needs the same model)")
-        byte_model = self._byte_model(model, ckpt_path)
-        window = seq_len or getattr(datamodule, "seq_len", None) or byte_model.config.max_seq_len
+            raise ValueError("compress: --ckpt_path is required (decompression needs the same model)")
+        if not 1 <= lanes <= 0xFFFF:
+            raise ValueError(f"--lanes must lie in 1..65535, got {lanes}")
+        if seq_len is not None and seq_len < 1:
+            raise ValueError(f"--seq_len must be at least 1, got {seq_len}")
         output_file = output_file or f"{input_file}.mbac"
         if Path(output_file).resolve() == Path(input_file).resolve():
-            raise SystemExit(f"multibyte compress: {output_file}: output would overwrite the input")
-        try:
-            stats = compress_file(byte_model, input_file, output_file, window, lanes, precision)
-        except (CompressionError, ValueError) as error:
-            raise SystemExit(f"multibyte compress: {error}") from error
+            raise ValueError(f"compress: {output_file}: output would overwrite the input")
+        _writable([Path(output_file)], overwrite)
+        byte_model = self._byte_model(model, ckpt_path)
+        window = seq_len or getattr(datamodule, "seq_len", None) or byte_model.config.max_seq_len
+        stats = compress_file(byte_model, input_file, output_file, window, lanes, precision)
         print(
             f"{input_file}: {stats.original_bytes:,} -> {stats.compressed_bytes:,} bytes "
             f"({stats.bits_per_byte:.4f} bits/byte; model {stats.model_bits / max(1, stats.original_bytes):.4f}) "
@@ -290,6 +449,7 @@ class MultibyteTrainer(Trainer):
         input_file: str,
         output_file: Optional[str] = None,
         ckpt_path: Optional[str] = None,
+        overwrite: bool = False,
         datamodule: Optional[LightningDataModule] = None,
     ) -> None:
         """Restore a file written by `compress`, with the same checkpoint.
@@ -301,19 +461,67 @@ class MultibyteTrainer(Trainer):
             input_file: the compressed file.
             output_file: where the restored bytes go; None strips .mbac from input_file (or
                 appends .out).
-            ckpt_path: the checkpoint the file was compressed with.
+            ckpt_path: the checkpoint (or export directory) the file was compressed with.
+            overwrite: replace output_file if it exists (e.g. the original next to X.mbac).
         """
-        from multibyte.compression import CompressionError, decompress_file
+        from multibyte.compression import decompress_file
 
         if ckpt_path is None:
-            raise SystemExit("multibyte decompress: --ckpt_path is required (the checkpoint used to compress)")
-        byte_model = self._byte_model(model, ckpt_path)
+            raise ValueError("decompress: --ckpt_path is required (the checkpoint used to compress)")
         if output_file is None:
             output_file = input_file[: -len(".mbac")] if input_file.endswith(".mbac") else f"{input_file}.out"
         if Path(output_file).resolve() == Path(input_file).resolve():
-            raise SystemExit(f"multibyte decompress: {output_file}: output would overwrite the input")
-        try:
-            stats = decompress_file(byte_model, input_file, output_file)
-        except CompressionError as error:
-            raise SystemExit(f"multibyte decompress: {error}") from error
+            raise ValueError(f"decompress: {output_file}: output would overwrite the input")
+        _writable([Path(output_file)], overwrite)
+        byte_model = self._byte_model(model, ckpt_path)
+        stats = decompress_file(byte_model, input_file, output_file)
         print(f"{input_file}: restored {stats.original_bytes:,} bytes in {stats.seconds:.1f} s, written to {output_file}")
+
+    # ---------------------------------------------------------------- export
+    def export(
+        self,
+        model: LightningModule,
+        ckpt_path: str,
+        output_dir: str,
+        overwrite: bool = False,
+        datamodule: Optional[LightningDataModule] = None,
+    ) -> list[str]:
+        """Write a checkpoint's weights as output_dir/model.safetensors and its model settings as
+        output_dir/config.yaml, for sharing: safetensors holds tensors only, so loading it can run
+        no code. Every command that takes --ckpt_path takes the directory, and config.yaml works as
+        --config.
+
+        Args:
+            ckpt_path: the Lightning checkpoint to export.
+            output_dir: the folder to write (created if needed).
+            overwrite: replace model.safetensors / config.yaml if they exist.
+        """
+        paths = export_checkpoint(ckpt_path, output_dir, overwrite)
+        print("wrote " + ", ".join(str(path) for path in paths))
+        return [str(path) for path in paths]
+
+
+def check_sampling_flags(
+    num_samples: int,
+    batch_size: int,
+    max_new_bytes: Optional[int],
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    stop_byte: Optional[int],
+) -> None:
+    """One ValueError naming the flag for a sampling setting that cannot work."""
+    if num_samples < 1:
+        raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    if max_new_bytes is not None and max_new_bytes < 1:
+        raise ValueError(f"--max_new_bytes must be at least 1, got {max_new_bytes}")
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must lie in (0, 1], got {top_p}")
+    if stop_byte is not None and not 0 <= stop_byte <= 255:
+        raise ValueError(f"--stop_byte must be a byte value 0..255, got {stop_byte}")

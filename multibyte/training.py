@@ -8,6 +8,7 @@ accumulated over a split as a byte-weighted mean so the last short window counts
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from multibyte.checkpoints import CheckpointError, checkpoint_hparams, config_differences, config_from_dict, plain
 from multibyte.config import VOCAB_SIZE, ModelConfig
 from multibyte.model import HierarchicalByteModel
 
@@ -67,16 +69,57 @@ class ByteLM(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        check_optimisation_hparams(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         self.architecture = architecture
-        self.model = HierarchicalByteModel(architecture)
+        # The network itself is built by `configure_model`, which Lightning calls inside the
+        # strategy's device, dtype and sharding contexts. Outside a Trainer, first use builds it
+        # on the device that was the default here (e.g. under `with torch.device("meta")`).
+        self._init_device = torch.get_default_device()
         self.train_bpb = MeanMetric()
         self.val_bpb = MeanMetric()
         self.test_bpb = MeanMetric()
 
+    @property
+    def model(self) -> HierarchicalByteModel:
+        """The byte model (under compile=True, its `torch.compile` wrapper); built on first use."""
+        self._build_on_demand()
+        return self._modules["model"]
+
+    def _build_on_demand(self) -> None:
+        if "model" not in self._modules:
+            with torch.device(self._init_device):
+                self.configure_model()
+
     def configure_model(self) -> None:
-        if self.hparams.compile and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
-            self.model = torch.compile(self.model)
+        """Build the model, then shard it (FSDP2, when a strategy gives a device mesh) and compile it.
+
+        Idempotent: Lightning calls it before every fit/validate/test (before restoring a
+        checkpoint) and `load_from_checkpoint` calls it too. Under `ModelParallelStrategy` every
+        block of every stack becomes one FSDP unit, all-gathered only while it runs, and the
+        embeddings and head are sharded with the root; each rank holds 1/N of the weights and
+        optimizer state. (Lightning's FSDPStrategy wraps the module itself, at setup.)
+        """
+        if "model" in self._modules:
+            return
+        model = HierarchicalByteModel(self.architecture)
+        if self.device_mesh is not None:  # set by ModelParallelStrategy
+            model = _fully_shard(model, self.device_mesh)
+        if self.hparams.compile:
+            model = torch.compile(model)
+        self.model = model  # nn.Module.__setattr__ registers it in self._modules
+
+    def state_dict(self, *args, **kwargs):
+        self._build_on_demand()  # a module fresh from __init__ has its weights built first
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        self._build_on_demand()  # the weights need a model to go into
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._build_on_demand()  # `.to(device)` / `.double()` before first use move the model too
+        return super()._apply(fn, *args, **kwargs)
 
     def setup(self, stage: str) -> None:
         # Fail early, with the numbers, if the data and the architecture disagree.
@@ -84,14 +127,26 @@ class ByteLM(L.LightningModule):
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is None:
             return
-        P, max_len = self.architecture.patch_size, self.architecture.max_seq_len
+        # With fixed patches a window should hold whole outermost patches (else its last one is
+        # padded in every batch); dynamic patches cut windows anywhere.
+        P, max_len = self.architecture.alignment, self.architecture.max_seq_len
         if seq_len % P != 0:
             raise ValueError(
-                f"data seq_len={seq_len} is not a multiple of the model's patch_size={P}: "
+                f"data seq_len={seq_len} is not a multiple of the model's patch_size={P} (stages[0]): "
                 f"choose a seq_len divisible by {P}"
             )
         if seq_len > max_len:
             raise ValueError(f"data seq_len={seq_len} exceeds the model's max_seq_len={max_len}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning restores weights, optimizer and schedule from the checkpoint; settings given
+        # for this run that the checkpoint contradicts would be silently lost, so they are refused.
+        trainer = self._trainer
+        resuming = trainer is not None and trainer.state.fn == "fit"
+        conflicts = hparam_conflicts(plain(dict(self.hparams)), checkpoint_hparams(checkpoint), resuming)
+        if conflicts:
+            path = trainer.ckpt_path if trainer is not None else None
+            raise CheckpointError(describe_conflicts(path, conflicts, resuming))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -148,7 +203,93 @@ class ByteLM(L.LightningModule):
         return int(total) if math.isfinite(total) else 100_000
 
 
+def _fully_shard(model: HierarchicalByteModel, mesh) -> HierarchicalByteModel:
+    """FSDP2 over the mesh's data-parallel dimension: every block (an entry, with parameters, of an
+    nn.ModuleList that holds no further ModuleList: the layers of each stack) one unit, all-gathered
+    while its forward runs; then the root, holding the embeddings, pads, patchers and head."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "multibyte shards with FSDP only: give ModelParallelStrategy data_parallel_size=<processes> "
+            "and tensor_parallel_size=1"
+        )
+    data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
+    for module in model.modules():
+        if not isinstance(module, torch.nn.ModuleList):
+            continue
+        if any(isinstance(inner, torch.nn.ModuleList) for block in module for inner in block.modules()):
+            continue  # e.g. the list of stages: its blocks are sharded one by one instead
+        for block in module:
+            if any(True for _ in block.parameters()):
+                fully_shard(block, mesh=data_parallel)
+    fully_shard(model, mesh=data_parallel)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyperparameters: what is valid, and what a checkpoint must agree with
+# ----------------------------------------------------------------------------------------------
+
+# Restored with the optimizer and scheduler state when a fit resumes (AdamW's param groups carry
+# lr, betas and weight decay; the schedule's base learning rate comes back with it).
+OPTIMISATION_HPARAMS = ("learning_rate", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
+
+
+def check_optimisation_hparams(
+    learning_rate: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int, min_lr_ratio: float
+) -> None:
+    """One ValueError naming the flag for a value AdamW or the schedule cannot use."""
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"--model.learning_rate must be a positive number, got {learning_rate}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"--model.weight_decay must be >= 0, got {weight_decay}")
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"--model.betas must be two numbers in [0, 1), got {list(betas)}")
+    if warmup_steps < 0:
+        raise ValueError(f"--model.warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"--model.min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+
+
+def hparam_conflicts(given: dict, stored: dict, resuming: bool) -> list[tuple[str, object, object]]:
+    """(key, given, stored) where configured hyperparameters contradict a checkpoint's: the
+    architecture always (the weights are made for it), and when a fit resumes also the
+    optimisation settings (the restored optimizer and schedule would silently replace them).
+    `compile` and anything else may differ: it applies."""
+    keys = ("architecture",) + (OPTIMISATION_HPARAMS if resuming else ())
+    return config_differences({k: given[k] for k in keys if k in given}, {k: stored[k] for k in keys if k in stored})
+
+
+def describe_conflicts(path: Optional[object], conflicts: list[tuple[str, object, object]], resuming: bool) -> str:
+    where = f"checkpoint {path}" if path else "the checkpoint"
+    listed = "; ".join(f"model.{key}: given {given!r}, checkpoint {stored!r}" for key, given, stored in conflicts)
+    advice = "Leave these settings out (the checkpoint's are used) or give the checkpoint's values"
+    if resuming and any(key.split(".")[0].split("[")[0] in OPTIMISATION_HPARAMS for key, _, _ in conflicts):
+        advice += (
+            "; to go on with other optimisation settings, start a new run from its weights "
+            "(`python -m multibyte export`, then `fit --ckpt_path EXPORT_DIR`)"
+        )
+    return f"{where} holds another model than the one configured: {listed}. {advice}"
+
+
 def load_model(checkpoint_path: str, map_location: Optional[str] = "cpu") -> ByteLM:
-    """A trained `ByteLM` from a Lightning checkpoint, in eval mode."""
-    module = ByteLM.load_from_checkpoint(checkpoint_path, map_location=map_location)
+    """A trained `ByteLM` from a Lightning checkpoint or an `export` directory, in eval mode.
+
+    Read with `torch.load(weights_only=True)` (or safetensors); the architecture and the other
+    hyperparameters come from the checkpoint."""
+    from multibyte.checkpoints import load_checkpoint, load_module_weights
+
+    checkpoint = load_checkpoint(checkpoint_path, map_location=map_location or "cpu")
+    hparams = checkpoint_hparams(checkpoint)
+    if not isinstance(hparams.get("architecture"), dict):
+        raise CheckpointError(f"checkpoint {checkpoint_path}: no model architecture among its hyperparameters")
+    known = inspect.signature(ByteLM.__init__).parameters
+    kwargs = {name: value for name, value in hparams.items() if name in known}
+    kwargs["architecture"] = config_from_dict(ModelConfig, hparams["architecture"])
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    module = ByteLM(**kwargs)
+    load_module_weights(module, checkpoint_path, checkpoint)
     return module.eval()

@@ -1,4 +1,6 @@
-"""`bench`: every byte scored exactly once, scores equal to a direct computation, codecs on the same bytes."""
+"""`bench`: scores equal to a direct computation, every byte scored once, codecs on the same bytes.
+
+The plans of windows themselves are tested in tests/test_windows.py."""
 
 import bz2
 import dataclasses
@@ -14,15 +16,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from datamodules import AudioDataModule, ImageNet64DataModule, TextDataModule
 from multibyte.bench import (
     INFERENCE_MODES,
-    check_mode,
-    inference_plan,
     markdown_table,
     run_benchmark,
     score_bytes,
@@ -31,81 +29,18 @@ from multibyte.bench import (
 )
 from multibyte.cli import main
 from multibyte.codecs import IMAGE_BYTES, bytes_to_image
-from multibyte.config import ModelConfig, StackConfig
+from multibyte.config import ModelConfig, StageConfig, megabyte
 from multibyte.model import HierarchicalByteModel
 from multibyte.reference_codecs import audio_codecs, general_purpose_codecs, image_codecs
 
 
 def tiny_megabyte(patch_size: int = 4, max_seq_len: int = 16) -> HierarchicalByteModel:
     torch.manual_seed(0)
-    config = ModelConfig(
-        patch_size=patch_size,
-        max_seq_len=max_seq_len,
-        global_model=StackConfig("attention", d_model=8 * patch_size, n_layers=1, n_heads=2),
-        local_model=StackConfig("attention", d_model=16, n_layers=1, n_heads=2),
-    )
+    if patch_size == 1:
+        config = ModelConfig(stages=[StageConfig("attention", 16, 1, 2)], max_seq_len=max_seq_len)
+    else:
+        config = megabyte(patch_size, max_seq_len, 8 * patch_size, 1, 2, 16, 1, 2)
     return HierarchicalByteModel(config).eval()
-
-
-def coverage(num_bytes: int, seq_len: int, patch_size: int, mode: str) -> np.ndarray:
-    """How many times each byte is scored by the plan."""
-    counts = np.zeros(num_bytes, dtype=np.int64)
-    for window in inference_plan(num_bytes, seq_len, patch_size, mode):
-        counts[window.start : window.stop] += window.scored_mask(patch_size)
-    return counts
-
-
-# ------------------------------------------------------------------------------------------------
-# The plan of windows
-# ------------------------------------------------------------------------------------------------
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    num_bytes=st.integers(0, 400),
-    seq_len=st.integers(1, 48),
-    patch_size=st.sampled_from([1, 2, 4, 6, 8]),
-    mode=st.sampled_from(INFERENCE_MODES),
-)
-def test_every_mode_scores_every_byte_exactly_once(num_bytes, seq_len, patch_size, mode):
-    try:
-        check_mode(mode, seq_len, patch_size)
-    except ValueError:
-        return  # combinations that cannot tile are refused (tested below)
-    assert (coverage(num_bytes, seq_len, patch_size, mode) == 1).all()
-
-
-def test_windows_and_costs_follow_the_paper():
-    N, L, P = 100, 16, 4
-    basic = inference_plan(N, L, P, "basic")
-    assert [(w.start, w.stop) for w in basic] == [(s, min(s + L, N)) for s in range(0, N, L)]
-    sliding = inference_plan(N, L, P, "sliding")
-    # After the first window, each scored byte has at least L - S = 8 bytes of context before it.
-    assert all(w.score_from - w.start == L // 2 for w in sliding[1:])
-    assert sliding[0].score_from == 0 and all(w.stop - w.start <= L for w in sliding)
-    strided = inference_plan(N, L, P, "strided")
-    second_pass = [w for w in strided if w.start % L == P // 2]
-    assert second_pass and second_pass[0].start == P // 2  # offset by half a patch
-    cost = lambda plan: sum(w.stop - w.start for w in plan) / N  # noqa: E731
-    assert cost(basic) == 1.0
-    assert 1.8 < cost(sliding) <= 2.0 and 1.9 < cost(strided) <= 2.0
-    assert 3.5 < cost(inference_plan(N, L, P, "sliding+strided")) <= 4.0
-
-
-@pytest.mark.parametrize(
-    "mode, seq_len, patch_size, problem",
-    [
-        ("strided", 16, 1, "even patch_size"),
-        ("strided", 15, 3, "even patch_size"),
-        ("strided", 18, 4, "seq_len = 18 is not a multiple of patch_size=4"),
-        ("sliding+strided", 24, 8, r"seq_len // 2 = 12 is not a multiple of patch_size=8"),
-        ("sliding", 1, 1, "seq_len >= 2"),
-        ("beam", 16, 4, "inference mode must be one of"),
-    ],
-)
-def test_modes_that_cannot_tile_are_refused(mode, seq_len, patch_size, problem):
-    with pytest.raises(ValueError, match=problem):
-        check_mode(mode, seq_len, patch_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +158,7 @@ def test_report_files(text_datamodule, tmp_path):
 def test_image_split_reports_bits_per_dimension_and_image_codecs(tmp_path):
     datamodule = ImageNet64DataModule(order="patch", patch_size=12, cache_dir=str(tmp_path))
     model = HierarchicalByteModel(
-        ModelConfig(12, IMAGE_BYTES, StackConfig("attention", 48, 1, 2), StackConfig("attention", 16, 1, 2))
+        megabyte(12, IMAGE_BYTES, 48, 1, 2, 16, 1, 2)
     ).eval()
     report = run_benchmark(model, datamodule, "test", max_bytes=2 * IMAGE_BYTES, batch_size=2)
     assert report["unit"] == "bits/dim" and report["num_bytes"] == 2 * IMAGE_BYTES

@@ -16,6 +16,7 @@ from lightning import seed_everything
 import datamodules.text
 from datamodules import AudioDataModule, ByteStreamDataModule, DataError, ImageNet64DataModule, TextDataModule
 from datamodules.base import EMBEDDED_DATA_DIR, SPLITS, RandomWindows
+from datamodules.windows import TrainPosition
 from multibyte.codecs import (
     IMAGE_BYTES,
     bytes_to_image,
@@ -279,6 +280,44 @@ def test_training_windows_are_reproducible_under_seed_everything(cache_dir: Path
     epoch = first_epoch(1)
     assert all(torch.equal(a, b) for a, b in zip(epoch, first_epoch(1)))
     assert not torch.equal(epoch[0], first_epoch(2)[0])
+
+
+def test_training_windows_ignore_the_global_generators(cache_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")  # the run's seed keys the draws
+    dm = prepared(TextDataModule(seq_len=64, cache_dir=str(cache_dir), batch_size=4, train_windows_per_epoch=12))
+    loader = dm.train_dataloader()
+    first = [tokens for tokens, _ in loader]
+    torch.manual_seed(0)
+    np.random.seed(0)
+    torch.rand(1000)  # whatever else consumes or reseeds the generators
+    assert all(torch.equal(a, b) for a, b in zip(first, [tokens for tokens, _ in loader]))
+    loader.sampler.set_epoch(1)  # Lightning's call before the next epoch: other windows
+    assert not any(torch.equal(a, b) for a, b in zip(first, [tokens for tokens, _ in loader]))
+
+
+def test_a_checkpointed_position_continues_the_epoch_where_it_stopped(cache_dir: Path, monkeypatch) -> None:
+    def passes(dm: TextDataModule, count: int) -> list[list[torch.Tensor]]:
+        """The training loader's first `count` passes, as Lightning runs them (set_epoch first)."""
+        loader = dm.train_dataloader()
+        out = []
+        for epoch in range(count):
+            loader.sampler.set_epoch(epoch)
+            out.append([tokens for tokens, _ in loader])
+        return out
+
+    def datamodule() -> TextDataModule:
+        return prepared(TextDataModule(seq_len=64, cache_dir=str(cache_dir), batch_size=4, train_windows_per_epoch=16))
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    epoch_0, epoch_1 = passes(datamodule(), 2)
+    # A checkpoint taken after 3 of epoch 0's 4 batches, restored in a run seeded otherwise.
+    monkeypatch.setenv("PL_GLOBAL_SEED", "99")
+    resumed = datamodule()
+    position = TrainPosition(seed=3, epoch=0, batches_done=3, batch_size=4, world_size=1)
+    resumed.load_state_dict({"train_position": position.state_dict()})
+    rest, next_epoch = passes(resumed, 2)
+    assert len(rest) == 1 and torch.equal(rest[0], epoch_0[3])
+    assert len(next_epoch) == 4 and all(torch.equal(a, b) for a, b in zip(next_epoch, epoch_1))
 
 
 def test_random_windows_start_on_sample_boundaries(tmp_path: Path) -> None:
