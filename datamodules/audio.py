@@ -71,6 +71,9 @@ class AudioDataModule(ByteStreamDataModule):
         self.sample_rate = sample_rate
         self.encoding = encoding
 
+    def _spec_fields(self) -> dict[str, Any]:
+        return {"sample_rate": self.sample_rate, "audio_encoding": self.encoding}
+
     @property
     def alignment(self) -> int:
         return bytes_per_sample(self.encoding)

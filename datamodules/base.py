@@ -57,6 +57,7 @@ from datamodules.windows import (
     train_window_starts,
 )
 from multibyte.codecs.text import ByteLike, as_byte_array
+from multibyte.data_spec import DataSpec
 
 SPLITS = ("train", "validation", "test")
 MANIFEST_NAME = "manifest.json"
@@ -431,6 +432,16 @@ class ByteStreamDataModule(LightningDataModule):
         self._resume: Optional[TrainPosition] = None  # from a checkpoint, for the next train_dataloader()
 
     # -- what a modality provides ----------------------------------------------------------------
+
+    @property
+    def spec(self) -> DataSpec:
+        """The typed contract (`multibyte.data_spec.DataSpec`): what the model and the decoders
+        need to know about this data."""
+        return DataSpec(modality=self.modality, seq_len=self.seq_len, **self._spec_fields())
+
+    def _spec_fields(self) -> dict[str, Any]:
+        """The modality's own DataSpec fields (image order, audio rate, vocabulary, ...)."""
+        return {}
 
     @property
     def alignment(self) -> int:

@@ -193,6 +193,9 @@ class ImageNet64DataModule(ByteStreamDataModule):
         self.order = order
         self.patch_size = patch_size
 
+    def _spec_fields(self) -> dict[str, Any]:
+        return {"image_order": self.order, "image_patch_size": self.patch_size}
+
     @property
     def alignment(self) -> int:
         return IMAGE_BYTES  # a training window is exactly one whole image

@@ -52,7 +52,7 @@ from datamodules.windows import (  # noqa: F401
     rank_share,
 )
 from multibyte.compression import write_atomically
-from multibyte.config import VOCAB_SIZE
+from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
 from multibyte.reference_codecs import CodecResult, reference_codecs
 
@@ -143,7 +143,7 @@ def score_bytes(
             with precision_context(precision, device):
                 logits = model(tokens)  # (B, L, 256)
             # fp32 log-softmax whatever the autocast dtype, as in training's masked_byte_nll.
-            nll = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), tokens.reshape(-1), reduction="none")
+            nll = F.cross_entropy(logits.float().flatten(0, -2), tokens.reshape(-1), reduction="none")
             total_bits += float((nll.view_as(mask).double() * mask).sum()) / LN2
             scored += int(mask.sum())
     finally:
@@ -182,17 +182,19 @@ def split_bytes(datamodule, split: str, max_bytes: Optional[int] = None) -> np.n
         return data
     if max_bytes < 1:
         raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
-    if datamodule.modality == "image" and max_bytes % datamodule.seq_len:
-        raise ValueError(f"max_bytes={max_bytes} must be a whole number of images ({datamodule.seq_len} bytes each)")
+    spec = data_spec_of(datamodule)
+    if spec.modality == "image" and max_bytes % spec.seq_len:
+        raise ValueError(f"max_bytes={max_bytes} must be a whole number of images ({spec.seq_len} bytes each)")
     return data[:max_bytes]
 
 
 def codec_params(datamodule) -> dict[str, Any]:
     """What `reference_codecs` needs to know about how the datamodule laid out its bytes."""
-    if datamodule.modality == "image":
-        return {"order": datamodule.order, "patch_size": datamodule.patch_size}
-    if datamodule.modality == "audio":
-        return {"sample_rate": datamodule.sample_rate, "encoding": datamodule.encoding}
+    spec = data_spec_of(datamodule)
+    if spec.modality == "image":
+        return {"order": spec.image_order, "patch_size": spec.image_patch_size}
+    if spec.modality == "audio":
+        return {"sample_rate": spec.sample_rate, "encoding": spec.audio_encoding}
     return {}
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from multibyte.codecs import IMAGE_BYTES
+from multibyte.data_spec import data_spec_of
 from multibyte.decoders import SampleFormat, SampleRun, sample_to_files
 from multibyte.model import HierarchicalByteModel
 
@@ -133,7 +134,7 @@ class SampleCallback(Callback):
             return self.max_new_bytes
         if fmt.modality == "image":
             return IMAGE_BYTES
-        return min(getattr(trainer.datamodule, "seq_len", max_seq_len), max_seq_len)
+        return min(data_spec_of(trainer.datamodule).seq_len, max_seq_len)
 
     @staticmethod
     def _log_to_tensorboard(writer: Any, fmt: SampleFormat, run: SampleRun, step: int) -> None:

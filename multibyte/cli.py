@@ -43,6 +43,7 @@ from multibyte.checkpoints import CheckpointError, checkpoint_hparams, config_fr
 from multibyte.config import ModelConfig
 from multibyte.fault_tolerance import DivergenceGuard, PreemptionCheckpoint, TrainingDiverged
 from multibyte.trainer import EXTRA_SUBCOMMANDS, MultibyteTrainer
+from multibyte.data_spec import DataSpec, data_spec_of
 from multibyte.training import ByteLM, describe_conflicts, hparam_conflicts
 
 # Subcommands that work without --data (compress / decompress take the window from the model).
@@ -170,6 +171,9 @@ class MultibyteCLI(LightningCLI):
             default=True,
             help="After fit, score the test split with the best checkpoint and print its bits per byte.",
         )
+        # The typed data contract: the model receives the datamodule's DataSpec when both are
+        # built, and refuses a window length, vocabulary or patch size that does not fit it.
+        parser.link_arguments("data", "model.data_spec", compute_fn=_spec_or_none, apply_on="instantiate")
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True):
@@ -178,8 +182,12 @@ class MultibyteCLI(LightningCLI):
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
         if self.trainer.is_global_zero and results:
             bpb = results[0]["test/bpb"]
-            unit = "bits/dim" if getattr(self.datamodule, "modality", "") == "image" else "bits/byte"
+            unit = data_spec_of(self.datamodule).unit
             print(f"test {unit}: {bpb:.4f}")
+
+
+def _spec_or_none(datamodule) -> "DataSpec | None":
+    return None if datamodule is None else data_spec_of(datamodule)
 
 
 class CommandLineError(SystemExit):

@@ -39,6 +39,7 @@ from multibyte.codecs import (
     waveform_to_bytes,
 )
 from multibyte.codecs.text import ByteLike
+from multibyte.data_spec import DataSpec, data_spec_of
 
 MODALITIES = ("text", "image", "audio")
 GRID_GAP = 2  # pixels of white between the images of a grid
@@ -67,20 +68,20 @@ class SampleFormat:
             raise ValueError(f"sample_rate must be positive, got {self.sample_rate}")
 
     @classmethod
-    def from_datamodule(cls, datamodule: Any) -> "SampleFormat":
-        """The format of the data a datamodule serves (its `modality` and codec settings)."""
-        modality = getattr(datamodule, "modality", None)
-        if modality not in MODALITIES:
-            raise ValueError(
-                f"{type(datamodule).__name__} has modality {modality!r}; expected one of {MODALITIES}"
-            )
+    def from_spec(cls, spec: DataSpec) -> "SampleFormat":
+        """The format of the data a `DataSpec` describes."""
         return cls(
-            modality=modality,
-            image_order=getattr(datamodule, "order", "raster"),
-            image_patch_size=getattr(datamodule, "patch_size", 12),
-            sample_rate=getattr(datamodule, "sample_rate", 16000),
-            encoding=getattr(datamodule, "encoding", "pcm16"),
+            modality=spec.modality,
+            image_order=spec.image_order,
+            image_patch_size=spec.image_patch_size,
+            sample_rate=spec.sample_rate,
+            encoding=spec.audio_encoding,
         )
+
+    @classmethod
+    def from_datamodule(cls, datamodule: Any) -> "SampleFormat":
+        """The format of the data a multibyte datamodule serves (its `spec`)."""
+        return cls.from_spec(data_spec_of(datamodule))
 
     @property
     def suffix(self) -> str:

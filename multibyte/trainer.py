@@ -26,6 +26,7 @@ from multibyte.checkpoints import (
     safe_globals,
 )
 from multibyte.decoders import check_writable
+from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
 
 # Subcommand name -> the method arguments LightningCLI fills in itself (not exposed as flags).
@@ -369,7 +370,7 @@ class MultibyteTrainer(Trainer):
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"--max_bytes must be at least 1, got {max_bytes}")
         folder = Path(output_dir) if output_dir else Path(self.default_root_dir) / "bench"
-        stem = f"bench-{getattr(datamodule, 'modality', 'data')}-{split}"
+        stem = f"bench-{data_spec_of(datamodule).modality}-{split}"
         _writable([folder / f"{stem}.{suffix}" for suffix in ("md", "json", "png")], overwrite)
         byte_model = self._byte_model(model, ckpt_path)
         # Under a multi-process strategy (ddp, torchrun, SLURM) every rank scores its share of
@@ -435,7 +436,7 @@ class MultibyteTrainer(Trainer):
             raise ValueError(f"compress: {output_file}: output would overwrite the input")
         _writable([Path(output_file)], overwrite)
         byte_model = self._byte_model(model, ckpt_path)
-        window = seq_len or getattr(datamodule, "seq_len", None) or byte_model.config.max_seq_len
+        window = seq_len or (data_spec_of(datamodule).seq_len if datamodule is not None else byte_model.config.max_seq_len)
         stats = compress_file(byte_model, input_file, output_file, window, lanes, precision)
         print(
             f"{input_file}: {stats.original_bytes:,} -> {stats.compressed_bytes:,} bytes "

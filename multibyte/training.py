@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from multibyte.checkpoints import CheckpointError, checkpoint_hparams, config_differences, config_from_dict, plain
+from multibyte.data_spec import DataSpec, check_model_fits_data, data_spec_of
 from multibyte.config import VOCAB_SIZE, ModelConfig
 from multibyte.model import HierarchicalByteModel
 
@@ -31,7 +32,7 @@ def masked_byte_nll(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.T
     dtype: a 256-way log-softmax in bf16 loses about 2 decimal digits of the loss.
     """
     B, T, _ = logits.shape
-    nll = F.cross_entropy(logits.float().reshape(B * T, VOCAB_SIZE), tokens.long().reshape(B * T), reduction="none")
+    nll = F.cross_entropy(logits.float().reshape(B * T, -1), tokens.long().reshape(B * T), reduction="none")
     is_real = torch.arange(T, device=tokens.device)[None, :] < lengths[:, None]  # (B, L)
     return (nll.view(B, T) * is_real).sum(), is_real.sum()
 
@@ -56,6 +57,8 @@ class ByteLM(L.LightningModule):
         warmup_steps: linear warm-up length in optimizer steps.
         min_lr_ratio: the cosine decay ends at `min_lr_ratio * learning_rate` on the last step.
         compile: wrap the model in `torch.compile` (worth it on GPU; measure before using on CPU).
+        data_spec: the data's `DataSpec`, linked in by the CLI from --data (not set by hand): a
+            model that does not fit the data is refused at construction.
     """
 
     def __init__(
@@ -67,10 +70,14 @@ class ByteLM(L.LightningModule):
         warmup_steps: int = 200,
         min_lr_ratio: float = 0.1,
         compile: bool = False,
+        data_spec: Optional[DataSpec] = None,
     ) -> None:
         super().__init__()
         check_optimisation_hparams(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
-        self.save_hyperparameters()
+        if data_spec is not None:
+            check_model_fits_data(architecture, data_spec)
+        # The data's spec is linked in by the CLI for every run; it is not a model setting.
+        self.save_hyperparameters(ignore=["data_spec"])
         self.architecture = architecture
         # The network itself is built by `configure_model`, which Lightning calls inside the
         # strategy's device, dtype and sharding contexts. Outside a Trainer, first use builds it
@@ -122,21 +129,12 @@ class ByteLM(L.LightningModule):
         return super()._apply(fn, *args, **kwargs)
 
     def setup(self, stage: str) -> None:
-        # Fail early, with the numbers, if the data and the architecture disagree.
+        # Fail early, with the numbers, if the data and the architecture disagree (the CLI
+        # already checked at construction; this covers a Trainer driven from Python).
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        seq_len = getattr(datamodule, "seq_len", None)
-        if seq_len is None:
-            return
-        # With fixed patches a window should hold whole outermost patches (else its last one is
-        # padded in every batch); dynamic patches cut windows anywhere.
-        P, max_len = self.architecture.alignment, self.architecture.max_seq_len
-        if seq_len % P != 0:
-            raise ValueError(
-                f"data seq_len={seq_len} is not a multiple of the model's patch_size={P} (stages[0]): "
-                f"choose a seq_len divisible by {P}"
-            )
-        if seq_len > max_len:
-            raise ValueError(f"data seq_len={seq_len} exceeds the model's max_seq_len={max_len}")
+        spec = getattr(datamodule, "spec", None)  # a datamodule of another library has none
+        if spec is not None:
+            check_model_fits_data(self.architecture, data_spec_of(datamodule))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning restores weights, optimizer and schedule from the checkpoint; settings given
