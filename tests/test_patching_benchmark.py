@@ -1,10 +1,13 @@
 """benchmarks/patching.py: the FLOP budget stops training where it should, every held-out byte is
-scored once, θ lands on the target patch length, and the whole quick pipeline runs on tiny settings."""
+scored once (a BPE model's bits are divided by the bytes its tokens decode to), θ lands on the
+target patch length, the noised test set changes 5% of the words under a seed, the Chinese split is
+disjoint, and the whole quick pipeline runs on tiny settings."""
 
 import dataclasses
 import importlib.util
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -12,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT
+from multibyte.bpe import train_bpe
 
 
 def _load_benchmark():
@@ -122,23 +126,221 @@ def test_missing_books_skip_with_one_json_line(tmp_path, monkeypatch, capsys):
     assert json.loads(lines[-1])["skipped"]
 
 
+def test_missing_chinese_text_skips_with_one_json_line(shared_data, tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "tang_poems.txt"
+    argv = ["patching.py", "--quick", "--data", str(shared_data / "text"), "--zh-data", str(missing)]
+    monkeypatch.setattr(sys, "argv", argv)
+    pb.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("skipped:") and str(missing) in lines[0]
+    assert json.loads(lines[-1])["skipped"]
+
+
+def test_chinese_text_that_is_not_utf8_is_one_clear_error(shared_data, tmp_path, monkeypatch, capsys):
+    latin1 = tmp_path / "poems.txt"
+    latin1.write_bytes("caf\u00e9\n\n".encode("latin-1") * 50)
+    argv = ["patching.py", "--quick", "--data", str(shared_data / "text"), "--zh-data", str(latin1)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        pb.main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--zh-data" in error and str(latin1) in error and "not UTF-8" in error
+
+
+# ---- the noised English test set --------------------------------------------------------------
+
+
+def _words(data: bytes) -> list[tuple[int, int]]:
+    return [m.span() for m in re.finditer(rb"[A-Za-z]+", data)]
+
+
+def test_noise_changes_five_percent_of_words_under_a_seed():
+    data = TEXT + "caf\u00e9 na\u00efve \u00e6on".encode("latin-1") + b" 1999, see\tsee-saw\n"
+    noised = pb.noise_words(data, 0.05, seed=7)
+    spans = _words(data)
+    assert len(noised) == len(data) and _words(noised) == spans  # every word keeps its place
+    inside = {i for begin, end in spans for i in range(begin, end)}
+    assert all(noised[i] == data[i] for i in range(len(data)) if i not in inside)  # Latin-1, digits, spaces
+    changed = [(data[b:e], noised[b:e]) for b, e in spans if data[b:e] != noised[b:e]]
+    assert len(changed) == round(0.05 * len(spans)) > 10
+    flips = [pair for pair in changed if pair[0].lower() == pair[1].lower()]
+    swaps = [pair for pair in changed if pair[0].lower() != pair[1].lower()]
+    assert swaps
+    # Even odds between the two: words that could have been swapped got case flips too.
+    assert any(any(a != b for a, b in zip(old, old[1:])) for old, _ in flips)
+    for old, new in flips:  # exactly one letter changed case
+        assert sum(a != b for a, b in zip(old, new)) == 1
+    for old, new in swaps:  # exactly two adjacent letters exchanged
+        at = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+        assert len(at) == 2 and at[1] == at[0] + 1 and (old[at[0]], old[at[1]]) == (new[at[1]], new[at[0]])
+    assert pb.noise_words(data, 0.05, seed=7) == noised
+    assert pb.noise_words(data, 0.05, seed=8) != noised
+    assert pb.noise_words(data, 0.0, seed=7) == data
+    with pytest.raises(ValueError, match="noise rate"):
+        pb.noise_words(data, 1.5, seed=7)
+
+
+def test_noise_on_the_held_out_book(shared_data):
+    book = (shared_data / "text" / "katrine.txt").read_bytes()  # Latin-1
+    noised = pb.noise_words(book, 0.05, seed=3)
+    spans = _words(book)
+    changed = sum(book[b:e] != noised[b:e] for b, e in spans)
+    assert changed == round(0.05 * len(spans))
+    assert [i for i, byte in enumerate(book) if byte >= 0x80] == [i for i, byte in enumerate(noised) if byte >= 0x80]
+
+
+# ---- the Chinese split -----------------------------------------------------------------------
+
+
+def test_chinese_split_is_disjoint_and_cuts_between_poems():
+    poems = [f"詩{i}\n作者\n{'春風' * (i % 7 + 1)}。\n".encode() for i in range(40)]
+    data = b"\n".join(poems)
+    train, test = pb.split_by_position(data, 0.1, "poems.txt")
+    assert train + test == data  # every byte in exactly one part, in order
+    assert train.endswith(b"\n\n") and not test.startswith(b"\n")
+    assert len(train) >= 0.9 * len(data) > len(train) - 200
+    assert test.decode("utf-8").count("作者") == len(test.split(b"\n\n"))  # whole poems only
+    with pytest.raises(ValueError, match="poems.txt: no blank line"):
+        pb.split_by_position(b"one poem\nno blank line\n", 0.1, "poems.txt")
+
+
+def test_chinese_corpus_split(shared_data):
+    corpora = pb.load_corpora(shared_data / "text", shared_data / "text_zh" / "tang_poems.txt", 0.1)
+    whole = (shared_data / "text_zh" / "tang_poems.txt").read_bytes()
+    assert corpora.zh_train + corpora.zh_test == whole
+    assert 0.09 < len(corpora.zh_test) / len(whole) <= 0.1
+    corpora.zh_train.decode("utf-8"), corpora.zh_test.decode("utf-8")  # no character cut
+    s = dataclasses.replace(TINY, eval_bytes=1001)
+    chinese = pb.eval_sets(s, corpora)[2].data
+    assert corpora.zh_test.startswith(chinese) and 998 < len(chinese) <= 1001
+    chinese.decode("utf-8")
+    both = pb.training_corpora(corpora, dataclasses.replace(TINY, train_bytes=None))["en+zh"]
+    assert both.text == corpora.books.train + corpora.zh_train
+
+
+# ---- the BPE entry ---------------------------------------------------------------------------
+
+
+def _tiny_bpe(data: bytes):
+    tokenizer = train_bpe([data], vocab_size=300)
+    stream = pb.to_stream(data, tokenizer)
+    target = pb.flops_per_byte(pb.fixed_and_space_entries(TINY)[0].config)
+    config = pb.bpe_config(TINY, tokenizer.vocab_size, stream.bytes_per_symbol, target)
+    return tokenizer, stream, config
+
+
+def test_bpe_bits_per_byte_are_over_the_bytes_its_tokens_decode_to():
+    data = TEXT[:700] + "na\u00efve \u00e6on".encode("latin-1")  # not UTF-8: byte tokens
+    tokenizer, stream, config = _tiny_bpe(data)
+    ids = stream.symbols.tolist()
+    assert stream.num_bytes == len(data) == int(tokenizer.token_byte_lengths()[ids].sum())
+    assert len(ids) < len(data) / 1.5  # tokens, not bytes
+    model = pb.build(config, seed=0).eval()
+    window = config.max_seq_len
+    result = pb.score(model, stream, window, batch_size=3)
+    nll, scored = 0.0, b""
+    with torch.no_grad():
+        for begin in range(0, len(ids), window):
+            tokens = stream.symbols[None, begin : begin + window]
+            nll += float(F.cross_entropy(model(tokens)[0], tokens[0], reduction="sum"))
+            scored += tokenizer.decode(tokens[0].tolist())
+    assert scored == data  # every byte once
+    assert result.num_bytes == len(data)
+    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / len(data), rel=1e-5)
+    assert result.bits_per_byte < nll / math.log(2) / len(ids)  # not bits per token
+
+
+def test_a_tokenizer_that_loses_bytes_is_refused():
+    class DropsLastByte:
+        def encode(self, data: bytes) -> list[int]:
+            return list(data[:-1])
+
+        def decode(self, ids: list[int]) -> bytes:
+            return bytes(ids)
+
+    with pytest.raises(ValueError, match="does not round-trip"):
+        pb.to_stream(b"abc", DropsLastByte())
+
+
+def test_bpe_depth_matches_the_fixed_models_flops_per_byte():
+    fixed = pb.build(pb.fixed_and_space_entries(pb.FULL)[0].config, seed=0)
+    target = fixed.training_flops(pb.FULL.seq_len) / pb.FULL.seq_len
+    bytes_per_token = 3.6
+    config = pb.bpe_config(pb.FULL, 4096, bytes_per_token, target)
+    assert config.vocab_size == 4096 and config.num_stages == 1
+    assert config.max_seq_len == round(pb.FULL.seq_len / bytes_per_token)  # about seq_len bytes of context
+
+    def ratio(layers):
+        candidate = dataclasses.replace(config, stages=[dataclasses.replace(config.stages[0], n_layers=layers)])
+        model = pb.build(candidate, seed=0)  # a real model, not the meta one bpe_config counts on
+        return model.training_flops(config.max_seq_len) / (config.max_seq_len * bytes_per_token) / target
+
+    chosen = config.stages[0].n_layers
+    ratios = {layers: ratio(layers) for layers in range(1, pb.FULL.bpe_max_layers + 1)}
+    assert min(ratios, key=lambda n: abs(math.log(ratios[n]))) == chosen
+    assert 0.75 < ratios[chosen] < 1.33
+
+
+# ---- the whole pipeline ----------------------------------------------------------------------
+
+
 def test_quick_pipeline_on_tiny_settings(shared_data):
-    books = pb.load_books(shared_data / "text")
-    assert len(books.test) == (shared_data / "text" / "katrine.txt").stat().st_size
+    corpora = pb.load_corpora(shared_data / "text", shared_data / "text_zh" / "tang_poems.txt", 0.1)
+    assert len(corpora.books.test) == (shared_data / "text" / "katrine.txt").stat().st_size
     fixed = pb.build(pb.fixed_and_space_entries(TINY)[0].config, seed=0)
     per_step = TINY.batch_size * fixed.training_flops(TINY.seq_len)
-    s = dataclasses.replace(TINY, budget_flops=4 * per_step, entropy_budget_flops=per_step)
-    out = pb.run(s, books, peer=False, log=lambda line: None)
-    assert set(out["entries"]) == {"fixed", "space", "space-attention", "entropy-global", "entropy-monotonic"}
+    s = dataclasses.replace(TINY, budget_flops=3 * per_step, entropy_budget_flops=per_step, train_bytes=1 << 16)
+    extra = pb.Entry("fixed-4", pb.two_stages(s, "fixed", 4), "MEGABYTE, P = 4")  # the hook for more entries
+    out = pb.run(s, corpora, peer=False, en_zh_training=True, extra_entries=[extra], log=lambda line: None)
+    english = {"fixed", "space", "space-attention", "entropy-global", "entropy-monotonic", "bpe", "bpe-tok-en+zh",
+               "fixed-4"}
+    mode = "global" if (out["entries"]["entropy-global"]["tests"]["english"]["bits_per_byte"]
+                        <= out["entries"]["entropy-monotonic"]["tests"]["english"]["bits_per_byte"]) else "monotonic"
+    space = "space" if out["space_pooling_winner"] == "concat" else "space-attention"
+    both = {"fixed/en+zh", f"{space}/en+zh", f"entropy-{mode}/en+zh", "bpe/en+zh"}
+    assert set(out["entries"]) == english | both
+    sets = out["data"]["test_sets"]
+    assert list(sets) == ["english", "english-noised", "chinese"]
+    assert sets["english"]["bytes"] == sets["english-noised"]["bytes"] == 300
     for name, figures in out["entries"].items():
-        assert 0 < figures["bits_per_byte"] < 12, name
-        assert figures["train_flops"] >= s.budget_flops - (name.startswith("entropy") and out["entropy_model"]["train_flops"])
-        assert figures["generate_bytes_per_s"] > 0
+        assert figures["trained_on"] == ("en+zh" if name in both else "en")
+        charged = figures["train_flops"] + (out["entropy_model" + name[len(name.split("/")[0]):]]["train_flops"]
+                                            if name.startswith("entropy") else 0)
+        assert charged >= s.budget_flops, name
+        for set_name, test in figures["tests"].items():
+            assert 0 < test["bits_per_byte"] < 40, (name, set_name)
+            assert test["bytes_scored"] == sets[set_name]["bytes"], (name, set_name)  # every byte once
+            assert test["generate_bytes_per_s"] > 0
+        if figures["vocabulary"] == "bytes":
+            assert all(test["symbols_per_byte"] == 1 for test in figures["tests"].values())
+        else:
+            assert figures["tests"]["english"]["symbols_per_byte"] < 0.7
+            assert figures["window"] < s.seq_len
+    # The English tokenizer meets Chinese one byte a token; one that saw Chinese merges characters.
+    assert out["tokenizers"]["bpe-en"]["tokens_per_byte"]["chinese"] > 0.99
+    assert out["tokenizers"]["bpe-en+zh"]["tokens_per_byte"]["chinese"] < 0.9
+    bpe_chinese = out["entries"]["bpe"]["tests"]["chinese"]
+    assert bpe_chinese["symbols_per_byte"] == out["tokenizers"]["bpe-en"]["tokens_per_byte"]["chinese"]
     # 300 held-out bytes in windows of 64: four of 8 patches, one of 44 bytes in 6 (the last one short).
-    assert out["entries"]["fixed"]["avg_patch_length"] == round(300 / (4 * 8 + 6), 3)
-    assert out["best_margin_over_fixed"] == pytest.approx(
-        out["entries"]["fixed"]["bits_per_byte"] - out["entries"][out["best_patched"]]["bits_per_byte"], abs=1e-4
-    )
+    assert out["entries"]["fixed"]["tests"]["english"]["avg_patch_length"] == round(300 / (4 * 8 + 6), 3)
+    english_bpb = {name: out["entries"][name]["tests"]["english"]["bits_per_byte"] for name in english}
+    best_margin = english_bpb["fixed"] - english_bpb[out["best_patched"]]
+    assert out["best_margin_over_fixed"] == pytest.approx(best_margin, abs=1e-4)
+    # who_wins: per training text and test set, read back from the entries.
+    for corpus, names in (("en", english), ("en+zh", both)):
+        for set_name in sets:
+            table = out["who_wins"][corpus][set_name]
+            bpb = {name: out["entries"][name]["tests"][set_name]["bits_per_byte"] for name in names}
+            ranking = [name for name, _ in table["ranking"]]  # (ties may come in either order)
+            assert set(ranking) == names and [bpb[name] for name in ranking] == sorted(bpb.values())
+            assert table["best"] == ranking[0] and table["next"] == ranking[1]
+            assert table["margin_over_next"] == pytest.approx(bpb[ranking[1]] - bpb[ranking[0]], abs=1e-4)
+            byte_best = min(bpb[n] for n in names if not n.startswith("bpe"))
+            assert bpb[table["best_byte"]] == byte_best and not table["best_byte"].startswith("bpe")
+            assert table["bpe_minus_best_byte"] == {
+                n: pytest.approx(bpb[n] - byte_best, abs=1e-4) for n in names if n.startswith("bpe")
+            }
     json.dumps(out)  # one JSON object
 
 
