@@ -5,8 +5,11 @@ Flow. `prepare_data()` converts the source (files in some modality) once into a 
 
     train.bin, validation.bin, test.bin   each split as one flat uint8 byte stream
     <split>.offsets.npy                   int64 start offset of every record (image, clip); not for text
-    manifest.json                         sizes, counts, source; written LAST, so a folder
-                                          without it is incomplete and gets rebuilt
+    manifest.json                         sizes, counts, SHA-256 of each split, source; written
+                                          LAST, so a folder without it is incomplete and gets rebuilt
+
+Subword text (`TextDataModule(tokenizer="bpe")`) adds a folder inside it, `bpe-<hash>/`, holding
+`tokenizer.json` and the same three splits as token ids (see datamodules/text.py).
 
 The hash covers the source path, its files' names, sizes and mtimes and every codec parameter,
 so changing any of them converts again into a new folder. Every file is written under a temporary
@@ -18,7 +21,10 @@ run never leaves a partial file behind.
 Batch format (what the models consume): `(tokens, lengths)` with tokens uint8 (B, L) and lengths
 int64 (B,) = number of real bytes per row; positions >= length are padding (0). Targets are the
 tokens themselves: a window of L bytes gives L predictions (the model shifts internally).
-Which bytes each window covers is decided in `datamodules/windows.py`:
+A split stored as token ids (`TokenFormat`) gives `(tokens, lengths, byte_counts)` instead: tokens
+int64 (B, L) ids, lengths the real tokens per row, byte_counts int64 (B,) the bytes those real
+tokens decode to, the denominator of bits per byte (for bytes it would equal lengths).
+Which symbols (bytes or tokens) each window covers is decided in `datamodules/windows.py`:
 - training: windows of exactly L = seq_len bytes at aligned start offsets drawn by a pure function
   of (seed, epoch, window index); each rank of a distributed run draws its own indices, and the
   position in the stream is saved in checkpoints, so a resumed run draws what an uninterrupted
@@ -36,9 +42,10 @@ import os
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -58,6 +65,9 @@ from datamodules.windows import (
 )
 from multibyte.codecs.text import ByteLike, as_byte_array
 from multibyte.data_spec import DataSpec
+
+if TYPE_CHECKING:
+    from multibyte.bpe import BPETokenizer
 
 SPLITS = ("train", "validation", "test")
 MANIFEST_NAME = "manifest.json"
@@ -113,14 +123,23 @@ class CacheWriter:
     Temporaries are `.<final name>.<random>.partial`; a process killed before `commit()` finishes
     leaves them (and maybe some renamed splits) in a folder without a manifest, which
     `clear_incomplete` empties. Write only while holding the folder's `CacheLock`.
+
+    A byte writer (dtype uint8, the default) takes `append_bytes` / `append_record`; a token writer
+    (dtype uint16 or int32, little-endian) takes `append_tokens`, with the number of bytes the ids
+    decode to, and its manifest records both counts per split.
     """
 
     TEMPORARY_SUFFIX = ".partial"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, dtype: str = "uint8") -> None:
+        if dtype not in ("uint8", "uint16", "int32"):
+            raise ValueError(f"cache dtype must be uint8, uint16 or int32, got {dtype!r}")
         self.folder = folder
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self._temporaries: dict[str, Path] = {}  # final file name -> temporary path
-        self._num_bytes = {split: 0 for split in SPLITS}
+        self._num_bytes = {split: 0 for split in SPLITS}  # bytes the split holds (decoded, for tokens)
+        self._num_tokens = {split: 0 for split in SPLITS}  # token writers only
+        self._digests = {split: hashlib.sha256() for split in SPLITS}  # of each split file's contents
         self._record_starts: dict[str, list[int]] = {split: [] for split in SPLITS}
         self._streams: dict[str, Any] = {}
         try:
@@ -136,11 +155,32 @@ class CacheWriter:
         self._temporaries[final_name] = Path(name)
         return Path(name)
 
+    @property
+    def holds_tokens(self) -> bool:
+        return self.dtype != np.uint8
+
     def append_bytes(self, split: str, data: ByteLike) -> None:
         """Continue `split`'s byte stream with `data` (no record boundary)."""
+        if self.holds_tokens:
+            raise TypeError("a token cache takes append_tokens, not bytes")
         data = np.ascontiguousarray(as_byte_array(data))
         self._streams[split].write(data.data)
+        self._digests[split].update(data.data)
         self._num_bytes[split] += data.size
+
+    def append_tokens(self, split: str, ids: np.ndarray, num_bytes: int) -> None:
+        """Continue `split`'s token stream with `ids` (1-D integers), which decode to `num_bytes` bytes."""
+        if not self.holds_tokens:
+            raise TypeError("a byte cache takes append_bytes, not token ids")
+        ids = np.asarray(ids)
+        limits = np.iinfo(self.dtype)
+        if ids.ndim != 1 or (ids.size and (int(ids.min()) < 0 or int(ids.max()) > limits.max)):
+            raise ValueError(f"token ids must be a 1-D array of values 0..{limits.max} for a {self.dtype.name} cache")
+        data = np.ascontiguousarray(ids.astype(self.dtype, copy=False))
+        self._streams[split].write(data.data)
+        self._digests[split].update(data.data)
+        self._num_tokens[split] += data.size
+        self._num_bytes[split] += int(num_bytes)
 
     def append_record(self, split: str, record: ByteLike) -> None:
         """Append one record (an image, a clip) to `split` and remember where it starts."""
@@ -148,7 +188,12 @@ class CacheWriter:
         self.append_bytes(split, record)
 
     def num_bytes(self, split: str) -> int:
+        """Bytes written to `split` so far (for a token writer: the bytes its ids decode to)."""
         return self._num_bytes[split]
+
+    def num_tokens(self, split: str) -> int:
+        """Token ids written to `split` so far (0 for a byte writer)."""
+        return self._num_tokens[split]
 
     def num_records(self, split: str) -> Optional[int]:
         """How many records `split` holds, or None for a plain byte stream (text)."""
@@ -174,7 +219,15 @@ class CacheWriter:
                     np.save(file, np.asarray(self._record_starts[split], dtype=np.int64))
                     file.flush()
                     os.fsync(file.fileno())
-        sizes = {split: {"num_bytes": self.num_bytes(split), "num_records": self.num_records(split)} for split in SPLITS}
+        sizes = {
+            split: {
+                "num_bytes": self.num_bytes(split),
+                "num_records": self.num_records(split),
+                "sha256": self._digests[split].hexdigest(),
+                **({"num_tokens": self._num_tokens[split], "dtype": self.dtype.name} if self.holds_tokens else {}),
+            }
+            for split in SPLITS
+        }
         manifest = {**description, "splits": sizes}
         with open(self._new_temporary(MANIFEST_NAME), "w", encoding="utf-8") as file:
             json.dump(manifest, file, indent=2, sort_keys=True)
@@ -284,41 +337,82 @@ class CacheLock:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TokenFormat:
+    """A split stored as token ids rather than bytes: `num_tokens` ids of `dtype` (little-endian);
+    id i decodes to `token_bytes[i]` bytes ((V,) int64), which is what bits per byte divides by."""
+
+    num_tokens: int
+    dtype: str
+    token_bytes: np.ndarray
+
+
 class CachedSplit(Dataset):
     """Base of the window datasets: one split's .bin file, memory-mapped on first use.
+
+    `num_bytes` is the bytes the split holds. Without `token_format` the file is those bytes and a
+    window is a uint8 tensor of them; with it the file holds `token_format.num_tokens` token ids,
+    windows count tokens, and a window is (int64 ids, the bytes they decode to).
 
     Only the path travels when a DataLoader worker receives the dataset (pickling drops the
     memmap), and each worker maps the file itself.
     """
 
-    def __init__(self, path: Union[str, Path], num_bytes: int) -> None:
+    def __init__(self, path: Union[str, Path], num_bytes: int, token_format: Optional[TokenFormat] = None) -> None:
         self.path = str(path)
         self.num_bytes = num_bytes
-        self._bytes: Optional[np.memmap] = None
+        self.token_format = token_format
+        self.length = token_format.num_tokens if token_format is not None else num_bytes  # symbols in the file
+        self._symbols: Optional[np.memmap] = None
 
-    def _window(self, start: int, stop: int) -> torch.Tensor:
-        if self._bytes is None:
-            self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.num_bytes,))
-        return torch.from_numpy(np.array(self._bytes[start:stop]))  # a copy: memmap pages stay read-only
+    @property
+    def unit(self) -> str:
+        return "bytes" if self.token_format is None else "tokens"
+
+    def symbols(self) -> np.memmap:
+        """The whole split file as a read-only (length,) array: uint8 bytes, or token ids."""
+        if self._symbols is None:
+            dtype = np.uint8 if self.token_format is None else np.dtype(self.token_format.dtype).newbyteorder("<")
+            self._symbols = np.memmap(self.path, dtype=dtype, mode="r", shape=(self.length,))
+        return self._symbols
+
+    def _window(self, start: int, stop: int) -> Union[torch.Tensor, tuple[torch.Tensor, int]]:
+        if self.token_format is None:
+            return torch.from_numpy(np.array(self.symbols()[start:stop]))  # a copy: memmap pages stay read-only
+        ids = np.array(self.symbols()[start:stop], dtype=np.int64)
+        return torch.from_numpy(ids), int(self.token_format.token_bytes[ids].sum())
+
+    def _empty_window(self) -> Union[torch.Tensor, tuple[torch.Tensor, int]]:
+        if self.token_format is None:
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.zeros(0, dtype=torch.int64), 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_bytes"] = None
+        state["_symbols"] = None
         return state
 
 
 class RandomWindows(CachedSplit):
-    """Training windows: `seq_len` bytes starting at a multiple of `alignment`, drawn uniformly.
+    """Training windows: `seq_len` symbols starting at a multiple of `alignment`, drawn uniformly.
 
     Item `DrawKey(seed, epoch, index)` is the window `train_window_starts` assigns to that key, a
     pure function of it; a plain integer i means DrawKey(0, 0, i). `TrainWindowSampler` decides
     which keys a rank reads; an epoch is `num_windows` of them.
     """
 
-    def __init__(self, path: Union[str, Path], num_bytes: int, seq_len: int, alignment: int, num_windows: int) -> None:
-        super().__init__(path, num_bytes)
-        if num_bytes < seq_len:
-            raise ValueError(f"{path}: {num_bytes} bytes cannot hold one window of seq_len={seq_len}")
+    def __init__(
+        self,
+        path: Union[str, Path],
+        num_bytes: int,
+        seq_len: int,
+        alignment: int,
+        num_windows: int,
+        token_format: Optional[TokenFormat] = None,
+    ) -> None:
+        super().__init__(path, num_bytes, token_format)
+        if self.length < seq_len:
+            raise ValueError(f"{path}: {self.length} {self.unit} cannot hold one window of seq_len={seq_len}")
         self.seq_len = seq_len
         self.alignment = alignment
         self.num_windows = num_windows
@@ -326,41 +420,53 @@ class RandomWindows(CachedSplit):
     def __len__(self) -> int:
         return self.num_windows
 
-    def __getitem__(self, key: Union[int, DrawKey]) -> torch.Tensor:
+    def __getitem__(self, key: Union[int, DrawKey]) -> Union[torch.Tensor, tuple[torch.Tensor, int]]:
         if isinstance(key, (int, np.integer)):
             if not 0 <= key < self.num_windows:
                 raise IndexError(key)
             key = DrawKey(0, 0, int(key))
         seed, epoch, index = key
-        (start,) = train_window_starts(seed, epoch, np.asarray([index]), self.num_bytes, self.seq_len, self.alignment)
+        (start,) = train_window_starts(seed, epoch, np.asarray([index]), self.length, self.seq_len, self.alignment)
         start = int(start)
         return self._window(start, start + self.seq_len)
 
 
 class ContiguousWindows(CachedSplit):
-    """Evaluation windows: [i*seq_len, min((i+1)*seq_len, num_bytes)), the last one possibly short;
-    item None is an empty window."""
+    """Evaluation windows: [i*seq_len, min((i+1)*seq_len, length)) of the split's symbols, the last
+    one possibly short; item None is an empty window."""
 
-    def __init__(self, path: Union[str, Path], num_bytes: int, seq_len: int) -> None:
-        super().__init__(path, num_bytes)
+    def __init__(
+        self, path: Union[str, Path], num_bytes: int, seq_len: int, token_format: Optional[TokenFormat] = None
+    ) -> None:
+        super().__init__(path, num_bytes, token_format)
         self.seq_len = seq_len
 
     def __len__(self) -> int:
-        return num_contiguous_windows(self.num_bytes, self.seq_len)
+        return num_contiguous_windows(self.length, self.seq_len)
 
-    def __getitem__(self, index: Optional[int]) -> torch.Tensor:
+    def __getitem__(self, index: Optional[int]) -> Union[torch.Tensor, tuple[torch.Tensor, int]]:
         if index is None:  # an empty window: evens out the ranks' shares (EvalShardSampler), scores nothing
-            return torch.zeros(0, dtype=torch.uint8)
-        return self._window(*contiguous_window(index, self.num_bytes, self.seq_len))
+            return self._empty_window()
+        return self._window(*contiguous_window(index, self.length, self.seq_len))
 
 
-def pad_windows(windows: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate windows into (tokens uint8 (B, seq_len) zero-padded, lengths int64 (B,))."""
-    tokens = torch.zeros(len(windows), seq_len, dtype=torch.uint8)
+def pad_windows(windows: list, seq_len: int) -> tuple[torch.Tensor, ...]:
+    """Collate windows into a batch.
+
+    Byte windows (uint8 tensors) -> (tokens uint8 (B, seq_len) zero-padded, lengths int64 (B,)).
+    Token windows ((int64 ids, byte count) pairs) -> (tokens int64 (B, seq_len) zero-padded,
+    lengths int64 (B,), byte_counts int64 (B,)).
+    """
+    byte_counts = None
+    if windows and isinstance(windows[0], tuple):
+        byte_counts = torch.tensor([count for _, count in windows], dtype=torch.int64)
+        windows = [ids for ids, _ in windows]
+    dtype = torch.uint8 if byte_counts is None else torch.int64
+    tokens = torch.zeros(len(windows), seq_len, dtype=dtype)
     lengths = torch.tensor([len(window) for window in windows], dtype=torch.int64)
     for row, window in enumerate(windows):
         tokens[row, : len(window)] = window
-    return tokens, lengths
+    return (tokens, lengths) if byte_counts is None else (tokens, lengths, byte_counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,13 +488,13 @@ class ByteStreamDataModule(LightningDataModule):
     Args:
         data_path: file or folder with the source data; None uses the small sample shipped in
             `datamodules/embedded/`.
-        seq_len: bytes per window (L of the (B, L) batches).
+        seq_len: symbols per window (L of the (B, L) batches): bytes, or tokens for subword text.
         batch_size: windows per training batch.
         eval_batch_size: windows per validation/test batch; None means batch_size.
         num_workers: DataLoader worker processes (0 loads in the main process).
         cache_dir: where converted splits are kept; None means $MULTIBYTE_CACHE or ~/.cache/multibyte.
         train_windows_per_epoch: random training windows per epoch, shared out between all
-            processes; None means train bytes // seq_len (at least 1), i.e. about one pass over
+            processes; None means train symbols // seq_len (at least 1), i.e. about one pass over
             the train split. The windows are keyed by the run's seed (`seed_everything`).
         split_seed: seed of the shuffle that assigns records (images, clips) to splits.
     """
@@ -447,6 +553,16 @@ class ByteStreamDataModule(LightningDataModule):
     def alignment(self) -> int:
         """Training windows start at multiples of this many bytes (e.g. 2 keeps 16-bit samples whole)."""
         return 1
+
+    def subword_tokenizer(self) -> Optional["BPETokenizer"]:
+        """The tokenizer whose ids the data is served as (preparing the cache if needed); None for
+        byte data."""
+        return None
+
+    def prepared_subword_tokenizer(self) -> Optional["BPETokenizer"]:
+        """`subword_tokenizer()` when the cache already holds it, else None: never trains or converts
+        anything (for commands that only check a checkpoint's tokenizer against the data's)."""
+        return None
 
     def _default_source(self) -> Path:
         """The embedded sample used when data_path is None."""
@@ -564,21 +680,32 @@ class ByteStreamDataModule(LightningDataModule):
             )
         return path
 
+    def byte_split(self, split: str) -> np.memmap:
+        """The bytes of `split`, memory-mapped read-only (also for data served as tokens: the
+        bytes the token ids decode to)."""
+        return np.memmap(self._split_path(split), dtype=np.uint8, mode="r", shape=(self.split_num_bytes(split),))
+
+    def _split_file(self, split: str) -> tuple[Path, Optional[TokenFormat]]:
+        """The file the windows of `split` read, and how it stores tokens (None: it is the bytes).
+        A datamodule that serves token ids overrides this."""
+        return self._split_path(split), None
+
     # -- datasets and loaders --------------------------------------------------------------------
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Build the training dataset (evaluation datasets come from `eval_dataset`)."""
+        path, token_format = self._split_file("train")
         train_bytes = self.split_num_bytes("train")
-        if train_bytes < self.seq_len:
-            raise DataError(
-                f"{self.source}: the train split has {train_bytes} bytes, fewer than seq_len={self.seq_len}"
-            )
-        num_windows = self.train_windows_per_epoch or max(1, train_bytes // self.seq_len)
-        self._train = RandomWindows(self._split_path("train"), train_bytes, self.seq_len, self.alignment, num_windows)
+        length, unit = (train_bytes, "bytes") if token_format is None else (token_format.num_tokens, "tokens")
+        if length < self.seq_len:
+            raise DataError(f"{self.source}: the train split has {length} {unit}, fewer than seq_len={self.seq_len}")
+        num_windows = self.train_windows_per_epoch or max(1, length // self.seq_len)
+        self._train = RandomWindows(path, train_bytes, self.seq_len, self.alignment, num_windows, token_format)
 
     def eval_dataset(self, split: str) -> ContiguousWindows:
-        """Contiguous windows covering every byte of `split` exactly once."""
-        return ContiguousWindows(self._split_path(split), self.split_num_bytes(split), self.seq_len)
+        """Contiguous windows covering every symbol (byte or token) of `split` exactly once."""
+        path, token_format = self._split_file(split)
+        return ContiguousWindows(path, self.split_num_bytes(split), self.seq_len, token_format)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         """(global rank, number of processes) of the attached trainer; (0, 1) without one."""

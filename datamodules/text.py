@@ -8,24 +8,56 @@ Accepted sources (`data_path`):
 - a folder of .txt files: sorted by name, concatenated, then split 90% / 5% / 5% as above.
 - a folder with train/, validation/ and test/ subfolders (the PG-19 layout): each split is the
   concatenation of its subfolder's .txt files, sorted by name.
+
+Subword text (`tokenizer="bpe"`, the baseline the byte models are measured against). After the
+byte splits above, `prepare_data` trains a byte-level BPE tokenizer (`multibyte.bpe`) of
+`vocab_size` ids on the TRAINING split only, one document per source file (merges never cross
+files; `<|endoftext|>` is the separator token), and encodes every split into a folder inside the
+byte cache:
+
+    <byte cache>/bpe-<hash>/tokenizer.json                     the tokenizer (written atomically)
+    <byte cache>/bpe-<hash>/{train,validation,test}.bin        token ids, uint16 (int32 above 65,536 ids)
+    <byte cache>/bpe-<hash>/manifest.json                      per split: tokens, the bytes they decode
+                                                               to, SHA-256; written last
+
+The hash covers what the tokenizer and the ids depend on: the SHA-256 of the training split's
+bytes, vocab_size, the special tokens, the split pattern and the `tokenizers` version, so a change
+to any of them trains and encodes again. Each split's ids decode to exactly its bytes (checked as
+they are written), so a subword model is scored on the same bytes as a byte model; the literal
+string `<|endoftext|>` in the text encodes to the special id (it decodes to the same bytes).
+Windows count tokens (`seq_len`), and batches carry the bytes each window's real tokens decode to.
 """
 
+import hashlib
+import json
+import string
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
+
+import numpy as np
+import tokenizers
 
 from datamodules.base import (
     EMBEDDED_DATA_DIR,
+    MANIFEST_NAME,
     SPLITS,
     ByteStreamDataModule,
+    CacheLock,
     CacheWriter,
     DataError,
+    TokenFormat,
     proportional_split,
 )
+from multibyte.bpe import CL100K_PATTERN, ENDOFTEXT, TOKENIZER_FILE, BPETokenizer, train_bpe
 
 STANDARD_SPLIT_MIN_BYTES = 100_000_000  # a single file this large gets the fixed-size enwik8 split
 STANDARD_EVAL_SPLIT_BYTES = 5_000_000  # validation and test size in that split
 COPY_CHUNK_BYTES = 1 << 24  # 16 MiB read at a time: large corpora never sit in memory whole
 EMBEDDED_TEXT = EMBEDDED_DATA_DIR / "gutenberg_books.txt"
+TOKEN_CACHE_FORMAT_VERSION = 1  # bump when the token cache layout changes
+TOKENIZERS = ("bytes", "bpe")
+SPECIAL_TOKENS = (ENDOFTEXT,)  # the document separator; its id is 0
+_WORD_BYTES = frozenset(f"{string.ascii_letters}{string.digits}_".encode())
 
 
 def text_split_sizes(total: int, source: Path) -> tuple[int, int, int]:
@@ -78,15 +110,55 @@ def copy_concatenation(files: list[Path], portions: list[tuple[str, int]], write
         raise DataError(f"{files[-1]}: the files shrank while they were being read")
 
 
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest dtype a cache stores ids 0..vocab_size-1 in."""
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def safe_chunks(data: np.ndarray, max_bytes: int = COPY_CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+    """[start, stop) pieces of `data` (uint8, e.g. a memory-mapped split) of at most `max_bytes`.
+
+    Cuts fall after a newline that is followed by an ASCII word character: the cl100k split
+    pattern always cuts there and looks no further across it (see `multibyte.bpe`), so encoding
+    the pieces one by one gives exactly the ids of encoding the whole. A stretch of `max_bytes`
+    without such a place is cut before a UTF-8 lead byte instead (still an exact round trip;
+    only the ids at that one place may differ from a whole-text encoding).
+    """
+    total, start = len(data), 0
+    while total - start > max_bytes:
+        window = bytes(data[start : start + max_bytes + 1])  # one byte more: what follows a newline
+        cut = window.rfind(b"\n", 0, max_bytes)
+        while cut >= 0 and window[cut + 1] not in _WORD_BYTES:
+            cut = window.rfind(b"\n", 0, cut)
+        if cut >= 0:
+            stop = cut + 1
+        else:  # before the last byte that is not a UTF-8 continuation byte (10xxxxxx)
+            stop = next((i for i in range(max_bytes, 0, -1) if window[i] & 0xC0 != 0x80), max_bytes)
+        yield start, start + stop
+        start += stop
+    if start < total:
+        yield start, total
+
+
 class TextDataModule(ByteStreamDataModule):
-    """UTF-8 (or any) text as a byte stream. See the module docstring for the accepted layouts.
+    """UTF-8 (or any) text as a byte stream, or as BPE token ids. See the module docstring for the
+    accepted layouts and the token cache.
 
     Args:
         data_path: a text file, a folder of .txt files, or a folder with train/, validation/ and
             test/ subfolders of .txt files; None uses the embedded sample (two Gutenberg books).
-        seq_len: bytes per window.
+        seq_len: symbols per window: bytes, or tokens with tokenizer="bpe".
         batch_size, eval_batch_size, num_workers, cache_dir, train_windows_per_epoch, split_seed:
             see `ByteStreamDataModule` (split_seed is unused: text splits are contiguous).
+        tokenizer: "bytes" serves the raw bytes (256 symbols); "bpe" trains a byte-level BPE
+            tokenizer on the training split and serves token ids, batches (tokens, lengths,
+            byte_counts).
+        vocab_size: with "bpe", the tokenizer's vocabulary (special token and 256 byte tokens
+            included), and the data's `spec.vocab_size`, which the model's vocab_size must equal.
+            The spec is known before any data is read, so it is this configured size even when the
+            training text runs out of pairs to merge first: the trained tokenizer is then smaller,
+            and the ids it never produces are rows of the model's embedding and head that training
+            never sees (sampling never draws them). Unused with "bytes".
     """
 
     modality = "text"
@@ -101,7 +173,16 @@ class TextDataModule(ByteStreamDataModule):
         cache_dir: Optional[str] = None,
         train_windows_per_epoch: Optional[int] = None,
         split_seed: int = 1234,
+        tokenizer: Literal["bytes", "bpe"] = "bytes",
+        vocab_size: int = 4096,
     ) -> None:
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+        if tokenizer == "bpe" and not 256 + len(SPECIAL_TOKENS) <= vocab_size < 1 << 31:
+            raise ValueError(
+                f"vocab_size must hold the 256 byte tokens and {len(SPECIAL_TOKENS)} special token "
+                f"(at least {256 + len(SPECIAL_TOKENS)}), got {vocab_size}"
+            )
         super().__init__(
             data_path=data_path,
             seq_len=seq_len,
@@ -112,6 +193,15 @@ class TextDataModule(ByteStreamDataModule):
             train_windows_per_epoch=train_windows_per_epoch,
             split_seed=split_seed,
         )
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._train_sha256: Optional[str] = None
+        self._token_folder: Optional[Path] = None
+        self._token_manifest: Optional[dict[str, Any]] = None
+        self._subword: Optional[BPETokenizer] = None
+
+    def _spec_fields(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size} if self.tokenizer == "bpe" else {}
 
     def _default_source(self) -> Path:
         return EMBEDDED_TEXT
@@ -162,3 +252,182 @@ class TextDataModule(ByteStreamDataModule):
         else:
             sizes = proportional_split(sum(path.stat().st_size for path in layout), source, "bytes")
         copy_concatenation(layout, list(zip(SPLITS, sizes)), writer)
+
+    # -- subword text: the tokenizer and the token cache ------------------------------------------
+
+    def prepare_data(self) -> None:
+        """The byte splits (see `ByteStreamDataModule.prepare_data`), then with tokenizer="bpe" the
+        tokenizer and the token splits, under the same guarantees (a lock, atomic files, the
+        manifest last)."""
+        super().prepare_data()
+        if self.tokenizer == "bpe":
+            self._prepare_tokens()
+
+    def train_sha256(self) -> str:
+        """SHA-256 (hex) of the training split's bytes: from the cache's manifest, or (a cache
+        written before manifests held it) read once from train.bin."""
+        if self._train_sha256 is None:
+            recorded = self.manifest["splits"]["train"].get("sha256")
+            if recorded is None:
+                digest = hashlib.sha256()
+                data = self.byte_split("train")
+                for start in range(0, len(data), COPY_CHUNK_BYTES):
+                    digest.update(data[start : start + COPY_CHUNK_BYTES])
+                recorded = digest.hexdigest()
+            self._train_sha256 = recorded
+        return self._train_sha256
+
+    def tokenizer_inputs(self) -> dict[str, Any]:
+        """Everything the tokenizer and the token ids depend on besides the byte splits themselves
+        (the token folder lives inside their cache folder): its hash names the token folder."""
+        return {
+            "format_version": TOKEN_CACHE_FORMAT_VERSION,
+            "train_sha256": self.train_sha256(),
+            "vocab_size": self.vocab_size,
+            "special_tokens": list(SPECIAL_TOKENS),
+            "split_pattern": CL100K_PATTERN,
+            "tokenizers_version": tokenizers.__version__,
+        }
+
+    @property
+    def token_folder(self) -> Path:
+        """`<byte cache folder>/bpe-<hash of tokenizer_inputs()>` (needs the byte cache)."""
+        if self.tokenizer != "bpe":
+            raise ValueError("token_folder: this TextDataModule serves bytes (tokenizer='bytes')")
+        if self._token_folder is None:
+            inputs = json.dumps(self.tokenizer_inputs(), sort_keys=True).encode("utf-8")
+            self._token_folder = self.cache_folder / f"bpe-{hashlib.sha256(inputs).hexdigest()[:16]}"
+        return self._token_folder
+
+    def _train_documents(self) -> Iterator[bytes]:
+        """The training split as the tokenizer learns from it: one document per source file (a
+        file cut by the split counts up to the cut), each in `safe_chunks`."""
+        data = self.byte_split("train")
+        starts = self._train_document_starts(len(data))
+        for start, stop in zip(starts, starts[1:] + [len(data)]):
+            for first, last in safe_chunks(data[start:stop]):
+                yield bytes(data[start + first : start + last])
+
+    def _train_document_starts(self, train_bytes: int) -> list[int]:
+        """Offsets in the training split where a source file begins ([0] for a single file)."""
+        source = self.source
+        layout = self._layout(source)
+        if isinstance(layout, dict):
+            sizes, total = [path.stat().st_size for path in layout["train"]], train_bytes
+        elif source.is_dir():
+            sizes, total = [path.stat().st_size for path in layout], sum(map(self.split_num_bytes, SPLITS))
+        else:
+            return [0]
+        if sum(sizes) != total:  # the files changed since the cache was written: one document
+            return [0]
+        starts = np.cumsum([0] + sizes[:-1]).tolist()
+        return sorted({start for start in starts if start < train_bytes} | {0})
+
+    def _prepare_tokens(self) -> None:
+        folder = self.token_folder
+        if (folder / MANIFEST_NAME).is_file():
+            return
+        with CacheLock(folder):
+            if (folder / MANIFEST_NAME).is_file():
+                return  # another process completed it while this one waited
+            folder.mkdir(exist_ok=True)
+            _clear_token_folder(folder)
+            try:
+                tokenizer = train_bpe(self._train_documents(), self.vocab_size, SPECIAL_TOKENS)
+                if tokenizer.vocab_size > self.vocab_size:  # train_bpe never grows past what it is asked
+                    raise RuntimeError(f"trained {tokenizer.vocab_size} ids, more than vocab_size={self.vocab_size}")
+                tokenizer.save(folder / TOKENIZER_FILE)
+                with CacheWriter(folder, token_dtype(self.vocab_size)) as writer:
+                    for split in SPLITS:
+                        data = self.byte_split(split)
+                        for start, stop in safe_chunks(data):
+                            chunk = bytes(data[start:stop])
+                            ids = tokenizer.encode_array(chunk, allowed_special="all")
+                            if tokenizer.decode(ids) != chunk:  # the tokenizer's promise, checked on the data
+                                raise DataError(
+                                    f"{self.cache_folder / f'{split}.bin'}: bytes {start}..{stop} do not survive "
+                                    f"BPE encoding and decoding"
+                                )
+                            writer.append_tokens(split, ids, len(chunk))
+                    writer.commit(
+                        {
+                            **self.tokenizer_inputs(),
+                            "source": str(self.source),
+                            "byte_cache": str(self.cache_folder),
+                            "tokenizer": {"vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()},
+                        }
+                    )
+            except BaseException:
+                _clear_token_folder(folder)
+                try:
+                    folder.rmdir()  # only succeeds when empty
+                except OSError:
+                    pass
+                raise
+
+    @property
+    def token_manifest(self) -> dict[str, Any]:
+        """The token folder's manifest.json (preparing the data first if needed)."""
+        if self._token_manifest is None:
+            path = self.token_folder / MANIFEST_NAME
+            if not path.is_file():
+                self.prepare_data()
+            self._token_manifest = json.loads(path.read_text(encoding="utf-8"))
+        return self._token_manifest
+
+    def subword_tokenizer(self) -> Optional[BPETokenizer]:
+        if self.tokenizer != "bpe":
+            return None
+        if self._subword is None:
+            self.token_manifest  # prepares the data when needed
+            path = self.token_folder / TOKENIZER_FILE
+            try:
+                tokenizer = BPETokenizer.load(path)
+            except (OSError, ValueError) as error:
+                raise DataError(f"{error}; delete {self.token_folder} to rebuild it") from None
+            if tokenizer.fingerprint() != self.token_manifest["tokenizer"]["fingerprint"]:
+                raise DataError(f"{path}: not the tokenizer the cache was encoded with; delete {self.token_folder}")
+            self._subword = tokenizer
+        return self._subword
+
+    def prepared_subword_tokenizer(self) -> Optional[BPETokenizer]:
+        if self.tokenizer != "bpe" or not (self.cache_folder / MANIFEST_NAME).is_file():
+            return None
+        if not (self.token_folder / MANIFEST_NAME).is_file():
+            return None
+        return self.subword_tokenizer()
+
+    def split_num_tokens(self, split: str) -> int:
+        """Token ids in `split` (tokenizer="bpe")."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return int(self.token_manifest["splits"][split]["num_tokens"])
+
+    def _split_file(self, split: str) -> tuple[Path, Optional[TokenFormat]]:
+        if self.tokenizer != "bpe":
+            return super()._split_file(split)
+        entry = self.token_manifest["splits"][split]
+        if entry["num_bytes"] != self.split_num_bytes(split):
+            raise DataError(
+                f"{self.token_folder}: its {split} ids decode to {entry['num_bytes']} bytes, the split holds "
+                f"{self.split_num_bytes(split)}; delete {self.token_folder} to rebuild it"
+            )
+        path = self.token_folder / f"{split}.bin"
+        expected = entry["num_tokens"] * np.dtype(entry["dtype"]).itemsize
+        on_disk = path.stat().st_size if path.is_file() else None
+        if on_disk != expected:
+            raise DataError(
+                f"{path}: holds {on_disk} bytes but the manifest says {entry['num_tokens']} {entry['dtype']} ids; "
+                f"delete {self.token_folder} to rebuild it"
+            )
+        lengths = self.subword_tokenizer().token_byte_lengths()
+        return path, TokenFormat(int(entry["num_tokens"]), entry["dtype"], lengths)
+
+
+def _clear_token_folder(folder: Path) -> None:
+    """What an unfinished token-cache preparation left in `folder` (a folder without a manifest):
+    split temporaries and files, and the tokenizer (also a temporary of `BPETokenizer.save`)."""
+    CacheWriter.clear_incomplete(folder)
+    if folder.is_dir() and not (folder / MANIFEST_NAME).exists():
+        for path in [folder / TOKENIZER_FILE, *folder.glob(f".{TOKENIZER_FILE}.*.tmp")]:
+            path.unlink(missing_ok=True)

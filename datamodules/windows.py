@@ -1,5 +1,9 @@
 """Which bytes every window covers: the training draws and the evaluation plans, for one process or many.
 
+Everything here counts symbols: bytes for the byte models, token ids for subword text (a window
+is then seq_len tokens, and "every byte exactly once" below reads "every token exactly once",
+hence every byte they decode to once).
+
 Training. An epoch is `num_windows` windows with global indices g = 0 .. num_windows - 1. Window g
 of epoch e starts at
 

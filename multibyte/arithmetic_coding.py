@@ -2,6 +2,8 @@
 
 This module knows nothing about models: a distribution is 256 non-negative weights (probabilities)
 per step, and the same distributions must be produced, bit for bit, when encoding and decoding.
+Other alphabets work the same way (a subword model's V token ids: V weights per step, V + 1
+cumulative counts); the numbers below are for bytes.
 
 Two steps turn a distribution into bits:
 
@@ -30,9 +32,12 @@ from typing import Callable
 
 import numpy as np
 
-ALPHABET_SIZE = 256
+ALPHABET_SIZE = 256  # bytes; `cumulative_frequencies` takes any alphabet up to MAX_ALPHABET_SIZE
 FREQUENCY_BITS = 24
 FREQUENCY_TOTAL = 1 << FREQUENCY_BITS
+# Every symbol keeps at least 1 count, so this many symbols take at most 1/64 of the total away
+# from the likely ones (4,096 tokens: 1/4096 of it).
+MAX_ALPHABET_SIZE = FREQUENCY_TOTAL >> 6
 STATE_BITS = 48
 _FULL = (1 << STATE_BITS) - 1
 _HALF = 1 << (STATE_BITS - 1)
@@ -41,16 +46,19 @@ _QUARTER = 1 << (STATE_BITS - 2)
 NextDistribution = Callable[[bytes], np.ndarray]  # bytes so far -> (256,) non-negative weights
 
 
-def cumulative_frequencies(probabilities: np.ndarray) -> np.ndarray:
+def cumulative_frequencies(probabilities: np.ndarray, alphabet_size: int = ALPHABET_SIZE) -> np.ndarray:
     """Quantise distributions into cumulative integer frequencies.
 
-    probabilities (..., 256) non-negative and finite, any positive sum (normalised here) ->
-    int64 (..., 257) with c[..., 0] = 0, c[..., 256] = FREQUENCY_TOTAL and c[s+1] - c[s] >= 1:
+    probabilities (..., V) non-negative and finite, any positive sum (normalised here), over
+    V = `alphabet_size` symbols (256 bytes, or a tokenizer's ids; 2..MAX_ALPHABET_SIZE) ->
+    int64 (..., V + 1) with c[..., 0] = 0, c[..., V] = FREQUENCY_TOTAL and c[s+1] - c[s] >= 1:
     symbol s owns [c[s], c[s+1]).
     """
+    if not 2 <= alphabet_size <= MAX_ALPHABET_SIZE:
+        raise ValueError(f"alphabet_size must lie in 2..{MAX_ALPHABET_SIZE}, got {alphabet_size}")
     weights = np.asarray(probabilities, dtype=np.float64)
-    if weights.shape[-1] != ALPHABET_SIZE:
-        raise ValueError(f"expected {ALPHABET_SIZE} probabilities per step, got shape {weights.shape}")
+    if weights.ndim == 0 or weights.shape[-1] != alphabet_size:
+        raise ValueError(f"expected {alphabet_size} probabilities per step, got shape {weights.shape}")
     totals = weights.sum(axis=-1, keepdims=True)
     if not (np.isfinite(weights).all() and (weights >= 0).all() and (totals > 0).all()):
         raise ValueError("probabilities must be finite, non-negative and not all zero")
@@ -58,13 +66,13 @@ def cumulative_frequencies(probabilities: np.ndarray) -> np.ndarray:
     # Every symbol gets 1 for free; the rest of the total is shared in proportion. Each floor is at
     # most p * spare and the p add up to 1 (within float rounding far below one count), so the
     # floors add up to at most `spare`: the shortfall is >= 0 and goes to the most probable symbol.
-    spare = FREQUENCY_TOTAL - ALPHABET_SIZE
+    spare = FREQUENCY_TOTAL - alphabet_size
     frequencies = np.floor(normalised * spare).astype(np.int64) + 1
     shortfall = FREQUENCY_TOTAL - frequencies.sum(axis=-1, keepdims=True)
     most_probable = normalised.argmax(axis=-1)[..., None]
     topped_up = np.take_along_axis(frequencies, most_probable, axis=-1) + shortfall
     np.put_along_axis(frequencies, most_probable, topped_up, axis=-1)
-    cumulative = np.zeros(frequencies.shape[:-1] + (ALPHABET_SIZE + 1,), dtype=np.int64)
+    cumulative = np.zeros(frequencies.shape[:-1] + (alphabet_size + 1,), dtype=np.int64)
     np.cumsum(frequencies, axis=-1, out=cumulative[..., 1:])
     return cumulative
 
@@ -167,7 +175,7 @@ class ArithmeticDecoder:
         # The largest count c with low + span * c // TOTAL <= value, i.e. where value falls.
         target = ((self._value - self._low + 1) * FREQUENCY_TOTAL - 1) // span
         symbol = int(np.searchsorted(cumulative, target, side="right")) - 1
-        symbol = min(max(symbol, 0), ALPHABET_SIZE - 1)  # only reachable with corrupted data
+        symbol = min(max(symbol, 0), len(cumulative) - 2)  # only reachable with corrupted data
         low_count, high_count = int(cumulative[symbol]), int(cumulative[symbol + 1])
         self._high = self._low + span * high_count // FREQUENCY_TOTAL - 1
         self._low = self._low + span * low_count // FREQUENCY_TOTAL

@@ -14,9 +14,16 @@ inference mode, the four rows of MEGABYTE's Table 9 (Yu et al. 2023):
                      the global model has just seen the previous patch). Cost 2x.
     sliding+strided  both: two passes of sliding windows (S must be a multiple of P). Cost about 4x.
 
-Cost is reported as model positions computed per scored byte, with wall time and throughput.
-The plan of windows is plain data (`datamodules.windows.inference_plan`), so "every byte exactly
-once" is checked directly on it (tests/test_windows.py) and again on the scored count.
+Cost is reported as model positions computed per scored position (1.0 for basic windows), with
+wall time and throughput. The plan of windows is plain data (`datamodules.windows.inference_plan`),
+so "every byte exactly once" is checked directly on it (tests/test_windows.py) and again on the
+scored count.
+
+A subword model (data served as BPE ids) is scored the same way over its tokens: windows of
+seq_len tokens, every token scored once, and bits per byte = the tokens' total bits over the
+bytes they decode to (every byte of the split once), so it sits in the same table as the byte
+models. The report adds its tokens per byte, and the codecs run on the split's bytes, which are
+exactly what its tokens decode to.
 
 Under torch.distributed (e.g. `bench --trainer.strategy ddp --trainer.devices 2`) each rank scores
 its share of the plan's windows (`rank_share`: no window twice) and the bit and byte totals are
@@ -51,7 +58,7 @@ from datamodules.windows import (  # noqa: F401
     pass_windows,
     rank_share,
 )
-from multibyte.compression import write_atomically
+from multibyte.compression import HEADER_SIZE, write_atomically
 from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
 from multibyte.reference_codecs import CodecResult, reference_codecs
@@ -67,10 +74,15 @@ LN2 = math.log(2.0)
 @dataclass(frozen=True)
 class ModelScore:
     mode: str
-    bits: float  # total -log2 p over the scored bytes
-    scored_bytes: int
-    positions_computed: int  # bytes fed through the model, context included
+    bits: float  # total -log2 p over the scored symbols
+    scored_bytes: int  # bytes the scored symbols stand for (= scored_symbols for a byte model)
+    positions_computed: int  # symbols fed through the model, context included
     seconds: float
+    scored_symbols: int = -1  # bytes or tokens scored; -1 means scored_bytes (a byte model)
+
+    def __post_init__(self) -> None:
+        if self.scored_symbols < 0:
+            object.__setattr__(self, "scored_symbols", self.scored_bytes)
 
     @property
     def bits_per_byte(self) -> float:
@@ -78,8 +90,13 @@ class ModelScore:
 
     @property
     def cost(self) -> float:
-        """Model positions computed per scored byte (1.0 for basic windows)."""
-        return self.positions_computed / max(1, self.scored_bytes)
+        """Model positions computed per scored position (1.0 for basic windows)."""
+        return self.positions_computed / max(1, self.scored_symbols)
+
+    @property
+    def tokens_per_byte(self) -> float:
+        """Scored symbols per scored byte: 1.0 for a byte model, the tokenizer's rate for a subword one."""
+        return self.scored_symbols / max(1, self.scored_bytes)
 
     @property
     def bytes_per_second(self) -> float:
@@ -110,8 +127,11 @@ def score_bytes(
     mode: str = "basic",
     batch_size: int = 8,
     precision: str = "32-true",
+    token_bytes: Optional[np.ndarray] = None,
 ) -> ModelScore:
-    """Bits of every byte of `data` (uint8 (N,), e.g. a memory-mapped split) under `mode`.
+    """Bits of every symbol of `data` under `mode`: (N,) bytes (uint8, e.g. a memory-mapped split),
+    or with `token_bytes` ((V,) bytes each id decodes to) N token ids, whose scored bytes are the
+    sum of their lengths. Windows are `seq_len` symbols.
 
     Under torch.distributed every rank must call this with the same arguments: each scores its
     share of the windows and every rank returns the totals over all of them.
@@ -128,7 +148,7 @@ def score_bytes(
     was_training = model.training
     model.eval()
     began = time.perf_counter()
-    total_bits, scored, computed = 0.0, 0, 0
+    total_bits, scored, scored_bytes, computed = 0.0, 0, 0, 0
     try:
         for first in range(0, len(windows), batch_size):
             batch = windows[first : first + batch_size]
@@ -136,29 +156,36 @@ def score_bytes(
             mask = torch.zeros(len(batch), seq_len, dtype=torch.bool)  # (B, L) scored positions
             for row, window in enumerate(batch):
                 length = window.stop - window.start
-                tokens[row, :length] = torch.from_numpy(np.asarray(data[window.start : window.stop], dtype=np.int64))
-                mask[row, :length] = torch.from_numpy(window.scored_mask(P))
+                symbols = np.asarray(data[window.start : window.stop], dtype=np.int64)
+                scored_here = window.scored_mask(P)
+                tokens[row, :length] = torch.from_numpy(symbols)
+                mask[row, :length] = torch.from_numpy(scored_here)
                 computed += length
+                if token_bytes is not None:
+                    scored_bytes += int(token_bytes[symbols[scored_here]].sum())
             tokens, mask = tokens.to(device), mask.to(device)
             with precision_context(precision, device):
-                logits = model(tokens)  # (B, L, 256)
+                logits = model(tokens)  # (B, L, V)
             # fp32 log-softmax whatever the autocast dtype, as in training's masked_byte_nll.
             nll = F.cross_entropy(logits.float().flatten(0, -2), tokens.reshape(-1), reduction="none")
             total_bits += float((nll.view_as(mask).double() * mask).sum()) / LN2
             scored += int(mask.sum())
     finally:
         model.train(was_training)
+    if token_bytes is None:
+        scored_bytes = scored
     seconds = time.perf_counter() - began
     if world_size > 1:  # totals over the ranks' shares; the slowest rank's time is the run's
-        totals = torch.tensor([total_bits, scored, computed], dtype=torch.float64, device=device)
+        totals = torch.tensor([total_bits, scored, scored_bytes, computed], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         elapsed = torch.tensor([seconds], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        total_bits, scored, computed = float(totals[0]), int(totals[1]), int(totals[2])
+        total_bits, scored, scored_bytes, computed = float(totals[0]), int(totals[1]), int(totals[2]), int(totals[3])
         seconds = float(elapsed[0])
     if scored != len(data):  # the plan tiles the data; anything else is a bug, never a result
-        raise RuntimeError(f"{mode} inference scored {scored} bytes of {len(data)}")
-    return ModelScore(mode, total_bits, scored, computed, seconds)
+        unit = "bytes" if token_bytes is None else "tokens"
+        raise RuntimeError(f"{mode} inference scored {scored} {unit} of {len(data)}")
+    return ModelScore(mode, total_bits, scored_bytes, computed, seconds, scored)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,8 +203,7 @@ MODE_LABELS = {
 def split_bytes(datamodule, split: str, max_bytes: Optional[int] = None) -> np.ndarray:
     """The bytes of `split` (memory-mapped), or its first `max_bytes` (whole images for images)."""
     datamodule.prepare_data()
-    dataset = datamodule.eval_dataset(split)
-    data = np.memmap(dataset.path, dtype=np.uint8, mode="r", shape=(dataset.num_bytes,))
+    data = datamodule.byte_split(split)
     if max_bytes is None:
         return data
     if max_bytes < 1:
@@ -186,6 +212,38 @@ def split_bytes(datamodule, split: str, max_bytes: Optional[int] = None) -> np.n
     if spec.modality == "image" and max_bytes % spec.seq_len:
         raise ValueError(f"max_bytes={max_bytes} must be a whole number of images ({spec.seq_len} bytes each)")
     return data[:max_bytes]
+
+
+@dataclass(frozen=True)
+class ScoredData:
+    """What `run_benchmark` scores: `symbols` go through the model (bytes, or token ids whose
+    lengths are `token_bytes`), `raw` are the bytes they stand for (what the codecs compress)."""
+
+    symbols: np.ndarray
+    raw: np.ndarray
+    token_bytes: Optional[np.ndarray] = None
+
+
+def split_data(datamodule, split: str, max_bytes: Optional[int] = None) -> ScoredData:
+    """The data of `split` as the model reads it. Bytes: `split_bytes`. Token ids (a subword
+    datamodule): all of them, or with `max_bytes` the longest run of whole tokens from the start
+    that decodes to at most max_bytes bytes; `raw` is exactly the bytes they decode to."""
+    datamodule.prepare_data()
+    dataset = datamodule.eval_dataset(split)
+    if dataset.token_format is None:
+        data = split_bytes(datamodule, split, max_bytes)
+        return ScoredData(data, data)
+    tokens, raw = dataset.symbols(), datamodule.byte_split(split)
+    token_bytes = dataset.token_format.token_bytes
+    if max_bytes is not None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
+        ends = np.cumsum(token_bytes[tokens])  # (N,) byte offset where each token ends
+        count = int(np.searchsorted(ends, max_bytes, side="right"))  # tokens that end by max_bytes
+        if count == 0:
+            raise ValueError(f"max_bytes={max_bytes} holds no whole token (the first is {int(ends[0])} bytes)")
+        tokens, raw = tokens[:count], raw[: int(ends[count - 1])]
+    return ScoredData(tokens, raw, token_bytes)
 
 
 def codec_params(datamodule) -> dict[str, Any]:
@@ -223,30 +281,34 @@ def run_benchmark(
         if rank == 0:
             datamodule.prepare_data()
         dist.barrier()
-    data = split_bytes(datamodule, split, max_bytes)
-    if len(data) == 0:
+    data = split_data(datamodule, split, max_bytes)
+    if len(data.raw) == 0:
         raise ValueError(f"split {split!r} of {datamodule.source} holds no bytes")
     rows: list[dict[str, Any]] = []
     for mode in modes:
-        score = score_bytes(model, data, seq_len, mode, batch_size or datamodule.eval_batch_size, precision)
-        rows.append(
-            {
-                "method": MODE_LABELS[mode],
-                "kind": "model",
-                "mode": mode,
-                "bits_per_byte": score.bits_per_byte,
-                "compressed_bytes": math.ceil(score.bits / 8),  # what arithmetic coding would need
-                "scored_bytes": score.scored_bytes,
-                "cost": score.cost,
-                "seconds": score.seconds,
-                "bytes_per_second": score.bytes_per_second,
-            }
-        )
+        batch = batch_size or datamodule.eval_batch_size
+        score = score_bytes(model, data.symbols, seq_len, mode, batch, precision, data.token_bytes)
+        if score.scored_bytes != len(data.raw):  # every byte once, counted through the tokens
+            raise RuntimeError(f"{mode} inference scored {score.scored_bytes} bytes of {len(data.raw)}")
+        row = {
+            "method": MODE_LABELS[mode],
+            "kind": "model",
+            "mode": mode,
+            "bits_per_byte": score.bits_per_byte,
+            "compressed_bytes": math.ceil(score.bits / 8),  # what arithmetic coding would need
+            "scored_bytes": score.scored_bytes,
+            "cost": score.cost,
+            "seconds": score.seconds,
+            "bytes_per_second": score.bytes_per_second,
+        }
+        if data.token_bytes is not None:
+            row.update(scored_tokens=score.scored_symbols, tokens_per_byte=score.tokens_per_byte)
+        rows.append(row)
     skipped: list[dict[str, str]] = []
     if codecs:
         codec_rows: list[dict[str, Any]] = []
         if rank == 0:  # the codecs run once; the other ranks receive their rows
-            raw = np.asarray(data).tobytes()
+            raw = np.asarray(data.raw).tobytes()
             for result in reference_codecs(raw, datamodule.modality, **codec_params(datamodule)):
                 if result.skipped:
                     skipped.append({"method": result.name, "reason": result.note})
@@ -257,19 +319,31 @@ def run_benchmark(
             dist.broadcast_object_list(shared, src=0)
             codec_rows, skipped = shared
         rows += codec_rows
+    tokenizer = None
+    if data.token_bytes is not None:
+        subword = datamodule.subword_tokenizer()
+        tokenizer = {
+            "kind": "bpe",
+            "vocab_size": subword.vocab_size,
+            "fingerprint": subword.fingerprint(),
+            "num_tokens": int(len(data.symbols)),
+            "tokens_per_byte": len(data.symbols) / len(data.raw),
+        }
     return {
         "modality": datamodule.modality,
         "unit": "bits/dim" if datamodule.modality == "image" else "bits/byte",
         "split": split,
-        "num_bytes": int(len(data)),
+        "num_bytes": int(len(data.raw)),
         "data_source": str(datamodule.source),
         "model": {
             "checkpoint": checkpoint,
             "parameters": model.num_parameters(),
             "patch_size": model.config.alignment,
             "seq_len": seq_len,
+            "seq_unit": "bytes" if tokenizer is None else "tokens",
             "precision": precision,
             "device": str(model.head.weight.device),
+            "tokenizer": tokenizer,
         },
         "results": rows,
         "skipped": skipped,
@@ -293,7 +367,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         f"### {report['modality']}: {report['split']} split, {report['num_bytes']:,} bytes ({report['data_source']})",
         "",
-        f"| method | {unit} | size (bytes) | cost (positions/byte) | throughput (bytes/s) | notes |",
+        f"| method | {unit} | size (bytes) | cost (positions/scored) | throughput (bytes/s) | notes |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in sorted(report["results"], key=lambda row: row["bits_per_byte"]):
@@ -306,13 +380,19 @@ def markdown_table(report: dict[str, Any]) -> str:
     for item in report["skipped"]:
         lines.append(f"| {item['method']} | | | | | skipped: {item['reason']} |")
     model = report["model"]
+    tokenizer = model.get("tokenizer")
+    shape = (
+        f"patch size {model['patch_size']}, windows of {model['seq_len']:,} bytes"
+        if not tokenizer
+        else f"BPE tokenizer of {tokenizer['vocab_size']:,} ids ({tokenizer['tokens_per_byte']:.3f} tokens per byte: "
+        f"{tokenizer['num_tokens']:,} tokens), windows of {model['seq_len']:,} tokens"
+    )
     lines += [
         "",
-        f"Model: {model['parameters']:,} parameters, patch size {model['patch_size']}, windows of "
-        f"{model['seq_len']:,} bytes, {model['precision']} on {model['device']}"
+        f"Model: {model['parameters']:,} parameters, {shape}, {model['precision']} on {model['device']}"
         + (f", checkpoint `{model['checkpoint']}`." if model["checkpoint"] else ", untrained (no checkpoint)."),
         "Model sizes are what arithmetic coding under its probabilities needs (`multibyte compress` "
-        "attains them within a few bytes plus a 56-byte header).",
+        f"attains them within a few bytes plus a {HEADER_SIZE}-byte header).",
     ]
     return "\n".join(lines) + "\n"
 

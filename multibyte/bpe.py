@@ -246,6 +246,20 @@ class BPETokenizer:
         across save/load, so it can key caches of encoded data."""
         return hashlib.sha256(self._json.encode("utf-8")).hexdigest()
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizers` JSON text (what `save` writes; `from_json` reads it back),
+        e.g. to store it inside a model checkpoint."""
+        return self._tokenizer.to_str()
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "the tokenizer") -> BPETokenizer:
+        """A tokenizer from `to_json` text; ValueError naming `source` when it is not one."""
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as error:  # the Rust side raises plain Exception for any parse error
+            raise ValueError(f"{source}: not a valid tokenizer.json ({error})") from None
+        return cls(tokenizer, source=source)
+
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the tokenizer's JSON (the `tokenizers` format) to `path`, atomically: a temporary
         file in the same folder, then os.replace; parent folders are created."""

@@ -92,6 +92,7 @@ class SampleCallback(Callback):
                 seed=self.seed,
                 progress=False,
                 info={"global_step": trainer.global_step},
+                tokenizer=getattr(pl_module, "tokenizer", None),  # a subword model's: its samples are decoded
             )
         except FileExistsError as error:  # never let a sampling side show stop the training
             rank_zero_warn(f"SampleCallback: skipped ({error})")

@@ -11,12 +11,14 @@ failures (retry with weights_only=False, i.e. run the payload) is never passed o
 Two layouts are read:
 
     run/.../checkpoints/last.ckpt      Lightning's checkpoint: weights, optimizer, loops, hparams
+                                       (and a subword model's tokenizer JSON under "tokenizer")
     DIR/model.safetensors              `python -m multibyte export`: the byte model's weights
     DIR/config.yaml                    ... and the `ByteLM` hyperparameters under `model:` (so it
                                        also works as `--config DIR/config.yaml`)
+    DIR/tokenizer.json                 ... and a subword model's tokenizer
 
 `load_checkpoint` returns both as a Lightning-style dict, so every command that takes
-`--ckpt_path` takes either. `SafeCheckpointIO` puts the same reader under Lightning (resume,
+`--ckpt_path` takes either; `checkpoint_tokenizer` reads the tokenizer out of it. `SafeCheckpointIO` puts the same reader under Lightning (resume,
 validate, test, predict) and writes checkpoints through a temporary file in the same folder,
 fsync and `os.replace`, so a kill mid-save leaves the previous file whole.
 """
@@ -39,10 +41,16 @@ import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from multibyte.bpe import TOKENIZER_FILE
+
+if typing.TYPE_CHECKING:
+    from multibyte.bpe import BPETokenizer
+
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
 MODULE_PREFIX = "model."  # ByteLM holds its HierarchicalByteModel as `.model`
 EXPORT_FORMAT = "multibyte-export-1"  # stored in the safetensors metadata
+TOKENIZER_KEY = "tokenizer"  # a subword model's tokenizer JSON, in the checkpoint dict
 
 PathLike = Union[str, Path]
 
@@ -157,13 +165,51 @@ def _load_export_dir(folder: Path, map_location: Any) -> dict[str, Any]:
     hparams = config.get("model") if isinstance(config, dict) else None
     if not isinstance(hparams, dict) or not isinstance(hparams.get("architecture"), dict):
         raise CheckpointError(f"checkpoint {config_path}: no model.architecture in it")
-    return {
+    checkpoint = {
         "state_dict": {MODULE_PREFIX + name: tensor for name, tensor in weights.items()},
         "hyper_parameters": hparams,
         "pytorch-lightning_version": lightning.__version__,
         "epoch": 0,
         "global_step": 0,
     }
+    tokenizer_path = folder / TOKENIZER_FILE
+    if tokenizer_path.is_file():
+        try:
+            checkpoint[TOKENIZER_KEY] = tokenizer_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"checkpoint {tokenizer_path}: cannot be read ({_reason(error)})") from None
+    return checkpoint
+
+
+def checkpoint_tokenizer(checkpoint: dict[str, Any], path: Optional[PathLike] = None) -> Optional["BPETokenizer"]:
+    """The subword tokenizer a checkpoint (or export directory) carries; None for a byte model.
+    CheckpointError naming `path` when what it carries is not a usable tokenizer."""
+    from multibyte.bpe import BPETokenizer
+
+    text = checkpoint.get(TOKENIZER_KEY)
+    if text is None:
+        return None
+    source = Path(path) / TOKENIZER_FILE if path is not None and Path(path).is_dir() else f"checkpoint {path}"
+    if not isinstance(text, str):
+        raise CheckpointError(f"{source}: its tokenizer is not JSON text")
+    try:
+        return BPETokenizer.from_json(text, source=str(source))
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def check_same_tokenizer(model_tokenizer: Optional["BPETokenizer"], data_tokenizer: Optional["BPETokenizer"], where: str) -> None:
+    """Refuse data encoded by another tokenizer than the model was trained with (fingerprints).
+    `where` names the checkpoint. Either side being None (bytes, or unknown) is not a conflict."""
+    if model_tokenizer is None or data_tokenizer is None:
+        return
+    if model_tokenizer.fingerprint() != data_tokenizer.fingerprint():
+        raise CheckpointError(
+            f"{where} was trained with another tokenizer than the data's (--data): tokenizer fingerprint "
+            f"{model_tokenizer.fingerprint()[:16]} ({model_tokenizer.vocab_size} ids), the data's "
+            f"{data_tokenizer.fingerprint()[:16]} ({data_tokenizer.vocab_size} ids). Its scores on this data would "
+            f"be meaningless: point --data at the text and vocab_size the model was trained on"
+        )
 
 
 def checkpoint_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -342,19 +388,21 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def export_checkpoint(ckpt_path: PathLike, output_dir: PathLike, overwrite: bool = False) -> list[Path]:
-    """Write `model.safetensors` (the byte model's weights) and `config.yaml` (the `ByteLM`
-    hyperparameters under `model:`) into `output_dir`. Existing files are never replaced unless
-    `overwrite`. An entropy patcher's byte model is part of the weights and its architecture part
-    of the config, so the directory is self-contained. Returns the two paths."""
+    """Write `model.safetensors` (the byte model's weights), `config.yaml` (the `ByteLM`
+    hyperparameters under `model:`) and, for a subword model, `tokenizer.json` into `output_dir`.
+    Existing files are never replaced unless `overwrite` (a stale tokenizer.json is then removed
+    for a byte model). An entropy patcher's byte model is part of the weights and its architecture
+    part of the config, so the directory is self-contained. Returns the paths written."""
     from safetensors.torch import save
 
     folder = Path(output_dir)
     targets = [folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG]
     if not overwrite:
-        for target in targets:
+        for target in [*targets, folder / TOKENIZER_FILE]:
             if target.exists():
                 raise FileExistsError(f"{target}: already exists (--overwrite true replaces it)")
     checkpoint = load_checkpoint(ckpt_path)
+    tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path)
     hparams = checkpoint_hparams(checkpoint)
     if not isinstance(hparams.get("architecture"), dict):
         raise CheckpointError(f"checkpoint {ckpt_path}: no model architecture among its hyperparameters")
@@ -371,4 +419,9 @@ def export_checkpoint(ckpt_path: PathLike, output_dir: PathLike, overwrite: bool
     text = header + yaml.safe_dump({"model": hparams}, sort_keys=False)
     atomic_write(targets[0], lambda file: file.write(blob))
     atomic_write(targets[1], lambda file: file.write(text.encode("utf-8")))
+    if tokenizer is not None:
+        targets.append(folder / TOKENIZER_FILE)
+        atomic_write(targets[2], lambda file: file.write(tokenizer.to_json().encode("utf-8")))
+    else:
+        (folder / TOKENIZER_FILE).unlink(missing_ok=True)  # an earlier export's, replaced by --overwrite
     return targets

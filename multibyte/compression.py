@@ -7,33 +7,45 @@ busy, `lanes` windows are decoded side by side as one batch; their bytes are int
 arithmetic-coded stream in step order (byte t of window 0, byte t of window 1, ..., then t+1), which
 the decoder can follow because it learns byte t of every lane before it needs step t+1.
 
+A subword model (vocab_size != 256) codes token ids instead: the file is encoded by its BPE
+tokenizer (exact on any bytes; the literal `<|endoftext|>` becomes the special id, which decodes
+to the same bytes), windows are L tokens, and the arithmetic coder works over the model's V ids.
+The decoder rebuilds the ids and decodes them with the same tokenizer, whose fingerprint the
+container records.
+
 Encoder and decoder must compute bit-identical probabilities, so both make exactly the same calls
 to the incremental decoder of `multibyte.sampling` on the same batch shapes: a fresh (reset) state
-per group of windows, `prefill` of nothing for byte 0, then one `decode_step` per byte; lanes whose
-window has ended are fed byte 0. The logits become integer frequencies by one deterministic
-float64 quantisation (`arithmetic_coding.cumulative_frequencies`). What this requires of the
-environment (same weights, device type, dtype; safest also the same PyTorch build and thread
-count) is the README's "Determinism" paragraph; every way it can fail is caught by the container.
+per group of windows, `prefill` of nothing for symbol 0, then one `decode_step` per symbol; lanes
+whose window has ended are fed symbol 0. The logits become integer frequencies by one
+deterministic float64 quantisation (`arithmetic_coding.cumulative_frequencies`). What this requires
+of the environment (same weights, device type, dtype; safest also the same PyTorch build and
+thread count) is the README's "Determinism" paragraph; every way it can fail is caught by the
+container.
 
-Container (little-endian, HEADER_SIZE = 56 bytes, then the payload):
+Container (little-endian, HEADER_SIZE = 84 bytes, then the payload), format version 2:
 
     magic          4s   b"MBAC"
     version        B    FORMAT_VERSION
     precision      B    0 = float32, 1 = bfloat16 autocast (the decoder uses the same)
     lanes          H    windows coded side by side
-    seq_len        I    window length L in bytes
-    length         Q    original length N
+    seq_len        I    window length L in symbols (bytes or tokens)
+    length         Q    original length N in bytes
     payload_size   Q    bytes of arithmetic code after the header
     weights_hash   16s  first 16 bytes of the SHA-256 of the model's parameters and buffers
     data_crc       I    CRC32 of the original bytes
     payload_crc    I    CRC32 of the payload
-    header_crc     I    CRC32 of the 52 header bytes before it
+    num_symbols    Q    symbols coded: N for a byte model, the token count for a subword model
+    alphabet_size  I    the model's vocabulary V (256 for bytes)
+    tokenizer_hash 16s  first 16 bytes of the tokenizer's fingerprint; zeros for a byte model
+    header_crc     I    CRC32 of the 80 header bytes before it
 
-Decompression checks, in order, magic, version, header checksum, the announced length (at most
-MAX_LENGTH, and no more than the payload can encode: see `max_decodable_length`), weights hash,
-payload size (truncation) and payload checksum before decoding anything or allocating the output,
-and the data checksum after: a wrong model, a truncated or crafted file or a flipped bit raises
-`CompressionError` naming the file and the problem, never returns wrong bytes.
+Version 1 files (byte models only: the same fields up to payload_crc, then header_crc; 56 bytes)
+are still read. Decompression checks, in order, magic, version, header checksum, the announced
+length (at most MAX_LENGTH, and no more symbols than the payload can encode: see
+`max_decodable_length`), weights hash, tokenizer, payload size (truncation) and payload checksum
+before decoding anything or allocating the output, and the data checksum after: a wrong model or
+tokenizer, a truncated or crafted file or a flipped bit raises `CompressionError` naming the file
+and the problem, never returns wrong bytes.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
@@ -57,6 +69,7 @@ from datamodules.windows import groups, inference_plan
 from multibyte.arithmetic_coding import (
     ALPHABET_SIZE,
     FREQUENCY_TOTAL,
+    MAX_ALPHABET_SIZE,
     STATE_BITS,
     ArithmeticDecoder,
     ArithmeticEncoder,
@@ -65,26 +78,44 @@ from multibyte.arithmetic_coding import (
 from multibyte.model import HierarchicalByteModel
 from multibyte.sampling import DecodeState, allocate_decode_state, decode_step, prefill, reset_decode_state
 
+if TYPE_CHECKING:
+    from multibyte.bpe import BPETokenizer
+
 MAGIC = b"MBAC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PRECISIONS = ("32-true", "bf16-mixed")  # index = the header's precision code
 DEFAULT_LANES = 32
-_HEADER = struct.Struct("<4sBBHIQQ16sII")  # everything up to header_crc
+_HEADER_V1 = struct.Struct("<4sBBHIQQ16sII")  # version 1: everything up to header_crc
+_HEADER = struct.Struct("<4sBBHIQQ16sIIQI16s")  # version 2: everything up to header_crc
 _HEADER_CRC = struct.Struct("<I")
-HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 56
+HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 84
+_HEADER_SIZES = {1: _HEADER_V1.size + _HEADER_CRC.size, 2: HEADER_SIZE}  # version -> header bytes
+NO_TOKENIZER = bytes(16)  # the tokenizer_hash of a byte model's file
 # The longest input compressed or restored: both sides hold the whole file in memory.
 MAX_LENGTH = 1 << 34  # 16 GiB
-# Every symbol keeps at least 1 of the FREQUENCY_TOTAL counts for each of the other 255, so the
-# likeliest symbol has p <= (2^24 - 255) / 2^24 and costs at least this many bits (~2.2e-5).
-MIN_BITS_PER_SYMBOL = -math.log2((FREQUENCY_TOTAL - (ALPHABET_SIZE - 1)) / FREQUENCY_TOTAL)
 
 
-def max_decodable_length(payload_size: int) -> int:
-    """The most bytes `payload_size` bytes of arithmetic code can stand for. The coder emits (or
+def min_bits_per_symbol(alphabet_size: int = ALPHABET_SIZE) -> float:
+    """The fewest bits the coder can spend on a symbol: every symbol keeps at least 1 of the
+    FREQUENCY_TOTAL counts for each of the other V - 1, so the likeliest has p <= (2^24 - V + 1) / 2^24."""
+    return -math.log2((FREQUENCY_TOTAL - (alphabet_size - 1)) / FREQUENCY_TOTAL)
+
+
+MIN_BITS_PER_SYMBOL = min_bits_per_symbol(ALPHABET_SIZE)  # bytes: ~2.2e-5
+
+
+def max_decodable_length(payload_size: int, alphabet_size: int = ALPHABET_SIZE) -> int:
+    """The most symbols `payload_size` bytes of arithmetic code can stand for. The coder emits (or
     owes) one bit each time its interval has halved, so its output holds at least the symbols'
-    total cost, >= length * MIN_BITS_PER_SYMBOL; STATE_BITS of slack covers the final flush and
+    total cost, >= count * min_bits_per_symbol; STATE_BITS of slack covers the final flush and
     the interval's rounding."""
-    return int((8 * payload_size + STATE_BITS) / MIN_BITS_PER_SYMBOL)
+    return int((8 * payload_size + STATE_BITS) / min_bits_per_symbol(alphabet_size))
+
+
+def tokenizer_hash(tokenizer: Optional["BPETokenizer"]) -> bytes:
+    """What a container records of the tokenizer: the first 16 bytes of its fingerprint."""
+    return NO_TOKENIZER if tokenizer is None else bytes.fromhex(tokenizer.fingerprint())[:16]
 
 
 class CompressionError(ValueError):
@@ -101,6 +132,18 @@ class Header:
     weights_hash: bytes
     data_crc: int
     payload_crc: int
+    num_symbols: int = -1  # -1: length (a byte model's file)
+    alphabet_size: int = ALPHABET_SIZE
+    tokenizer_hash: bytes = NO_TOKENIZER
+    version: int = FORMAT_VERSION  # of the file read; pack() always writes FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.num_symbols < 0:
+            object.__setattr__(self, "num_symbols", self.length)
+
+    @property
+    def size(self) -> int:
+        return _HEADER_SIZES[self.version]
 
     def pack(self) -> bytes:
         fields = _HEADER.pack(
@@ -114,6 +157,9 @@ class Header:
             self.weights_hash,
             self.data_crc,
             self.payload_crc,
+            self.num_symbols,
+            self.alphabet_size,
+            self.tokenizer_hash,
         )
         return fields + _HEADER_CRC.pack(zlib.crc32(fields))
 
@@ -122,41 +168,59 @@ class Header:
         """Parse and validate the header at the start of `blob` (`source` names it in errors)."""
         if not blob:
             raise CompressionError(f"{source}: empty file, not a multibyte compressed file")
-        if len(blob) < HEADER_SIZE:
-            if not MAGIC.startswith(blob[: len(MAGIC)]):
-                raise CompressionError(f"{source}: not a multibyte compressed file (no {MAGIC.decode()} signature)")
-            raise CompressionError(
-                f"{source}: truncated: {len(blob)} bytes, shorter than the {HEADER_SIZE}-byte header"
-            )
-        fields = blob[: _HEADER.size]
-        magic, version, precision, lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc = (
-            _HEADER.unpack(fields)
-        )
-        if magic != MAGIC:
+        if not blob.startswith(MAGIC[: len(blob)]) or (len(blob) >= len(MAGIC) and blob[: len(MAGIC)] != MAGIC):
             raise CompressionError(f"{source}: not a multibyte compressed file (no {MAGIC.decode()} signature)")
-        if version != FORMAT_VERSION:
+        version = blob[len(MAGIC)] if len(blob) > len(MAGIC) else FORMAT_VERSION
+        if version not in READABLE_VERSIONS:
             raise CompressionError(
-                f"{source}: compressed with format version {version}; this multibyte reads version {FORMAT_VERSION}"
+                f"{source}: compressed with format version {version}; this multibyte reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
-        (header_crc,) = _HEADER_CRC.unpack(blob[_HEADER.size : HEADER_SIZE])
+        size = _HEADER_SIZES[version]
+        if len(blob) < size:
+            raise CompressionError(f"{source}: truncated: {len(blob)} bytes, shorter than the {size}-byte header")
+        layout = _HEADER if version == 2 else _HEADER_V1
+        fields = blob[: layout.size]
+        (header_crc,) = _HEADER_CRC.unpack(blob[layout.size : size])
         if zlib.crc32(fields) != header_crc:
             raise CompressionError(f"{source}: corrupt header (checksum mismatch)")
-        if precision >= len(PRECISIONS) or lanes < 1 or seq_len < 1:
+        values = layout.unpack(fields)
+        _, _, precision, lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc = values[:10]
+        num_symbols, alphabet_size, tokens_of = values[10:] if version == 2 else (length, ALPHABET_SIZE, NO_TOKENIZER)
+        if precision >= len(PRECISIONS) or lanes < 1 or seq_len < 1 or not 2 <= alphabet_size <= MAX_ALPHABET_SIZE:
             raise CompressionError(
-                f"{source}: corrupt header (precision {precision}, lanes {lanes}, seq_len {seq_len})"
+                f"{source}: corrupt header (precision {precision}, lanes {lanes}, seq_len {seq_len}, "
+                f"alphabet {alphabet_size})"
             )
-        # The length decides how much is allocated and decoded: bound it before anything trusts it.
+        # The lengths decide how much is allocated and decoded: bound them before anything trusts them.
         if length > MAX_LENGTH:
             raise CompressionError(
                 f"{source}: corrupt header: it announces {length:,} bytes, more than the {MAX_LENGTH:,} "
                 f"this multibyte restores"
             )
-        if length > max_decodable_length(payload_size):
-            raise CompressionError(
-                f"{source}: corrupt header: it announces {length:,} bytes, more than a {payload_size:,}-byte "
-                f"payload can encode (at most {max_decodable_length(payload_size):,})"
-            )
-        return cls(PRECISIONS[precision], lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc)
+        most = max_decodable_length(payload_size, alphabet_size)
+        if tokens_of == NO_TOKENIZER:
+            if length > most:
+                raise CompressionError(
+                    f"{source}: corrupt header: it announces {length:,} bytes, more than a {payload_size:,}-byte "
+                    f"payload can encode (at most {most:,})"
+                )
+            if num_symbols != length:
+                raise CompressionError(f"{source}: corrupt header: {num_symbols:,} symbols coded for {length:,} bytes")
+        else:
+            if num_symbols > most:
+                raise CompressionError(
+                    f"{source}: corrupt header: it announces {num_symbols:,} tokens, more than a {payload_size:,}-byte "
+                    f"payload can encode (at most {most:,})"
+                )
+            if num_symbols > length or (length and not num_symbols):
+                raise CompressionError(
+                    f"{source}: corrupt header: {num_symbols:,} tokens cannot decode to {length:,} bytes"
+                )
+        return cls(
+            PRECISIONS[precision], lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc,
+            num_symbols, alphabet_size, tokens_of, version,
+        )
 
 
 @dataclass(frozen=True)
@@ -166,8 +230,13 @@ class CompressionStats:
     original_bytes: int
     compressed_bytes: int  # header + payload
     header_bytes: int
-    model_bits: float  # sum of -log2 p(byte) under the model's float probabilities (what bench reports)
+    model_bits: float  # sum of -log2 p(symbol) under the model's float probabilities (what bench reports)
     seconds: float
+    num_symbols: int = -1  # symbols coded: bytes, or a subword model's tokens; -1 means original_bytes
+
+    def __post_init__(self) -> None:
+        if self.num_symbols < 0:
+            object.__setattr__(self, "num_symbols", self.original_bytes)
 
     @property
     def bits_per_byte(self) -> float:
@@ -190,8 +259,9 @@ def weights_hash(model: torch.nn.Module) -> bytes:
 
 
 def window_groups(length: int, seq_len: int, lanes: int) -> list[list[tuple[int, int]]]:
-    """The windows [start, stop) of `length` bytes, `seq_len` each (the last one shorter: bench's
-    basic plan, `datamodules.windows`), in groups of at most `lanes` that are decoded side by side."""
+    """The windows [start, stop) of `length` symbols (bytes or tokens), `seq_len` each (the last one
+    shorter: bench's basic plan, `datamodules.windows`), in groups of at most `lanes` that are
+    decoded side by side."""
     windows = [(window.start, window.stop) for window in inference_plan(length, seq_len, 1, "basic")]
     return [list(group) for group in groups(windows, lanes)]
 
@@ -208,19 +278,19 @@ def _precision_context(precision: str, device: torch.device) -> contextlib.Abstr
 
 
 def _frequencies(logits: torch.Tensor) -> np.ndarray:
-    """(B, 256) logits -> (B, 257) cumulative integer frequencies, deterministically (float64)."""
+    """(B, V) logits -> (B, V + 1) cumulative integer frequencies, deterministically (float64)."""
     z = logits.double().cpu().numpy()
-    return cumulative_frequencies(np.exp(z - z.max(axis=-1, keepdims=True)))
+    return cumulative_frequencies(np.exp(z - z.max(axis=-1, keepdims=True)), z.shape[-1])
 
 
 def _log2_probabilities(logits: torch.Tensor) -> np.ndarray:
-    """(B, 256) logits -> (B, 256) float64 log2 probabilities (for reporting the ideal code length)."""
+    """(B, V) logits -> (B, V) float64 log2 probabilities (for reporting the ideal code length)."""
     return (torch.log_softmax(logits.double(), dim=-1) / math.log(2)).cpu().numpy()
 
 
 class _LaneStepper:
-    """Runs the incremental decoder for one group of windows: `start()` gives byte 0's logits and
-    `feed(bytes)` those of the next position, reusing one state per batch size."""
+    """Runs the incremental decoder for one group of windows: `start()` gives symbol 0's logits and
+    `feed(symbols)` those of the next position, reusing one state per batch size."""
 
     def __init__(self, model: HierarchicalByteModel, seq_len: int, precision: str) -> None:
         self.model = model
@@ -261,6 +331,49 @@ def _check_model(model: HierarchicalByteModel, seq_len: int, lanes: int, precisi
 # ------------------------------------------------------------------------------------------------
 
 
+def _symbols(model: HierarchicalByteModel, data: bytes, tokenizer: Optional["BPETokenizer"]) -> np.ndarray:
+    """What the model codes: the bytes themselves, or a subword model's token ids of them."""
+    vocab_size = model.config.vocab_size
+    if tokenizer is None:
+        if vocab_size != ALPHABET_SIZE:
+            raise ValueError(
+                f"the model reads {vocab_size} symbols, not bytes: a subword model compresses through its "
+                f"tokenizer (pass the one it was trained with)"
+            )
+        return np.frombuffer(data, dtype=np.uint8)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's {vocab_size}")
+    return tokenizer.encode_array(data, allowed_special="all")
+
+
+def _code_windows(
+    stepper: _LaneStepper,
+    length: int,
+    seq_len: int,
+    lanes: int,
+    next_symbol,
+) -> float:
+    """Walk the windows of `length` symbols as both sides do: per group a fresh state, then per
+    step t the logits of every live lane; `next_symbol(cumulative, lane, start + t)` codes one
+    symbol and returns it. Returns the model's -log2 p of the symbols coded."""
+    model_bits = 0.0
+    for group in window_groups(length, seq_len, lanes):
+        lengths = [stop - start for start, stop in group]
+        longest = max(lengths)
+        logits = stepper.start(len(group))
+        for t in range(longest):
+            cumulative = _frequencies(logits)  # (B, V + 1)
+            log2_p = _log2_probabilities(logits)  # (B, V)
+            step = np.zeros(len(group), dtype=np.int64)  # ended lanes are fed 0 on both sides
+            for lane, (start, _) in enumerate(group):
+                if t < lengths[lane]:
+                    step[lane] = symbol = next_symbol(cumulative[lane], start + t)
+                    model_bits -= log2_p[lane, symbol]
+            if t + 1 < longest:
+                logits = stepper.feed(torch.from_numpy(step))
+    return model_bits
+
+
 @torch.inference_mode()
 def compress_bytes(
     model: HierarchicalByteModel,
@@ -268,35 +381,26 @@ def compress_bytes(
     seq_len: int,
     lanes: int = DEFAULT_LANES,
     precision: str = "32-true",
+    tokenizer: Optional["BPETokenizer"] = None,
 ) -> tuple[bytes, CompressionStats]:
-    """Compress `data` with `model` in windows of `seq_len` bytes; returns (container bytes, stats)."""
+    """Compress `data` with `model` in windows of `seq_len` symbols; returns (container bytes, stats).
+
+    A subword model (vocab_size != 256) needs its `tokenizer`: the data is coded as its token ids."""
     _check_model(model, seq_len, lanes, precision)
     if len(data) > MAX_LENGTH:
         raise ValueError(f"input of {len(data):,} bytes: at most {MAX_LENGTH:,} can be compressed")
     began = time.perf_counter()
     data = bytes(data)
-    source = np.frombuffer(data, dtype=np.uint8)
-    stepper = _LaneStepper(model, seq_len, precision)
+    symbols = _symbols(model, data, tokenizer)
     encoder = ArithmeticEncoder()
-    model_bits = 0.0
-    for group in window_groups(len(data), seq_len, lanes):
-        lengths = [stop - start for start, stop in group]
-        longest = max(lengths)
-        tokens = np.zeros((len(group), longest), dtype=np.int64)  # (B, longest), ended lanes read 0
-        for lane, (start, stop) in enumerate(group):
-            tokens[lane, : stop - start] = source[start:stop]
-        token_tensor = torch.from_numpy(tokens)
-        logits = stepper.start(len(group))
-        for t in range(longest):
-            cumulative = _frequencies(logits)  # (B, 257)
-            live = [lane for lane, length in enumerate(lengths) if t < length]
-            log2_p = _log2_probabilities(logits)
-            for lane in live:
-                symbol = int(tokens[lane, t])
-                encoder.encode(cumulative[lane], symbol)
-                model_bits -= log2_p[lane, symbol]
-            if t + 1 < longest:
-                logits = stepper.feed(token_tensor[:, t])
+
+    def encode(cumulative: np.ndarray, position: int) -> int:
+        symbol = int(symbols[position])
+        encoder.encode(cumulative, symbol)
+        return symbol
+
+    stepper = _LaneStepper(model, seq_len, precision)
+    model_bits = _code_windows(stepper, len(symbols), seq_len, lanes, encode)
     payload = encoder.finish()
     header = Header(
         precision=precision,
@@ -307,17 +411,46 @@ def compress_bytes(
         weights_hash=weights_hash(model),
         data_crc=zlib.crc32(data),
         payload_crc=zlib.crc32(payload),
+        num_symbols=len(symbols),
+        alphabet_size=model.config.vocab_size,
+        tokenizer_hash=tokenizer_hash(tokenizer),
     ).pack()
     seconds = time.perf_counter() - began
-    stats = CompressionStats(len(data), len(header) + len(payload), len(header), model_bits, seconds)
+    stats = CompressionStats(len(data), len(header) + len(payload), len(header), model_bits, seconds, len(symbols))
     return header + payload, stats
+
+
+def _check_tokenizer(header: Header, tokenizer: Optional["BPETokenizer"], source: str) -> None:
+    """The file's tokenizer (its fingerprint's first 16 bytes) must be the one given."""
+    given = tokenizer_hash(tokenizer)
+    if header.tokenizer_hash == given:
+        if tokenizer is not None and header.length > header.num_symbols * int(tokenizer.token_byte_lengths().max()):
+            raise CompressionError(
+                f"{source}: corrupt header: {header.num_symbols:,} tokens cannot decode to {header.length:,} bytes"
+            )
+        return
+    if header.tokenizer_hash == NO_TOKENIZER:
+        raise CompressionError(f"{source}: compressed as bytes by a byte model, but a subword tokenizer was given")
+    if tokenizer is None:
+        raise CompressionError(
+            f"{source}: compressed as the token ids of a subword tokenizer (fingerprint {header.tokenizer_hash.hex()}), "
+            f"and this model has none"
+        )
+    raise CompressionError(
+        f"{source}: compressed with another tokenizer (fingerprint {header.tokenizer_hash.hex()}, this model's is "
+        f"{given.hex()})"
+    )
 
 
 @torch.inference_mode()
 def decompress_bytes(
-    model: HierarchicalByteModel, blob: bytes, source: str = "<input>"
+    model: HierarchicalByteModel,
+    blob: bytes,
+    source: str = "<input>",
+    tokenizer: Optional["BPETokenizer"] = None,
 ) -> tuple[bytes, CompressionStats]:
-    """Inverse of `compress_bytes`; raises CompressionError (naming `source`) instead of wrong output."""
+    """Inverse of `compress_bytes` (with the same model and tokenizer); raises CompressionError
+    (naming `source`) instead of returning wrong output."""
     began = time.perf_counter()
     header = Header.unpack(blob, source)
     if header.weights_hash != weights_hash(model):
@@ -325,7 +458,12 @@ def decompress_bytes(
             f"{source}: compressed with another model (weights hash {header.weights_hash.hex()}, "
             f"this model's is {weights_hash(model).hex()})"
         )
-    payload = blob[HEADER_SIZE:]
+    _check_tokenizer(header, tokenizer, source)
+    if header.alphabet_size != model.config.vocab_size:
+        raise CompressionError(
+            f"{source}: corrupt header: coded over {header.alphabet_size} symbols, the model has {model.config.vocab_size}"
+        )
+    payload = blob[header.size :]
     if len(payload) != header.payload_size:
         problem = "truncated" if len(payload) < header.payload_size else "has trailing bytes"
         raise CompressionError(
@@ -339,33 +477,28 @@ def decompress_bytes(
     except ValueError as error:
         raise CompressionError(f"{source}: {error}") from error
 
-    stepper = _LaneStepper(model, header.seq_len, header.precision)
     decoder = ArithmeticDecoder(payload)
-    out = np.zeros(header.length, dtype=np.uint8)
-    model_bits = 0.0
-    for group in window_groups(header.length, header.seq_len, header.lanes):
-        lengths = [stop - start for start, stop in group]
-        longest = max(lengths)
-        logits = stepper.start(len(group))
-        for t in range(longest):
-            cumulative = _frequencies(logits)
-            log2_p = _log2_probabilities(logits)
-            step_bytes = np.zeros(len(group), dtype=np.int64)  # ended lanes are fed 0, as when encoding
-            for lane, (start, _) in enumerate(group):
-                if t < lengths[lane]:
-                    symbol = decoder.decode(cumulative[lane])
-                    step_bytes[lane] = symbol
-                    out[start + t] = symbol
-                    model_bits -= log2_p[lane, symbol]
-            if t + 1 < longest:
-                logits = stepper.feed(torch.from_numpy(step_bytes))
-    data = out.tobytes()
-    if zlib.crc32(data) != header.data_crc:
-        raise CompressionError(
-            f"{source}: the decoded bytes fail the checksum: this decoder's probabilities differ from the "
-            f"encoder's (different device type, dtype, PyTorch build or thread count?)"
-        )
-    stats = CompressionStats(len(data), len(blob), HEADER_SIZE, model_bits, time.perf_counter() - began)
+    out = np.zeros(header.num_symbols, dtype=np.uint8 if tokenizer is None else np.int32)  # ids < MAX_ALPHABET_SIZE
+
+    def decode(cumulative: np.ndarray, position: int) -> int:
+        out[position] = symbol = decoder.decode(cumulative)
+        return symbol
+
+    stepper = _LaneStepper(model, header.seq_len, header.precision)
+    model_bits = _code_windows(stepper, header.num_symbols, header.seq_len, header.lanes, decode)
+    mismatch = (
+        f"{source}: the decoded {'bytes' if tokenizer is None else 'tokens'} fail the checksum: this decoder's "
+        f"probabilities differ from the encoder's (different device type, dtype, PyTorch build or thread count?)"
+    )
+    try:
+        data = out.tobytes() if tokenizer is None else tokenizer.decode(out)
+    except ValueError:  # an id the tokenizer does not have: only wrong probabilities decode one
+        raise CompressionError(mismatch) from None
+    if len(data) != header.length or zlib.crc32(data) != header.data_crc:
+        raise CompressionError(mismatch)
+    stats = CompressionStats(
+        len(data), len(blob), header.size, model_bits, time.perf_counter() - began, header.num_symbols
+    )
     return data, stats
 
 
@@ -407,15 +540,19 @@ def compress_file(
     seq_len: int,
     lanes: int = DEFAULT_LANES,
     precision: str = "32-true",
+    tokenizer: Optional["BPETokenizer"] = None,
 ) -> CompressionStats:
-    blob, stats = compress_bytes(model, _read_input(input_path), seq_len, lanes, precision)
+    blob, stats = compress_bytes(model, _read_input(input_path), seq_len, lanes, precision, tokenizer)
     write_atomically(output_path, blob)
     return stats
 
 
 def decompress_file(
-    model: HierarchicalByteModel, input_path: Union[str, Path], output_path: Union[str, Path]
+    model: HierarchicalByteModel,
+    input_path: Union[str, Path],
+    output_path: Union[str, Path],
+    tokenizer: Optional["BPETokenizer"] = None,
 ) -> CompressionStats:
-    data, stats = decompress_bytes(model, _read_input(input_path), source=str(input_path))
+    data, stats = decompress_bytes(model, _read_input(input_path), source=str(input_path), tokenizer=tokenizer)
     write_atomically(output_path, data)
     return stats

@@ -3,6 +3,11 @@
 LightningCLI turns every public method listed in `EXTRA_SUBCOMMANDS` into a subcommand whose flags
 are the method's parameters (so `python -m multibyte sample --help` documents them). Each method
 stays thin: it loads what it needs and hands over to the module that does the work.
+
+A subword model (the BPE baseline) goes through the same subcommands: the tokenizer comes with its
+checkpoint (or export directory), data encoded by another tokenizer is refused, `sample` encodes
+the prompt and decodes what it generates, `bench` reports bits per byte, and `compress` codes the
+token ids.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from multibyte.checkpoints import (
     SafeCheckpointIO,
+    check_same_tokenizer,
     checkpoint_hparams,
+    checkpoint_tokenizer,
     export_checkpoint,
     is_export_dir,
     load_checkpoint,
@@ -185,6 +192,9 @@ class MultibyteTrainer(Trainer):
         if conflicts:
             raise ValueError(describe_conflicts(folder, conflicts, resuming=False))
         load_module_weights(model, folder, checkpoint)
+        tokenizer = checkpoint_tokenizer(checkpoint, folder)
+        if tokenizer is not None:  # the data's is compared with it when fit sets the model up
+            model.tokenizer = tokenizer
 
     # ---------------------------------------------------------------- sample
     def sample(
@@ -214,6 +224,8 @@ class MultibyteTrainer(Trainer):
         The architecture comes from the config (and the checkpoint's hyperparameters), the weights
         from --ckpt_path, the output format (modality, image order, audio rate and encoding) from
         --data. Each prompt is continued num_samples times; the files keep prompt + continuation.
+        A subword model (BPE) encodes the prompt with its checkpoint's tokenizer, generates tokens
+        and writes the bytes they decode to.
 
         Args:
             ckpt_path: the Lightning checkpoint whose weights to sample from.
@@ -221,16 +233,18 @@ class MultibyteTrainer(Trainer):
                 Existing files are never replaced unless --overwrite true.
             num_samples: how many samples to write.
             batch_size: samples generated side by side (batch i uses seed + i).
-            max_new_bytes: bytes to generate per sample; None fills the model's context (for
-                images: the rest of the 64x64 image).
+            max_new_bytes: bytes to generate per sample; for a subword model, new TOKENS (each
+                decodes to one or more bytes). None fills the model's context (for images: the
+                rest of the 64x64 image).
             temperature: softmax temperature; 0 is greedy.
-            top_k: sample only among the k likeliest bytes.
-            top_p: sample only among the likeliest bytes whose probabilities add up to top_p.
+            top_k: sample only among the k likeliest bytes (tokens).
+            top_p: sample only among the likeliest bytes (tokens) whose probabilities add up to top_p.
             seed: the same seed (and batch size) gives the same bytes.
-            stop_byte: end a sample after this byte value (e.g. 10 for a newline).
-            prompt: text to continue (its UTF-8 bytes).
-            prompt_file: a file to continue: text's raw bytes, an image whose top prompt_rows
-                rows are completed, or a WAV/FLAC file continued from its end.
+            stop_byte: end a sample after this byte value (e.g. 10 for a newline); byte models only.
+            prompt: text to continue (its UTF-8 bytes; a subword model reads their tokens).
+            prompt_file: a file to continue: text's raw bytes (a subword model reads their
+                tokens), an image whose top prompt_rows rows are completed, or a WAV/FLAC file
+                continued from its end.
             prompt_rows: pixel rows of the prompt image to keep (images only).
             prompt_seconds: keep only the first seconds of the prompt audio (audio only).
             compile: torch.compile the one-byte step (meant for GPUs, with CUDA graphs); on a
@@ -251,7 +265,15 @@ class MultibyteTrainer(Trainer):
         check_sampling_flags(num_samples, batch_size, max_new_bytes, temperature, top_k, top_p, stop_byte)
         fmt = SampleFormat.from_datamodule(datamodule)
         prompt_data = prompt_bytes(fmt, prompt, prompt_file, prompt_rows, prompt_seconds)
-        byte_model = self._load_weights(model, ckpt_path).model
+        self._load_weights(model, ckpt_path)
+        tokenizer = self._tokenizer(model, datamodule, ckpt_path, prepare=False)
+        unit = "bytes"
+        if tokenizer is not None:  # a subword model: the prompt, the context and the new symbols are tokens
+            if stop_byte is not None:
+                raise ValueError("--stop_byte: a subword model generates tokens, not bytes; leave --stop_byte out")
+            prompt_data = tokenizer.encode_array(prompt_data.tobytes(), allowed_special="all")
+            unit = "tokens"
+        byte_model = model.model
         device = self.strategy.root_device
         if dtype is None:
             weights_dtype = fastest_decode_dtype(device, min(batch_size, num_samples), str(self.precision).startswith("bf16"))
@@ -265,10 +287,10 @@ class MultibyteTrainer(Trainer):
             max_new_bytes = (IMAGE_BYTES if fmt.modality == "image" else context) - T
         where = f"prompt file {prompt_file}" if prompt_file else "the prompt"
         if max_new_bytes < 1:
-            raise ValueError(f"sample: {where} already holds {T} bytes: nothing left to generate")
+            raise ValueError(f"sample: {where} already holds {T} {unit}: nothing left to generate")
         if byte_model.position_embedding is not None and T + max_new_bytes > context:
             raise ValueError(
-                f"sample: {where} holds {T} bytes; with max_new_bytes={max_new_bytes} that exceeds "
+                f"sample: {where} holds {T} {unit}; with max_new_bytes={max_new_bytes} that exceeds "
                 f"the model's max_seq_len={context} (use a shorter prompt, e.g. --prompt_rows or --prompt_seconds)"
             )
         output = Path(output_dir) if output_dir else Path(self.default_root_dir) / "samples"
@@ -296,21 +318,47 @@ class MultibyteTrainer(Trainer):
                     "dtype": str(weights_dtype).removeprefix("torch."),
                     "device": str(device),
                 },
+                tokenizer=tokenizer,
             )
         except FileExistsError as error:
             raise FileExistsError(f"{error} (--overwrite true replaces it)") from None
+        tokens = "" if tokenizer is None else f" from {run.info['new_tokens']:,} tokens"
         print(
-            f"wrote {len(run.paths)} files to {output} ({run.new_bytes:,} bytes in {run.seconds:.1f} s, "
+            f"wrote {len(run.paths)} files to {output} ({run.new_bytes:,} bytes{tokens} in {run.seconds:.1f} s, "
             f"{run.bytes_per_second:,.0f} bytes/s)"
         )
         return [str(path) for path in run.paths]
 
     def _load_weights(self, model: LightningModule, ckpt_path: Union[str, Path]) -> LightningModule:
-        """Load a checkpoint's (or export directory's) weights into the configured `model`, read
-        safely; one clear error naming the file when it is missing, unreadable, unsafe or made for
-        another architecture."""
-        load_module_weights(model, ckpt_path)
+        """Load a checkpoint's (or export directory's) weights, and a subword model's tokenizer,
+        into the configured `model`, read safely; one clear error naming the file when it is
+        missing, unreadable, unsafe or made for another architecture."""
+        checkpoint = load_checkpoint(ckpt_path)
+        load_module_weights(model, ckpt_path, checkpoint)
+        model.tokenizer = checkpoint_tokenizer(checkpoint, ckpt_path)
         return model
+
+    def _tokenizer(
+        self, model: LightningModule, datamodule: Optional[LightningDataModule], ckpt_path: Optional[str], prepare: bool
+    ) -> Any:
+        """The `BPETokenizer` a subword model reads text with (None for a byte model): its
+        checkpoint's, else the data's. Data encoded by another tokenizer than the checkpoint's is
+        refused. `prepare`: the data's tokenizer is needed (bench: it trains it if the cache lacks
+        it); otherwise only one the cache already holds is compared."""
+        data_tokenizer = None
+        if datamodule is not None and hasattr(datamodule, "subword_tokenizer"):
+            data_tokenizer = datamodule.subword_tokenizer() if prepare else datamodule.prepared_subword_tokenizer()
+        model_tokenizer = getattr(model, "tokenizer", None)
+        check_same_tokenizer(model_tokenizer, data_tokenizer, f"checkpoint {ckpt_path}" if ckpt_path else "the model")
+        tokenizer = model_tokenizer or data_tokenizer
+        vocab_size = model.model.config.vocab_size
+        if tokenizer is None and vocab_size != 256:
+            where = f"checkpoint {ckpt_path} carries none" if ckpt_path else "there is no checkpoint"
+            raise ValueError(
+                f"the model reads {vocab_size} symbols (a subword model) but no tokenizer goes with it: {where}, "
+                f"and --data serves no BPE tokens (datamodules.TextDataModule with tokenizer: bpe)"
+            )
+        return tokenizer
 
     # ---------------------------------------------------------------- bench / compress / decompress
     def _byte_model(self, model: LightningModule, ckpt_path: Optional[str]) -> HierarchicalByteModel:
@@ -346,7 +394,8 @@ class MultibyteTrainer(Trainer):
 
         Scores every byte of the split once and runs gzip -9, bzip2 -9, xz -9e, zstd -19 and the
         modality's codec (PNG and WebP lossless, FLAC) on the same bytes; writes Markdown, JSON
-        and (with matplotlib) a PNG chart.
+        and (with matplotlib) a PNG chart. A subword model scores every token of the split once:
+        its bits over the bytes they decode to, with its tokens per byte in the report.
 
         Args:
             ckpt_path: checkpoint to score; None scores the configured model untrained.
@@ -355,7 +404,8 @@ class MultibyteTrainer(Trainer):
                 (half-window context), strided (two passes offset by P/2), sliding+strided.
                 None means [basic].
             batch_size: windows per forward pass; None uses the datamodule's eval_batch_size.
-            max_bytes: score only the first max_bytes bytes of the split (whole images for images).
+            max_bytes: score only the first max_bytes bytes of the split (whole images for images;
+                for a subword model the whole tokens that fit in them).
             codecs: also run the reference codecs on the same bytes.
             output_dir: where bench-<modality>-<split>.{md,json,png} go; None means
                 <trainer.default_root_dir>/bench.
@@ -373,6 +423,7 @@ class MultibyteTrainer(Trainer):
         stem = f"bench-{data_spec_of(datamodule).modality}-{split}"
         _writable([folder / f"{stem}.{suffix}" for suffix in ("md", "json", "png")], overwrite)
         byte_model = self._byte_model(model, ckpt_path)
+        self._tokenizer(model, datamodule, ckpt_path, prepare=True)  # refuses data of another tokenizer
         # Under a multi-process strategy (ddp, torchrun, SLURM) every rank scores its share of
         # the windows; rank 0 runs the codecs and writes the report.
         report = self._in_every_process(
@@ -407,16 +458,17 @@ class MultibyteTrainer(Trainer):
         overwrite: bool = False,
         datamodule: Optional[LightningDataModule] = None,
     ) -> None:
-        """Compress a file: arithmetic coding under the checkpoint's next-byte probabilities.
+        """Compress a file: arithmetic coding under the checkpoint's next-byte probabilities (a
+        subword model: next-token probabilities over the file's token ids, from its tokenizer).
 
         Args:
             input_file: the file to compress.
             output_file: where the compressed file goes; None means <input_file>.mbac.
             ckpt_path: the model checkpoint or export directory (decompression needs the very
                 same weights).
-            seq_len: window length in bytes, each window coded from an empty context as bench
-                scores it; None means the datamodule's seq_len when --data is given, else the
-                model's max_seq_len.
+            seq_len: window length in bytes (tokens for a subword model), each window coded from
+                an empty context as bench scores it; None means the datamodule's seq_len when
+                --data is given, else the model's max_seq_len.
             lanes: windows decoded side by side as one batch (speed only; stored in the file).
             precision: arithmetic of the model while coding, stored in the file so decompression
                 repeats it. float32 is as fast as bf16 for one-byte steps on a CPU and the
@@ -436,11 +488,13 @@ class MultibyteTrainer(Trainer):
             raise ValueError(f"compress: {output_file}: output would overwrite the input")
         _writable([Path(output_file)], overwrite)
         byte_model = self._byte_model(model, ckpt_path)
+        tokenizer = self._tokenizer(model, datamodule, ckpt_path, prepare=False)
         window = seq_len or (data_spec_of(datamodule).seq_len if datamodule is not None else byte_model.config.max_seq_len)
-        stats = compress_file(byte_model, input_file, output_file, window, lanes, precision)
+        stats = compress_file(byte_model, input_file, output_file, window, lanes, precision, tokenizer)
+        tokens = "" if tokenizer is None else f", {stats.num_symbols:,} tokens"
         print(
             f"{input_file}: {stats.original_bytes:,} -> {stats.compressed_bytes:,} bytes "
-            f"({stats.bits_per_byte:.4f} bits/byte; model {stats.model_bits / max(1, stats.original_bytes):.4f}) "
+            f"({stats.bits_per_byte:.4f} bits/byte; model {stats.model_bits / max(1, stats.original_bytes):.4f}{tokens}) "
             f"in {stats.seconds:.1f} s, written to {output_file}"
         )
 
@@ -455,8 +509,8 @@ class MultibyteTrainer(Trainer):
     ) -> None:
         """Restore a file written by `compress`, with the same checkpoint.
 
-        A different model, a truncated file or a flipped bit stops with an error instead of
-        writing wrong bytes.
+        A different model or tokenizer, a truncated file or a flipped bit stops with an error
+        instead of writing wrong bytes.
 
         Args:
             input_file: the compressed file.
@@ -475,7 +529,8 @@ class MultibyteTrainer(Trainer):
             raise ValueError(f"decompress: {output_file}: output would overwrite the input")
         _writable([Path(output_file)], overwrite)
         byte_model = self._byte_model(model, ckpt_path)
-        stats = decompress_file(byte_model, input_file, output_file)
+        tokenizer = self._tokenizer(model, datamodule, ckpt_path, prepare=False)
+        stats = decompress_file(byte_model, input_file, output_file, tokenizer)
         print(f"{input_file}: restored {stats.original_bytes:,} bytes in {stats.seconds:.1f} s, written to {output_file}")
 
     # ---------------------------------------------------------------- export
@@ -488,14 +543,14 @@ class MultibyteTrainer(Trainer):
         datamodule: Optional[LightningDataModule] = None,
     ) -> list[str]:
         """Write a checkpoint's weights as output_dir/model.safetensors and its model settings as
-        output_dir/config.yaml, for sharing: safetensors holds tensors only, so loading it can run
-        no code. Every command that takes --ckpt_path takes the directory, and config.yaml works as
-        --config.
+        output_dir/config.yaml (and a subword model's tokenizer as output_dir/tokenizer.json), for
+        sharing: safetensors holds tensors only, so loading it can run no code. Every command that
+        takes --ckpt_path takes the directory, and config.yaml works as --config.
 
         Args:
             ckpt_path: the Lightning checkpoint to export.
             output_dir: the folder to write (created if needed).
-            overwrite: replace model.safetensors / config.yaml if they exist.
+            overwrite: replace model.safetensors / config.yaml / tokenizer.json if they exist.
         """
         paths = export_checkpoint(ckpt_path, output_dir, overwrite)
         print("wrote " + ", ".join(str(path) for path in paths))

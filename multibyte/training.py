@@ -4,12 +4,21 @@ Batches are `(tokens, lengths)`: tokens (B, L) uint8, lengths (B,) int64 real by
 may be right-padded in evaluation). Every real byte is one prediction; the loss is the mean
 cross-entropy over 256 byte values, and bits per byte (= bits/dim for images) is that in base 2,
 accumulated over a split as a byte-weighted mean so the last short window counts exactly.
+
+A subword model (the BPE baseline: the same core with the tokenizer's vocabulary) reads
+`(tokens, lengths, byte_counts)`: ids (B, L), real tokens per row, and the bytes those tokens
+decode to. Its loss is the mean cross-entropy per token, but every `*/bpb` metric is bits per
+BYTE, total NLL bits over the total bytes of the scored text (summed over batches and ranks), so
+byte and subword models share one table. The tokenizer travels with the model: it is stored in
+every checkpoint, written as tokenizer.json next to them, and data encoded by another tokenizer
+is refused.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -17,7 +26,17 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from multibyte.checkpoints import CheckpointError, checkpoint_hparams, config_differences, config_from_dict, plain
+from multibyte.bpe import TOKENIZER_FILE, BPETokenizer
+from multibyte.checkpoints import (
+    TOKENIZER_KEY,
+    CheckpointError,
+    check_same_tokenizer,
+    checkpoint_hparams,
+    checkpoint_tokenizer,
+    config_differences,
+    config_from_dict,
+    plain,
+)
 from multibyte.data_spec import DataSpec, check_model_fits_data, data_spec_of
 from multibyte.config import VOCAB_SIZE, ModelConfig
 from multibyte.model import HierarchicalByteModel
@@ -26,9 +45,9 @@ LN2 = math.log(2.0)
 
 
 def masked_byte_nll(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood (nats) over real bytes, and how many there were.
+    """Summed negative log-likelihood (nats) over real symbols (bytes or tokens), and how many there were.
 
-    logits (B, L, 256), tokens (B, L), lengths (B,). Computed in fp32 whatever the autocast
+    logits (B, L, V), tokens (B, L), lengths (B,). Computed in fp32 whatever the autocast
     dtype: a 256-way log-softmax in bf16 loses about 2 decimal digits of the loss.
     """
     B, T, _ = logits.shape
@@ -83,6 +102,8 @@ class ByteLM(L.LightningModule):
         # strategy's device, dtype and sharding contexts. Outside a Trainer, first use builds it
         # on the device that was the default here (e.g. under `with torch.device("meta")`).
         self._init_device = torch.get_default_device()
+        self.tokenizer: Optional[BPETokenizer] = None
+        """A subword model's tokenizer: the data's (at setup) or the checkpoint's; None for bytes."""
         self.train_bpb = MeanMetric()
         self.val_bpb = MeanMetric()
         self.test_bpb = MeanMetric()
@@ -135,6 +156,44 @@ class ByteLM(L.LightningModule):
         spec = getattr(datamodule, "spec", None)  # a datamodule of another library has none
         if spec is not None:
             check_model_fits_data(self.architecture, data_spec_of(datamodule))
+        subword = getattr(datamodule, "subword_tokenizer", None)
+        data_tokenizer = subword() if callable(subword) else None
+        check_same_tokenizer(self.tokenizer, data_tokenizer, "the model")  # e.g. started from an export
+        self._adopt_tokenizer(data_tokenizer)
+
+    def _adopt_tokenizer(self, tokenizer: Optional[BPETokenizer]) -> None:
+        """Take `tokenizer` as the model's (None changes nothing)."""
+        if tokenizer is None:
+            return
+        if tokenizer.vocab_size > self.architecture.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                f"{self.architecture.vocab_size}: set model.architecture.vocab_size to at least {tokenizer.vocab_size}"
+            )
+        self.tokenizer = tokenizer
+
+    def on_train_start(self) -> None:
+        # tokenizer.json next to the run's checkpoints (each checkpoint holds it too), so that the
+        # folder alone says how its models read text.
+        trainer = self.trainer
+        if self.tokenizer is None or not trainer.is_global_zero:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            folder = getattr(callback, "dirpath", None)
+            if folder and "://" not in str(folder):
+                self.tokenizer.save(Path(folder) / TOKENIZER_FILE)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.tokenizer is not None:
+            checkpoint[TOKENIZER_KEY] = self.tokenizer.to_json()
+
+    def on_fit_start(self) -> None:
+        # BLT: an entropy patcher without a threshold gets one calibrated on training bytes, the
+        # same on every rank, kept in its buffer; the entropy model's architecture and θ go into
+        # the hyperparameters, so every checkpoint from here on carries the whole entropy model.
+        from multibyte.entropy_training import settle_entropy_patchers
+
+        settle_entropy_patchers(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning restores weights, optimizer and schedule from the checkpoint; settings given
@@ -142,35 +201,48 @@ class ByteLM(L.LightningModule):
         trainer = self._trainer
         resuming = trainer is not None and trainer.state.fn == "fit"
         conflicts = hparam_conflicts(plain(dict(self.hparams)), checkpoint_hparams(checkpoint), resuming)
+        path = trainer.ckpt_path if trainer is not None else None
         if conflicts:
-            path = trainer.ckpt_path if trainer is not None else None
             raise CheckpointError(describe_conflicts(path, conflicts, resuming))
+        # The checkpoint's tokenizer; data encoded by another one (adopted at setup) is refused.
+        stored = checkpoint_tokenizer(checkpoint, path)
+        check_same_tokenizer(stored, self.tokenizer, f"checkpoint {path}" if path else "the checkpoint")
+        self._adopt_tokenizer(stored)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
     # ------------------------------------------------------------------ steps
     def _bits_per_byte(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens, lengths = batch
+        """(loss: mean nats per real symbol, bits per byte of the batch, bytes of the batch).
+
+        A byte batch is (tokens, lengths): every real symbol is one byte. A token batch is
+        (tokens, lengths, byte_counts): the bits of its real tokens over the bytes they decode to.
+        Metrics weight each batch's bits per byte by its bytes, so a split's score is its total
+        bits over its total bytes.
+        """
+        tokens, lengths, *byte_counts = batch
         nll_sum, count = masked_byte_nll(self.model(tokens), tokens, lengths)
+        num_bytes = byte_counts[0].sum() if byte_counts else count
         loss = nll_sum / count.clamp(min=1)
-        return loss, loss / LN2, count
+        bpb = nll_sum / LN2 / num_bytes.clamp(min=1)
+        return loss, bpb, num_bytes
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, bpb, count = self._bits_per_byte(batch)
-        self.train_bpb.update(bpb.detach(), weight=count)
+        loss, bpb, num_bytes = self._bits_per_byte(batch)
+        self.train_bpb.update(bpb.detach(), weight=num_bytes)
         self.log("train/bpb", bpb.detach(), on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/bpb_epoch", self.train_bpb, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        _, bpb, count = self._bits_per_byte(batch)
-        self.val_bpb.update(bpb, weight=count)
+        _, bpb, num_bytes = self._bits_per_byte(batch)
+        self.val_bpb.update(bpb, weight=num_bytes)
         self.log("val/bpb", self.val_bpb, on_step=False, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        _, bpb, count = self._bits_per_byte(batch)
-        self.test_bpb.update(bpb, weight=count)
+        _, bpb, num_bytes = self._bits_per_byte(batch)
+        self.test_bpb.update(bpb, weight=num_bytes)
         self.log("test/bpb", self.test_bpb, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ optimisation
@@ -290,4 +362,5 @@ def load_model(checkpoint_path: str, map_location: Optional[str] = "cpu") -> Byt
         kwargs["betas"] = tuple(kwargs["betas"])
     module = ByteLM(**kwargs)
     load_module_weights(module, checkpoint_path, checkpoint)
+    module.tokenizer = checkpoint_tokenizer(checkpoint, checkpoint_path)
     return module.eval()

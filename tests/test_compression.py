@@ -185,7 +185,7 @@ def with_fixed_header_crc(blob: bytes) -> bytes:
     [
         (lambda b: b[:-1], "truncated: the header announces"),
         (lambda b: b[:HEADER_SIZE], "truncated: the header announces"),
-        (lambda b: b[:20], "truncated: 20 bytes, shorter than the 56-byte header"),
+        (lambda b: b[:20], f"truncated: 20 bytes, shorter than the {HEADER_SIZE}-byte header"),
         (lambda b: b + b"\x00", "has trailing bytes"),
         (lambda b: flip_bit(b, HEADER_SIZE + 3), "corrupt payload"),
         (lambda b: flip_bit(b, len(b) - 1), "corrupt payload"),
