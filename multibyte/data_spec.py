@@ -61,9 +61,16 @@ def data_spec_of(datamodule: Any) -> DataSpec:
 def check_model_fits_data(architecture: Any, spec: DataSpec) -> None:
     """One clear error when a model (`ModelConfig`) and the data it is given disagree."""
     if spec.vocab_size != architecture.vocab_size:
+        if spec.vocab_size == 256 and spec.modality == "text":
+            fix = (
+                f"for a subword model serve tokens (--data.init_args.tokenizer bpe --data.init_args.vocab_size "
+                f"{architecture.vocab_size}); for a byte model set model.architecture.vocab_size to 256"
+            )
+        else:
+            fix = f"set model.architecture.vocab_size to {spec.vocab_size}"
         raise ValueError(
             f"the data is written in {spec.vocab_size} symbols but the model's vocab_size is "
-            f"{architecture.vocab_size}: set model.architecture.vocab_size to {spec.vocab_size}"
+            f"{architecture.vocab_size}: {fix}"
         )
     P = architecture.alignment
     if spec.seq_len % P:
