@@ -16,7 +16,13 @@ command line or in a --config that contradict them are refused, listing the keys
 architecture always (the weights are made for it), and on a `fit` resume also the optimisation
 settings (learning rate, betas, weight decay, warm-up, min_lr_ratio), which the restored optimizer
 and schedule would otherwise silently replace. To train on with other optimisation settings,
-`export` the weights and start a new run from the export directory.
+`export` the weights and start a new run from the export directory. An entropy stage's model
+(BLT) travels inside the checkpoint: its architecture, threshold and source are taken from the
+checkpoint's hyperparameters, so the entropy model's own export folder is not needed.
+
+`fit` of a model with an entropy stage first trains the entropy model its config names when that
+does not exist yet, and `fit --export_dir DIR` exports the best checkpoint when it is done
+(multibyte/entropy_training.py).
 """
 
 from __future__ import annotations
@@ -39,8 +45,18 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 import datamodules
 import multibyte
 from datamodules.base import ByteStreamDataModule
-from multibyte.checkpoints import CheckpointError, checkpoint_hparams, config_from_dict, load_checkpoint, plain
+from multibyte.checkpoints import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    CheckpointError,
+    checkpoint_hparams,
+    config_from_dict,
+    export_checkpoint,
+    load_checkpoint,
+    plain,
+)
 from multibyte.config import ModelConfig
+from multibyte.entropy_training import adopt_checkpoint_entropy_models, prepare_entropy_models
 from multibyte.fault_tolerance import DivergenceGuard, PreemptionCheckpoint, TrainingDiverged
 from multibyte.trainer import EXTRA_SUBCOMMANDS, MultibyteTrainer
 from multibyte.data_spec import DataSpec, data_spec_of
@@ -92,6 +108,16 @@ class MultibyteCLI(LightningCLI):
         return {**LightningCLI.subcommands(), **EXTRA_SUBCOMMANDS}
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        if subcommand == "fit":
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            parser.add_argument(
+                "--export_dir",
+                type=Optional[str],
+                default=None,
+                help="After fit, export the best checkpoint (the last without validation) to this folder "
+                "(model.safetensors + config.yaml, as `export` writes them); existing files are refused.",
+            )
+            return parser
         if subcommand not in DATA_OPTIONAL:
             return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         # LightningCLI makes --data optional when it is given no datamodule class; pretend so here.
@@ -143,10 +169,21 @@ class MultibyteCLI(LightningCLI):
             raise CheckpointError(
                 f"checkpoint {path}: its hyperparameters do not fit this version of multibyte ({error})"
             ) from None
+        if isinstance(stored.get("architecture"), dict):  # its entropy models travel inside it
+            adopt_checkpoint_entropy_models(self.config[subcommand]["model"]["architecture"], stored["architecture"])
         given = plain(self.config[subcommand]["model"].as_dict())
         conflicts = hparam_conflicts(given, stored, resuming=subcommand == "fit")
         if conflicts:
             raise CheckpointError(describe_conflicts(path, conflicts, resuming=subcommand == "fit"))
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:  # make_cli(run=False): parse and build only
+            return
+        config = self.config[self.subcommand]
+        export_dir = config.get("export_dir") if self.subcommand == "fit" else None
+        if export_dir:  # refused now, not after the training
+            _writable_export(Path(export_dir))
+        prepare_entropy_models(config, self.subcommand)  # BLT: train what the config names, first
 
     def instantiate_classes(self) -> None:
         if self.subcommand == "export":  # reads the checkpoint itself: the model needs no memory
@@ -176,6 +213,14 @@ class MultibyteCLI(LightningCLI):
         parser.link_arguments("data", "model.data_spec", compute_fn=_spec_or_none, apply_on="instantiate")
 
     def after_fit(self) -> None:
+        export_dir = self.config[self.subcommand].get("export_dir")
+        if export_dir and self.trainer.is_global_zero:
+            callback = self.trainer.checkpoint_callback
+            best = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+            if not best:
+                raise ValueError(f"--export_dir {export_dir}: this run saved no checkpoint to export")
+            paths = export_checkpoint(best, export_dir)
+            print(f"exported {best} to " + ", ".join(str(p) for p in paths))
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
         has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
@@ -188,6 +233,12 @@ class MultibyteCLI(LightningCLI):
 
 def _spec_or_none(datamodule) -> "DataSpec | None":
     return None if datamodule is None else data_spec_of(datamodule)
+
+
+def _writable_export(folder: Path) -> None:
+    for name in (EXPORT_WEIGHTS, EXPORT_CONFIG):
+        if (folder / name).exists():
+            raise FileExistsError(f"--export_dir {folder}: {folder / name} already exists; choose another folder")
 
 
 class CommandLineError(SystemExit):

@@ -62,6 +62,11 @@ class StageConfig:
     """`entropy` patcher: the byte model whose next-byte entropy places the boundaries, as a
     checkpoint file or an `export` directory. Read once when the model is built; its
     architecture is then kept in `entropy_architecture` and its weights in this model's state."""
+    entropy_config: Optional[list[str]] = None
+    """`entropy` patcher: the configs (shipped names or files, layered in order, as `--config`
+    takes them) that train the entropy model, e.g. [text_entropy.yaml, cpu/text_entropy.yaml].
+    When `entropy_model` does not exist yet, `fit` first trains it with `fit` from these configs
+    on this run's data and exports it to `entropy_model` (multibyte/entropy_training.py)."""
     entropy_architecture: Optional[dict] = None
     """`entropy` patcher: the entropy model's ModelConfig as a dict (filled in from
     `entropy_model`; set by hand only to build an untrained model for tests)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from multibyte.checkpoints import plain
 from multibyte.cli import main, make_cli, resolve_config_arguments, resolve_config_path, shipped_config_dir
@@ -35,6 +36,21 @@ def build(configs: list[str], tmp_path: Path, *overrides: str):
         return make_cli(args + list(overrides), run=False)
 
 
+def untrained_entropy_model(configs: list[str], tmp_path: Path) -> list[str]:
+    """A BLT config names an entropy model that `fit` trains first from its entropy_config
+    (tests/test_blt.py covers that); here stage 0 gets that config's architecture instead,
+    untrained. No flags for other configs."""
+    recipe = None
+    for name in configs:
+        data = yaml.safe_load(Path(resolve_config_path(name)).read_text()) or {}
+        for stage in ((data.get("model") or {}).get("architecture") or {}).get("stages") or []:
+            recipe = stage.get("entropy_config") or recipe
+    if recipe is None:
+        return []
+    architecture = plain(build(recipe, tmp_path / "entropy").model.architecture)
+    return ["--model.architecture.stages", json.dumps([{"entropy_architecture": architecture}, {}])]
+
+
 def test_shipped_configs_exist():
     assert {"text.yaml", "image64.yaml", "audio.yaml"} <= set(BASE_CONFIGS)
     assert {"cpu/text.yaml", "cpu/image64.yaml", "cpu/audio.yaml"} <= set(LAYERED_CONFIGS)
@@ -42,7 +58,7 @@ def test_shipped_configs_exist():
 
 @pytest.mark.parametrize("name", BASE_CONFIGS)
 def test_every_base_config_parses_and_builds(name, tmp_path):
-    cli = build([name], tmp_path)
+    cli = build([name], tmp_path, *untrained_entropy_model([name], tmp_path))
     assert isinstance(cli.model, ByteLM)
     assert isinstance(cli.model.architecture, ModelConfig)
     assert cli.model.model.num_parameters() > 1_000_000
@@ -96,6 +112,7 @@ def test_fit_runs_through_the_cli(name, tmp_path):
         "--trainer.default_root_dir", str(tmp_path / "run"),
         "--data.init_args.cache_dir", str(tmp_path / "cache"),
         "--data.init_args.batch_size", "2",
+        *untrained_entropy_model([base_of(name), name], tmp_path),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,8 +8,9 @@ depends on bytes < t only. A unit starts at byte t when
     monotonic mode  H(x_t) - H(x_{t-1}) > θ        (t >= 1)
 
 θ is `StageConfig.entropy_threshold`; when it is None, `calibrate` picks it on training bytes so
-that units hold `target_patch_length` bytes on average, and it is stored in this module's buffer
-(so it travels with the checkpoint, as do the entropy model's weights, which stay frozen).
+that units hold `target_patch_length` bytes on average (length limit included), and it is stored
+in this module's buffer (so it travels with the checkpoint, as do the entropy model's weights,
+which stay frozen).
 
 Decoding runs the entropy model alongside, one byte at a time, from its own decode state. A
 parallel pass and byte-by-byte decoding compute H to rounding, not bit for bit, so an entropy
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 
 from multibyte.config import ModelConfig, StageConfig
-from multibyte.patchers import Patcher
+from multibyte.patchers import Patcher, unit_starts
 
 
 def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
@@ -97,15 +98,42 @@ class EntropyPatcher(Patcher):
 
     @torch.no_grad()
     def calibrate(self, tokens: torch.Tensor) -> float:
-        """Choose θ so that units average `target_patch_length` bytes on (B, T) sample bytes
-        (before the length limit, which only adds starts); store and return it."""
-        H = self.entropies(tokens)
+        """Choose θ so that units average `target_patch_length` bytes on (B, T) sample bytes,
+        this stage's length limit included (an enclosing stage's starts, which only add more,
+        are not); store and return it.
+
+        The mean unit length never falls as θ rises (fewer rule starts; a merged segment needs at
+        most one forced start more than its two parts had starts), so θ is found by bisection over
+        the sample's own scores: of the two neighbouring scores whose mean lengths bracket the
+        target, the one closer to it."""
+        B, T = tokens.shape
+        if T < 2:
+            raise ValueError(f"entropy patcher: calibration needs rows of at least 2 bytes, got {T}")
+        H = self.entropies(tokens)  # (B, T) fp32
         score = H if self.mode == "global" else H - torch.cat([H[:, :1], H[:, :-1]], dim=1)
-        score = score[:, 1:].flatten().double()
-        fraction = min(1.0, 1.0 / self.target_patch_length)
-        theta = float(torch.quantile(score, 1.0 - fraction))
-        self.threshold.fill_(theta)
-        return theta
+        candidates = torch.unique(score[:, 1:])  # sorted; θ = a candidate fires where score > θ
+
+        def mean_length(theta: torch.Tensor) -> float:
+            fires = score > theta
+            fires[:, 0] = False
+            starts = unit_starts(fires, None, self.max_length, T, B, tokens.device)
+            return B * T / int(starts.sum())
+
+        low, high = 0, len(candidates) - 1  # find the first candidate reaching the target
+        if mean_length(candidates[high]) < self.target_patch_length:
+            low = high  # the length limit caps the mean below the target: fire as rarely as possible
+        while low < high:
+            middle = (low + high) // 2
+            if mean_length(candidates[middle]) >= self.target_patch_length:
+                high = middle
+            else:
+                low = middle + 1
+        if low > 0:
+            above, below = mean_length(candidates[low]), mean_length(candidates[low - 1])
+            if abs(below - self.target_patch_length) < abs(above - self.target_patch_length):
+                low -= 1
+        self.threshold.fill_(candidates[low])
+        return float(self.threshold)
 
     # -- decoding --------------------------------------------------------------------------------
     def allocate_state(self, batch_size: int, max_len: int, device, dtype) -> EntropyState:
