@@ -213,7 +213,10 @@ class ModelConfig:
                     f"stages[{i}].patch_size={stage.patch_size} must be a multiple of stages[{i + 1}].patch_size={inner}"
                 )
             if stage.patcher == "entropy" and stage.entropy_model is None and stage.entropy_architecture is None:
-                raise ValueError(f"stages[{i}] uses the entropy patcher: name its byte model in entropy_model")
+                raise ValueError(
+                    f"stages[{i}] uses the entropy patcher: name its byte model in entropy_model (a checkpoint or "
+                    "export folder; with entropy_config, fit trains it there first)"
+                )
         for i, stage in enumerate(self.stages):
             slots = self.unit_slots(i)
             if stage.pooling == "concat" and stage.d_model % slots:
