@@ -7,6 +7,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The CLI and multi-process tests start `python -m multibyte` subprocesses; they inherit one
+# intra-op thread too (two threads stall at every op's barrier while the other core is busy,
+# e.g. with the parent test process or a second rank).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def _shared_data_dir() -> Path:
     # ../shared/data relative to the project root, unless MULTIBYTE_SHARED_DATA points elsewhere.
