@@ -246,6 +246,15 @@ def split_data(datamodule, split: str, max_bytes: Optional[int] = None) -> Score
     return ScoredData(tokens, raw, token_bytes)
 
 
+def describe_patching(config) -> str:
+    """E.g. "fixed 8", "space <= 16, then fixed 2", "none (one stage over bytes)"."""
+    parts = [
+        f"{stage.patcher} {stage.patch_size}" if stage.patcher == "fixed" else f"{stage.patcher} <= {stage.patch_size}"
+        for stage in config.stages[:-1]
+    ]
+    return ", then ".join(parts) if parts else "none (one stage over bytes)"
+
+
 def codec_params(datamodule) -> dict[str, Any]:
     """What `reference_codecs` needs to know about how the datamodule laid out its bytes."""
     spec = data_spec_of(datamodule)
@@ -339,6 +348,7 @@ def run_benchmark(
             "checkpoint": checkpoint,
             "parameters": model.num_parameters(),
             "patch_size": model.config.alignment,
+            "patching": describe_patching(model.config),
             "seq_len": seq_len,
             "seq_unit": "bytes" if tokenizer is None else "tokens",
             "precision": precision,
@@ -382,7 +392,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     model = report["model"]
     tokenizer = model.get("tokenizer")
     shape = (
-        f"patch size {model['patch_size']}, windows of {model['seq_len']:,} bytes"
+        f"patching: {model.get('patching', model['patch_size'])}, windows of {model['seq_len']:,} bytes"
         if not tokenizer
         else f"BPE tokenizer of {tokenizer['vocab_size']:,} ids ({tokenizer['tokens_per_byte']:.3f} tokens per byte: "
         f"{tokenizer['num_tokens']:,} tokens), windows of {model['seq_len']:,} tokens"
