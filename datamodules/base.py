@@ -13,8 +13,9 @@ Subword text (`TextDataModule(tokenizer="bpe")`) adds a folder inside it, `bpe-<
 
 The hash covers the source path, its files' names, sizes and mtimes and every codec parameter,
 so changing any of them converts again into a new folder. Every file is written under a temporary
-name in the same folder and renamed into place (`os.replace`, atomic), so an interrupted or failed
-run never leaves a partial file behind.
+name in the same folder and renamed into place (`os.replace`, atomic), under a lock on
+`<folder>.lock`: a failed run deletes its temporaries, a killed one leaves `.partial` files that are
+never read and that the next run deletes, and two processes preparing one cache build it once.
 
 `setup()` then builds datasets that memory-map the .bin files lazily (in each worker).
 
