@@ -326,7 +326,7 @@ class HierarchicalByteModel(nn.Module):
         U0 = config.unit_slots(0)
         K = -(-num_bytes // U0) if num_units is None else num_units
         G = K * U0
-        packed = not config.is_fixed and self.stages[-1].config.mixer == "attention" and self.stages[-1].pool is None
+        packed = not config.is_fixed and self._byte_stage_packs
         flops = 6.0 * (num_bytes if packed else G) * self.head.weight.numel()
         for i, stage in enumerate(self.stages):
             last = i == len(self.stages) - 1
@@ -455,12 +455,18 @@ class HierarchicalByteModel(nn.Module):
         h = layout.gather(parent.reshape(B, layout.grid_size, -1), T)  # (B, T, D_last)
         return self.head(h)
 
+    @property
+    def _byte_stage_packs(self) -> bool:
+        """Whether the byte stage can run on the packed byte stream: an attention stage with
+        concat pooling (a Mamba stage would need its recurrence reset at every unit start)."""
+        last = self.stages[-1]
+        return last.config.mixer == "attention" and last.pool is None
+
     def _packs_bytes(self, layout: Layout) -> bool:
         """Dynamic units would leave most byte slots of the grid empty (a unit of S slots holds
         a word of ~5 bytes): an attention byte stage then runs on the packed byte stream instead,
         each byte attending to the earlier bytes of its own unit (see `_packed_byte_stage`)."""
-        last = self.stages[-1]
-        return layout.index is not None and last.config.mixer == "attention" and last.pool is None
+        return layout.index is not None and self._byte_stage_packs
 
     def _packed_byte_stage(self, tokens: torch.Tensor, layout: Layout, parent: torch.Tensor) -> torch.Tensor:
         """The byte stage on the (B, T) stream itself: the same inputs as in the grid (the
@@ -567,8 +573,8 @@ class HierarchicalByteModel(nn.Module):
                 raise ValueError(f"prompt lengths must lie in 0..{T}, got {lengths_list}")
         state.host_position = 0 if state.fixed else None
         state.started = True
-        n = self._parallel_prefix(tokens, min(lengths_list, default=0))
-        logits = self._prefill_parallel(state, tokens[:, :n]) if n else self._open(state)
+        n, starts = self._parallel_prefix(tokens, min(lengths_list, default=0))
+        logits = self._prefill_parallel(state, tokens[:, :n], starts) if n else self._open(state)
         uniform = len(set(lengths_list)) == 1
         for t in range(n, max(lengths_list, default=0)):
             active = None if uniform else torch.tensor([t < n_b for n_b in lengths_list], device=tokens.device)
@@ -576,20 +582,22 @@ class HierarchicalByteModel(nn.Module):
             logits = _where_rows(active, step_logits, logits)
         return logits
 
-    def _parallel_prefix(self, tokens: torch.Tensor, shortest: int) -> int:
-        """Bytes of the prompt that the outermost stage can take in one pass (see `prefill`)."""
+    def _parallel_prefix(self, tokens: torch.Tensor, shortest: int) -> tuple[int, Optional[list[torch.Tensor]]]:
+        """Bytes of the prompt that the outermost stage can take in one pass (see `prefill`), and
+        with dynamic units the boundaries of those bytes (computed once: an entropy patcher runs
+        its byte model for them)."""
         if shortest == 0:
-            return 0
+            return 0, None
         U0 = self.config.unit_slots(0)
         if self.config.is_fixed:
-            return shortest // U0 * U0
-        head = tokens[:, :shortest]
-        starts = self.unit_starts(head)[0]  # (B, shortest)
-        count = starts.long().cumsum(1)  # units started up to and including each byte
-        common = starts.all(0) & (count == count[:1]).all(0)  # a boundary at p in every row, equal counts
+            return shortest // U0 * U0, None
+        starts = self.unit_starts(tokens[:, :shortest])  # per stage but the last: (B, shortest)
+        count = starts[0].long().cumsum(1)  # outermost units started up to and including each byte
+        common = starts[0].all(0) & (count == count[:1]).all(0)  # a boundary at p in every row, equal counts
         common[0] = False
         candidates = common.nonzero()
-        return int(candidates[-1]) if len(candidates) else 0
+        n = int(candidates[-1]) if len(candidates) else 0
+        return n, [s[:, :n] for s in starts]  # boundaries before n depend on bytes before n only
 
     def _check_ready(self) -> None:
         if self.training:
@@ -601,11 +609,12 @@ class HierarchicalByteModel(nn.Module):
             patcher.start_state(patcher_state)
         return self._run_stages(state, None, 0, None, state.coords.clone(), first=0)
 
-    def _prefill_parallel(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+    def _prefill_parallel(self, state: DecodeState, tokens: torch.Tensor, starts: Optional[list[torch.Tensor]]) -> torch.Tensor:
         """Consume (B, n) bytes ending at an outermost unit boundary (the same number of units c
-        in every row): stage 0 runs its c + 1 positions at once, the inner stages open unit c."""
+        in every row; `starts`: their boundaries, None for fixed units): stage 0 runs its c + 1
+        positions at once, the inner stages open unit c."""
         B, n = tokens.shape
-        layout = self.layout(tokens)
+        layout = self.layout(tokens, starts)
         extra = self._byte_extras(tokens)
         grid = layout.scatter(tokens)
         extra_grid = None if extra is None else layout.scatter(extra)
