@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from multibyte.checkpoints import checkpoint_hparams, config_from_dict, load_checkpoint
+from cli_errors import one_line_error
 from multibyte.cli import main
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.entropy_training import (
@@ -237,16 +238,6 @@ def test_torchrun_one_rank_trains_the_entropy_model_and_fsdp_calibrates(tmp_path
 # ------------------------------------------------------------------------------------------------
 # Neither a model nor a recipe: one clear error, before anything is prepared
 # ------------------------------------------------------------------------------------------------
-
-
-def one_line_error(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        main(list(args))
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == f"multibyte: {stopped.value}"
-    return str(stopped.value)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from multibyte.checkpoints import plain
+from cli_errors import one_line_error
 from multibyte.cli import main, make_cli, resolve_config_arguments, resolve_config_path, shipped_config_dir
 from multibyte.config import ModelConfig, megabyte
 from multibyte.training import ByteLM
@@ -157,16 +158,6 @@ def tiny_flags(root: Path) -> list[str]:
         "--data.seq_len", "32", "--data.batch_size", "2", "--data.cache_dir", str(root / "cache"),
         "--trainer.default_root_dir", str(root / "run"), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
-
-
-def one_line_error(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        main(list(args))
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == f"multibyte: {stopped.value}"
-    return str(stopped.value)
 
 
 @pytest.mark.slow
