@@ -58,7 +58,8 @@ from datamodules.windows import (  # noqa: F401
     pass_windows,
     rank_share,
 )
-from multibyte.compression import HEADER_SIZE, write_atomically
+from multibyte.atomic_files import write_atomically
+from multibyte.compression import HEADER_SIZE
 from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
 from multibyte.reference_codecs import CodecResult, reference_codecs

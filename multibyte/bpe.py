@@ -30,12 +30,12 @@ import itertools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
+from multibyte.atomic_files import write_atomically
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 # GPT-4's (cl100k_base) pre-tokenisation pattern, in the regex dialect `tokenizers` compiles.
@@ -261,27 +261,9 @@ class BPETokenizer:
         return cls(tokenizer, source=source)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the tokenizer's JSON (the `tokenizers` format) to `path`, atomically: a temporary
-        file in the same folder, then os.replace; parent folders are created."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as file:
-            temporary = Path(file.name)
-            try:
-                file.write(self._tokenizer.to_str())
-                file.flush()
-                os.fsync(file.fileno())
-            except BaseException:
-                file.close()
-                temporary.unlink(missing_ok=True)
-                raise
-        try:
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        """Write the tokenizer's JSON (the `tokenizers` format) to `path` atomically (see
+        `multibyte.atomic_files`); parent folders are created."""
+        write_atomically(path, self._tokenizer.to_str().encode("utf-8"))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> BPETokenizer:

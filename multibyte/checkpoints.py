@@ -27,19 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import pickle
 import re
-import tempfile
 import typing
 import zipfile
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from multibyte.atomic_files import write_atomically
 
 from multibyte.bpe import TOKENIZER_FILE
 
@@ -334,43 +334,15 @@ def _build(hint: Any, value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through `write(file)` on a temporary file in the same folder, fsync it and
-    rename it into place: a reader (or a resumed run) sees the old file or the new one, never half
-    of one, whatever kills the writer. Lightning's own save goes through a temporary file in the
-    system temp folder, which becomes a non-atomic copy when that folder is another file system."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make shared runs unreadable
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint reader and writer, made safe: reads through `load_checkpoint`
     (weights_only, the config dataclasses allowed, export directories accepted, one clear error),
-    writes local files through `atomic_write`. Remote URLs keep Lightning's fsspec path."""
+    writes local files through `write_atomically`. Remote URLs keep Lightning's fsspec path."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(path, lambda file: torch.save(checkpoint, file))
+        write_atomically(path, lambda file: torch.save(checkpoint, file))
 
     def load_checkpoint(
         self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
@@ -417,11 +389,11 @@ def export_checkpoint(ckpt_path: PathLike, output_dir: PathLike, overwrite: bool
         f"# Use: python -m multibyte sample --config DIR/{EXPORT_CONFIG} --ckpt_path DIR ...\n"
     )
     text = header + yaml.safe_dump({"model": hparams}, sort_keys=False)
-    atomic_write(targets[0], lambda file: file.write(blob))
-    atomic_write(targets[1], lambda file: file.write(text.encode("utf-8")))
+    write_atomically(targets[0], lambda file: file.write(blob))
+    write_atomically(targets[1], lambda file: file.write(text.encode("utf-8")))
     if tokenizer is not None:
         targets.append(folder / TOKENIZER_FILE)
-        atomic_write(targets[2], lambda file: file.write(tokenizer.to_json().encode("utf-8")))
+        write_atomically(targets[2], lambda file: file.write(tokenizer.to_json().encode("utf-8")))
     else:
         (folder / TOKENIZER_FILE).unlink(missing_ok=True)  # an earlier export's, replaced by --overwrite
     return targets

@@ -53,9 +53,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import struct
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -66,6 +64,7 @@ import numpy as np
 import torch
 
 from datamodules.windows import groups, inference_plan
+from multibyte.atomic_files import write_atomically
 from multibyte.arithmetic_coding import (
     ALPHABET_SIZE,
     FREQUENCY_TOTAL,
@@ -505,25 +504,6 @@ def decompress_bytes(
 # ------------------------------------------------------------------------------------------------
 # Files.
 # ------------------------------------------------------------------------------------------------
-
-
-def write_atomically(path: Union[str, Path], data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename,
-    so a reader never sees half a file. The file gets the usual permissions (0666 minus umask),
-    not the temporary file's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _read_input(path: Union[str, Path]) -> bytes:
