@@ -8,6 +8,9 @@ Accepted sources (`data_path`):
 - a folder of .txt files: sorted by name, concatenated, then split 90% / 5% / 5% as above.
 - a folder with train/, validation/ and test/ subfolders (the PG-19 layout): each split is the
   concatenation of its subfolder's .txt files, sorted by name.
+- a folder of .txt files with `validation_files` and `test_files` naming whole files of it: those
+  files are the validation and test splits, every other .txt file trains. This holds out whole
+  books (e.g. of genres absent from training) without copying them into a PG-19 layout.
 
 Subword text (`tokenizer="bpe"`, the baseline the byte models are measured against). After the
 byte splits above, `prepare_data` trains a byte-level BPE tokenizer (`multibyte.bpe`) of
@@ -159,6 +162,9 @@ class TextDataModule(ByteStreamDataModule):
             training text runs out of pairs to merge first: the trained tokenizer is then smaller,
             and the ids it never produces are rows of the model's embedding and head that training
             never sees (sampling never draws them). Unused with "bytes".
+        validation_files, test_files: names of .txt files directly inside the `data_path` folder
+            that form the validation and test splits (whole files, in the order given); all other
+            .txt files of the folder are the training split. Give both or neither.
     """
 
     modality = "text"
@@ -175,7 +181,17 @@ class TextDataModule(ByteStreamDataModule):
         split_seed: int = 1234,
         tokenizer: Literal["bytes", "bpe"] = "bytes",
         vocab_size: int = 4096,
+        validation_files: Optional[list[str]] = None,
+        test_files: Optional[list[str]] = None,
     ) -> None:
+        if (validation_files is None) != (test_files is None):
+            raise ValueError("validation_files and test_files: give both (whole held-out files) or neither")
+        for flag, names in (("validation_files", validation_files), ("test_files", test_files)):
+            if names is not None and not names:
+                raise ValueError(f"{flag}: empty list; name at least one .txt file of data_path")
+        if validation_files is not None and set(validation_files) & set(test_files):
+            overlap = sorted(set(validation_files) & set(test_files))
+            raise ValueError(f"validation_files and test_files both name {overlap}")
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
         if tokenizer == "bpe" and not 256 + len(SPECIAL_TOKENS) <= vocab_size < 1 << 31:
@@ -195,6 +211,8 @@ class TextDataModule(ByteStreamDataModule):
         )
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.validation_files = list(validation_files) if validation_files is not None else None
+        self.test_files = list(test_files) if test_files is not None else None
         self._train_sha256: Optional[str] = None
         self._token_folder: Optional[Path] = None
         self._token_manifest: Optional[dict[str, Any]] = None
@@ -208,6 +226,8 @@ class TextDataModule(ByteStreamDataModule):
 
     def _layout(self, source: Path) -> Union[list[Path], dict[str, list[Path]]]:
         """Files of one stream to split (a list), or each split's own files (a dict, PG-19 layout)."""
+        if self.validation_files is not None:
+            return self._held_out_layout(source)
         if source.is_file():
             return [source]
         if not source.is_dir():
@@ -230,16 +250,40 @@ class TextDataModule(ByteStreamDataModule):
             raise DataError(f"{source}: no .txt files")
         return files
 
+    def _held_out_layout(self, source: Path) -> dict[str, list[Path]]:
+        """Each split's files when validation_files / test_files name whole files of `source`."""
+        if not source.is_dir():
+            raise DataError(f"{source}: validation_files/test_files need data_path to be a folder of .txt files")
+        files = text_files_in(source)
+        by_name = {path.name: path for path in files}
+        layout = {}
+        for split, flag, names in (
+            ("validation", "validation_files", self.validation_files),
+            ("test", "test_files", self.test_files),
+        ):
+            missing = [name for name in names if name not in by_name]
+            if missing:
+                raise DataError(f"{source}: {flag} names {missing}, not .txt files of this folder")
+            layout[split] = [by_name[name] for name in names]
+        held_out = set(self.validation_files) | set(self.test_files)
+        layout["train"] = [path for path in files if path.name not in held_out]
+        if not layout["train"]:
+            raise DataError(f"{source}: every .txt file is held out; nothing is left to train on")
+        return {split: layout[split] for split in SPLITS}
+
     def _source_files(self, source: Path) -> list[Path]:
         layout = self._layout(source)
         return layout if isinstance(layout, list) else [path for split in SPLITS for path in layout[split]]
 
     def _codec_params(self) -> dict[str, Any]:
         # No codec: bytes are copied. The split rule's constants decide which bytes go where.
-        return {
+        params = {
             "standard_split_min_bytes": STANDARD_SPLIT_MIN_BYTES,
             "standard_eval_split_bytes": STANDARD_EVAL_SPLIT_BYTES,
         }
+        if self.validation_files is not None:
+            params["held_out"] = {"validation": self.validation_files, "test": self.test_files}
+        return params
 
     def _write_splits(self, source: Path, writer: CacheWriter) -> None:
         layout = self._layout(source)

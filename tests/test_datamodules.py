@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -15,7 +16,7 @@ from lightning import seed_everything
 
 import datamodules.text
 from datamodules import AudioDataModule, ByteStreamDataModule, DataError, ImageNet64DataModule, TextDataModule
-from datamodules.base import EMBEDDED_DATA_DIR, SPLITS, RandomWindows
+from datamodules.base import EMBEDDED_DATA_DIR, SPLITS, DataError, RandomWindows
 from datamodules.windows import TrainPosition
 from multibyte.codecs import (
     IMAGE_BYTES,
@@ -213,6 +214,50 @@ def test_pg19_layout_uses_each_subfolder_as_its_split(tmp_path: Path, cache_dir:
     check_full_cycle(dm)
     for split in SPLITS:
         assert split_bytes(dm, split) == expected[split]
+
+
+def test_named_files_are_held_out_whole_and_the_rest_trains(tmp_path: Path, cache_dir: Path) -> None:
+    books = {name: f"<{name}> ".encode() * (10 + i) for i, name in enumerate(["a.txt", "b.txt", "c.txt", "d.txt", "e.txt"])}
+    for name, content in books.items():
+        (tmp_path / name).write_bytes(content)
+    dm = TextDataModule(
+        data_path=str(tmp_path), seq_len=16, batch_size=2, cache_dir=str(cache_dir),
+        validation_files=["d.txt"], test_files=["e.txt", "b.txt"],  # the order given is kept
+    )
+    check_full_cycle(dm)
+    assert split_bytes(dm, "train") == books["a.txt"] + books["c.txt"]
+    assert split_bytes(dm, "validation") == books["d.txt"]
+    assert split_bytes(dm, "test") == books["e.txt"] + books["b.txt"]
+    # Another choice of held-out books is another cache.
+    other = TextDataModule(data_path=str(tmp_path), cache_dir=str(cache_dir), validation_files=["a.txt"], test_files=["e.txt"])
+    assert other.cache_folder != dm.cache_folder
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"validation_files": ["a.txt"]}, "give both"),
+        ({"validation_files": [], "test_files": ["a.txt"]}, "validation_files: empty list"),
+        ({"validation_files": ["a.txt"], "test_files": ["a.txt"]}, "both name ['a.txt']"),
+    ],
+)
+def test_held_out_file_options_are_checked(kwargs: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TextDataModule(data_path=str(tmp_path), **kwargs)
+
+
+def test_held_out_files_must_exist_and_leave_something_to_train(tmp_path: Path, cache_dir: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"alpha " * 20)
+    (tmp_path / "b.txt").write_bytes(b"beta " * 20)
+    missing = TextDataModule(data_path=str(tmp_path), cache_dir=str(cache_dir), validation_files=["a.txt"], test_files=["z.txt"])
+    with pytest.raises(DataError, match=re.escape("test_files names ['z.txt'], not .txt files of this folder")):
+        missing.prepare_data()
+    everything = TextDataModule(data_path=str(tmp_path), cache_dir=str(cache_dir), validation_files=["a.txt"], test_files=["b.txt"])
+    with pytest.raises(DataError, match="nothing is left to train on"):
+        everything.prepare_data()
+    single = TextDataModule(data_path=str(tmp_path / "a.txt"), cache_dir=str(cache_dir), validation_files=["a.txt"], test_files=["b.txt"])
+    with pytest.raises(DataError, match="need data_path to be a folder"):
+        single.prepare_data()
 
 
 def test_prepare_is_idempotent(cache_dir: Path) -> None:
@@ -515,6 +560,34 @@ def test_audio_folder_clips_become_records(audio_folder: Path, cache_dir: Path, 
     expected = [waveform_to_bytes(load_audio_file(path, 16000), encoding).tobytes() for path in files]
     assert Counter(sum(records.values(), [])) == Counter(expected)
     assert dm.alignment == (2 if encoding == "pcm16" else 1)
+
+
+def test_audio_speakers_are_held_out_by_pattern(audio_folder: Path, cache_dir: Path) -> None:
+    dm = AudioDataModule(
+        data_path=str(audio_folder), seq_len=1024, sample_rate=8000, cache_dir=str(cache_dir),
+        validation_files=["nicolas/*"], test_files=["theo/*", "*.flac"],
+    )
+    check_full_cycle(dm)
+    files = sorted(path for path in audio_folder.rglob("*") if path.is_file())
+    def clips(keep) -> list[bytes]:
+        return [waveform_to_bytes(load_audio_file(p, 8000), "pcm16").tobytes() for p in files if keep(p.relative_to(audio_folder).as_posix())]
+    assert split_records(dm, "validation") == clips(lambda name: name.startswith("nicolas/"))
+    assert split_records(dm, "test") == clips(lambda name: name.startswith("theo/") or name.endswith(".flac"))
+    assert split_records(dm, "train") == clips(lambda name: not name.startswith(("nicolas/", "theo/")) and not name.endswith(".flac"))
+
+
+def test_audio_held_out_patterns_are_checked(audio_folder: Path, cache_dir: Path) -> None:
+    with pytest.raises(ValueError, match="give both"):
+        AudioDataModule(data_path=str(audio_folder), test_files=["theo/*"])
+    unmatched = AudioDataModule(data_path=str(audio_folder), cache_dir=str(cache_dir), validation_files=["nobody/*"], test_files=["theo/*"])
+    with pytest.raises(DataError, match=re.escape("validation_files pattern(s) ['nobody/*'] match no audio file")):
+        unmatched.prepare_data()
+    both = AudioDataModule(data_path=str(audio_folder), cache_dir=str(cache_dir), validation_files=["theo/*"], test_files=["*theo*"])
+    with pytest.raises(DataError, match="matched by both"):
+        both.prepare_data()
+    everything = AudioDataModule(data_path=str(audio_folder), cache_dir=str(cache_dir), validation_files=["*.wav"], test_files=["*.flac"])
+    with pytest.raises(DataError, match="nothing is left to train on"):
+        everything.prepare_data()
 
 
 def test_audio_splits_are_deterministic(audio_folder: Path, tmp_path: Path) -> None:
