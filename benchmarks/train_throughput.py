@@ -1,7 +1,8 @@
 """Training throughput: our MEGABYTE vs MEGABYTE-pytorch, same shapes, same run, same machine.
 
-    python benchmarks/train_throughput.py            # sequence length 8,192 (a few minutes)
-    python benchmarks/train_throughput.py --quick    # shorter sequences and fewer steps (< 60 s)
+    python benchmarks/train_throughput.py                 # L 8,192, B 4: 1 warm-up + 4 timed steps per model
+    python benchmarks/train_throughput.py --quick         # the same shapes, 1 warm-up + 1 timed step
+    python benchmarks/train_throughput.py --device cuda   # on a GPU (autocast bf16 there, TF32 off)
 
 Both sides train (forward, cross-entropy, backward, AdamW step) on random bytes at the same global
 and local widths, depths, heads, patch size, sequence length and batch. MEGABYTE-pytorch
@@ -10,36 +11,50 @@ byte 0 is learnable, and `dim_head = local width / heads`, so its local attentio
 its global attention is narrower than ours (fewer FLOPs on its side: the comparison is
 conservative). It runs in fp32 as its training script does; ours at fp32 and bf16-mixed.
 
-The CPU's matmul peak is measured in the same run for each precision, and our model FLOPs
+The device's matmul peak is measured in the same run for each precision, and our model FLOPs
 utilisation is 6 x (parameters touched per byte) x bytes/s plus attention, over the peak of the
-precision used. The last line printed is one JSON object with every figure.
+precision used. `--quick` measures the same regime as the full run (same shapes, the same
+warm-up, fewer timed steps), so the two agree up to noise. Ours trains as `ByteLM` does: the loss
+through `model(tokens, loss_mask=...)` (head and cross-entropy in chunks of positions) and, on
+CPU, `reuse_freed_memory()` (activation-sized blocks reused, not re-faulted, every step). The
+machine's load average is recorded before and after: other processes slow every figure. The
+last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from multibyte.config import ModelConfig, megabyte  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
-from multibyte.training import masked_byte_nll  # noqa: E402
+from multibyte.training import real_positions, reuse_freed_memory  # noqa: E402
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up (thread pool, packing buffers)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a @ b  # warm-up (thread pool, packing buffers, kernel selection)
+    synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
+        if device.type == "cuda" and count % 10 == 0:
+            synchronize(device)
+    synchronize(device)
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
@@ -47,24 +62,25 @@ def time_training(step, batch: torch.Tensor, warmup: int, steps: int) -> float:
     """Bytes per second of `step(batch)` (one full optimizer step), after `warmup` untimed steps."""
     for _ in range(warmup):
         step(batch)
+    synchronize(batch.device)
     start = time.perf_counter()
     for _ in range(steps):
         step(batch)
+    synchronize(batch.device)
     return batch.numel() * steps / (time.perf_counter() - start)
 
 
-def ours_step_fn(config: ModelConfig, bf16: bool):
-    model = HierarchicalByteModel(config).train()
+def ours_step_fn(config: ModelConfig, bf16: bool, device: torch.device):
+    model = HierarchicalByteModel(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     lengths = None
 
     def step(tokens: torch.Tensor) -> None:
         nonlocal lengths
         if lengths is None:
-            lengths = torch.full((tokens.shape[0],), tokens.shape[1])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(tokens)
-        nll, count = masked_byte_nll(logits, tokens, lengths)
+            lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            nll, count = model(tokens, loss_mask=real_positions(tokens, lengths))  # as ByteLM trains
         (nll / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -72,7 +88,7 @@ def ours_step_fn(config: ModelConfig, bf16: bool):
     return model, step
 
 
-def peer_step_fn(config: ModelConfig, seq_len: int):
+def peer_step_fn(config: ModelConfig, seq_len: int, device: torch.device):
     from MEGABYTE_pytorch import MEGABYTE
 
     g, l = config.stages
@@ -86,7 +102,7 @@ def peer_step_fn(config: ModelConfig, seq_len: int):
         heads=l.n_heads,
         dim_head=l.d_model // l.n_heads,
         ff_mult=int(l.mlp_ratio),
-    ).train()
+    ).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
     def step(tokens: torch.Tensor) -> None:
@@ -105,41 +121,65 @@ def training_flops_per_byte(model: HierarchicalByteModel, seq_len: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter sequences and fewer steps (< 60 s)")
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="the same shapes, one timed step per model (< 60 s idle)")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 4; --quick: 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = parser.parse_args()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch build sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: only cpu and cuda are supported")
+    for flag, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--steps", 1 if args.steps is None else args.steps)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.seq_len % 8:
+        parser.error(f"--seq-len must be a multiple of the patch size 8, got {args.seq_len}")
 
-    seq_len = args.seq_len or (2048 if args.quick else 8192)
-    batch = args.batch or (2 if args.quick else 4)
-    steps = args.steps or (2 if args.quick else 4)
+    began = time.perf_counter()
+    seq_len, batch = args.seq_len, args.batch
+    steps = args.steps if args.steps is not None else (1 if args.quick else 4)
     warmup = 1
+    if device.type == "cpu":
+        reuse_freed_memory()
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False  # "fp32" means fp32 on both sides
+        torch.backends.cudnn.allow_tf32 = False
     config = megabyte(8, seq_len, 512, 6, 4, 256, 4, 4)
     torch.manual_seed(0)
-    tokens = torch.randint(0, 256, (batch, seq_len), dtype=torch.uint8)
+    tokens = torch.randint(0, 256, (batch, seq_len), dtype=torch.uint8).to(device)
 
-    results: dict[str, float | int | str] = {
+    results: dict[str, float | int | str | bool] = {
         "seq_len": seq_len,
         "batch": batch,
         "patch_size": config.stages[0].patch_size,
+        "quick": args.quick,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "load_average_before": round(os.getloadavg()[0], 2),
     }
-    results["peak_gflops_fp32"] = round(matmul_peak_gflops(torch.float32), 1)
-    results["peak_gflops_bf16"] = round(matmul_peak_gflops(torch.bfloat16), 1)
+    results["peak_gflops_fp32"] = round(matmul_peak_gflops(torch.float32, device), 1)
+    results["peak_gflops_bf16"] = round(matmul_peak_gflops(torch.bfloat16, device), 1)
 
-    model, step = ours_step_fn(config, bf16=False)
+    model, step = ours_step_fn(config, False, device)
     results["ours_params"] = model.num_parameters()
     results["ours_bytes_per_s_fp32"] = round(time_training(step, tokens, warmup, steps), 1)
     flops_per_byte = training_flops_per_byte(model, seq_len)
     del model, step
-    model, step = ours_step_fn(config, bf16=True)
+    model, step = ours_step_fn(config, True, device)
     results["ours_bytes_per_s_bf16"] = round(time_training(step, tokens, warmup, steps), 1)
     del model, step
 
     try:
-        peer, peer_step = peer_step_fn(config, seq_len)
+        peer, peer_step = peer_step_fn(config, seq_len, device)
     except ImportError:
         results["peer"] = "MEGABYTE-pytorch not installed: pip install MEGABYTE-pytorch"
     else:
@@ -158,6 +198,8 @@ def main() -> None:
     results["mfu_precision"] = "bf16-mixed" if best_bf16 else "fp32"
     results["mfu"] = round(flops_per_byte * best_rate / (peak * 1e9), 3)
     results["mfu_fp32"] = round(flops_per_byte * results["ours_bytes_per_s_fp32"] / (results["peak_gflops_fp32"] * 1e9), 3)
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
+    results["wall_s"] = round(time.perf_counter() - began, 1)
     print(json.dumps(results))
 
 

@@ -26,9 +26,11 @@ VOCAB_SIZE = BYTE_VOCAB_SIZE  # kept for modules that only ever see bytes
 MixerName = Literal["attention", "mamba"]
 PatcherName = Literal["fixed", "space", "entropy"]
 PoolingName = Literal["concat", "attention"]
+PositionName = Literal["none", "learned", "rotary", "grid"]
 MIXERS = ("attention", "mamba")
 PATCHERS = ("fixed", "space", "entropy")
 POOLINGS = ("concat", "attention")
+POSITIONS = ("none", "learned", "rotary", "grid")
 
 
 @dataclass
@@ -78,6 +80,10 @@ class StageConfig:
     H(x_t) - H(x_{t-1}) > θ (monotonic)."""
     target_patch_length: float = 6.0
     """`entropy` patcher: average bytes per unit that threshold calibration aims for."""
+    checkpoint: bool = False
+    """Activation checkpointing: in training, keep only each block's input and recompute the
+    block's activations during the backward pass (about one more forward pass of this stage's
+    compute, for activation memory of one block instead of n_layers). Results are unchanged."""
     d_state: int = 16
     """Mamba: state size N per channel."""
     d_conv: int = 4
@@ -90,6 +96,23 @@ class StageConfig:
     """Mamba: smallest initial step size Δ."""
     dt_max: float = 0.1
     """Mamba: largest initial step size Δ."""
+    position: PositionName = "none"
+    """Where this stage's units are, at the stage's own scale (index k: the k-th unit of this
+    stage inside its parent unit; for the outermost stage, inside the sequence). `none`: nothing
+    (Mamba knows order from its recurrence; MEGABYTE's inner stages know it from the parent's
+    slices). `learned`: a learned vector per index added to the unit's input: a table of S_i rows
+    for an inner stage, of max_seq_len / U_0 + 1 rows for the outermost. `rotary`: rotary
+    embeddings (RoPE) of k on the queries and keys of every attention block (attention only; no
+    table, no length limit). `grid` (outermost stage only): units tile a 2-D image of
+    `grid` = [rows, cols] units; learned row and column vectors of unit k mod rows·cols are added.
+    Independent of ModelConfig.position_embedding, which keeps its meaning."""
+    grid: Optional[list[int]] = None
+    """`grid` position: [rows, cols] of units in one image, in the order the units are read (e.g.
+    64×64 RGB images in patch order with 12-byte patches (2×2 pixels): [32, 32]; in raster order
+    with patch_size 12 (4 pixels): [64, 16]). Unit k sits at row (k mod rows·cols) // cols, column
+    k mod cols; a second image in the same window starts again at row 0."""
+    rotary_base: float = 10000.0
+    """`rotary` position: base of the rotary frequencies (head pair j turns by k · base^(-2j/head_dim))."""
 
     def __post_init__(self) -> None:
         if self.mixer not in MIXERS:
@@ -118,6 +141,24 @@ class StageConfig:
             raise ValueError(f"stage entropy_mode must be global or monotonic, got {self.entropy_mode!r}")
         if self.target_patch_length < 1:
             raise ValueError(f"stage target_patch_length must be at least 1, got {self.target_patch_length}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"stage position: unknown position {self.position!r} (one of: {', '.join(POSITIONS)})")
+        if self.position == "grid":
+            if self.grid is None or len(self.grid) != 2 or any(int(n) != n or n < 1 for n in self.grid):
+                raise ValueError(f"stage position: grid needs grid: [rows, cols], two positive integers, got {self.grid!r}")
+            self.grid = [int(n) for n in self.grid]
+        elif self.grid is not None:
+            raise ValueError(f"stage grid={self.grid} is only read with position: grid (got position: {self.position})")
+        if self.position == "rotary":
+            if self.mixer != "attention" or self.n_layers == 0:
+                raise ValueError(
+                    f"stage position: rotary turns the queries and keys of attention blocks; this stage has "
+                    f"mixer={self.mixer} and n_layers={self.n_layers} (use learned, grid or none)"
+                )
+            if (self.d_model // self.n_heads) % 2:
+                raise ValueError(f"stage position: rotary needs an even head size, got d_model / n_heads = {self.d_model // self.n_heads}")
+            if self.rotary_base <= 1:
+                raise ValueError(f"stage rotary_base must exceed 1, got {self.rotary_base}")
 
     @property
     def resolved_dt_rank(self) -> int:
@@ -151,10 +192,13 @@ class ModelConfig:
     vocab_size: int = BYTE_VOCAB_SIZE
     """Symbols per position: 256 for bytes; a subword model uses its tokenizer's vocabulary."""
     max_seq_len: int = 8192
-    """Longest sequence (in symbols) the model is built for; sizes the learned position table."""
+    """Longest sequence (in symbols) the model is built for; sizes the learned position tables
+    (`position_embedding`, and stages[0].position: learned), the only parts that limit length."""
     position_embedding: bool = True
-    """Add a learned absolute position embedding to the outermost stage's byte embeddings
-    (attention needs it; Mamba is position-aware through its recurrence and runs without)."""
+    """Add a learned absolute position embedding (a table of max_seq_len rows) to the outermost
+    stage's byte embeddings (attention needs position information; Mamba is position-aware
+    through its recurrence and runs without). For long inputs prefer per-stage positions
+    (`StageConfig.position`: rotary, grid, learned) with this off."""
     hash_buckets: int = 0
     """BLT's hash n-gram embeddings: buckets per n-gram size (0: off). The n-grams ending at each
     byte are hashed into this many rows and their embeddings added to the outermost stage's byte
@@ -216,6 +260,12 @@ class ModelConfig:
                 raise ValueError(
                     f"stages[{i}] uses the entropy patcher: name its byte model in entropy_model (a checkpoint or "
                     "export folder; with entropy_config, fit trains it there first)"
+                )
+        for i, stage in enumerate(self.stages[1:], start=1):
+            if stage.position == "grid":
+                raise ValueError(
+                    f"stages[{i}].position: grid places the outermost stage's units in an image; an inner stage "
+                    "knows its place from its parent (use learned: its slot inside the parent unit)"
                 )
         for i, stage in enumerate(self.stages):
             slots = self.unit_slots(i)
@@ -310,6 +360,21 @@ def hybrid(patch_size, seq_len, g_dim, g_layers, l_dim, l_layers, l_heads) -> Mo
     )
 
 
+def long3(outer: str, o_dim, o_layers, o_heads, m_dim, m_layers, m_heads, b_dim, b_layers, b_heads) -> ModelConfig:
+    """Three stages for million-byte inputs: `outer` (attention or Mamba, no positions) over
+    256-byte units, attention over 16-byte units, attention over bytes (learned slot positions),
+    every stage with activation checkpointing."""
+    return ModelConfig(
+        stages=[
+            stage(outer, o_dim, o_layers, o_heads, patcher="fixed", patch_size=256, checkpoint=True),
+            stage("attention", m_dim, m_layers, m_heads, patcher="fixed", patch_size=16, position="learned", checkpoint=True),
+            stage("attention", b_dim, b_layers, b_heads, position="learned", checkpoint=True),
+        ],
+        max_seq_len=1 << 20,
+        position_embedding=False,
+    )
+
+
 # Named architectures. GPU-sized ones follow the papers' settings (scaled where noted in the
 # configs/*.yaml comments); "-cpu" ones are small enough to train on a 2-core CPU in minutes.
 PRESETS = {
@@ -335,6 +400,12 @@ PRESETS = {
         ],
         max_seq_len=8192,
     ),
+    # Million-byte inputs (configs/text_long*.yaml): 256-byte units, 16-byte units, bytes; no
+    # position table sized by the window (16-row slot tables inside, none outside).
+    "megabyte3-long": lambda: long3("attention", 2048, 16, 16, 1024, 8, 8, 512, 8, 8),
+    "hybrid3-long": lambda: long3("mamba", 2048, 32, 8, 1024, 8, 8, 512, 8, 8),
+    "megabyte3-long-cpu": lambda: long3("attention", 512, 2, 8, 256, 2, 4, 128, 2, 4),
+    "hybrid3-long-cpu": lambda: long3("mamba", 512, 4, 8, 256, 2, 4, 128, 2, 4),
     "spacebyte-text-cpu": lambda: ModelConfig(
         stages=[
             stage("attention", 256, 4, 4, patcher="space", patch_size=16),

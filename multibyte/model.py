@@ -38,13 +38,57 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from multibyte.chunked_loss import head_nll
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.mixers import build_mixer
 from multibyte.mixers.attention import KVCache
+from multibyte.mixers.rotary import segment_positions
 from multibyte.patchers import build_patcher, unit_starts
 
 HASH_MODULUS = 2_147_483_647  # 2^31 - 1: rolling n-gram hashes stay far from int64 overflow
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / rms(x) * w in fp32, returned in `dtype`, with a hand-written backward: autograd of
+    the composite (pow, mean, add, rsqrt, mul, mul) keeps and rereads an fp32 tensor of the
+    input's size per op; this keeps x itself and one (..., 1) rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, dtype: torch.dtype):
+        xf = x.float()  # (..., D)
+        rstd = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).mul_(weight.float()).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        xf, grad_y = x.float(), grad_y.float()  # (..., D)
+        grad_w = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_y * xf).mul_(rstd).flatten(0, -2).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            # dx = rstd·g - x·rstd³·mean(g·x) with g = dL/dx_hat = grad_y·w: x_hat never built
+            g = grad_y * weight.float()
+            coef = torch.linalg.vecdot(g, xf).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])  # (..., 1)
+            grad_x = g.mul_(rstd).addcmul_(xf, coef, value=-1).to(x.dtype)
+        return grad_x, grad_w, None, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters and results) whose training forward runs `_RMSNormFunction`
+    and, under autocast, returns the autocast dtype: every consumer is a linear layer that would
+    cast it there anyway, so autocast's separate copy of each (B, L, D) input disappears."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)  # evaluation and decoding: the stock kernel, no autograd node
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        return _RMSNormFunction.apply(x, self.weight, eps, dtype)
 
 
 class FeedForward(nn.Module):
@@ -63,12 +107,12 @@ class Block(nn.Module):
 
     def __init__(self, stage: StageConfig, dropout: float, norm_eps: float) -> None:
         super().__init__()
-        self.mixer_norm = nn.RMSNorm(stage.d_model, eps=norm_eps)
+        self.mixer_norm = RMSNorm(stage.d_model, eps=norm_eps)
         self.mixer = build_mixer(stage, dropout)
         self.mixer_dropout = nn.Dropout(dropout)
         # MambaByte's blocks are mixer-only; attention blocks carry the usual feed-forward layer.
         hidden = int(stage.mlp_ratio * stage.d_model) if stage.mixer == "attention" else 0
-        self.ff_norm = nn.RMSNorm(stage.d_model, eps=norm_eps) if hidden else None
+        self.ff_norm = RMSNorm(stage.d_model, eps=norm_eps) if hidden else None
         self.feed_forward = FeedForward(stage.d_model, hidden, dropout) if hidden else None
 
     def forward(self, x: torch.Tensor, state=None, run: Optional[torch.Tensor] = None, **segment_kw) -> torch.Tensor:
@@ -88,7 +132,7 @@ class Stack(nn.Module):
         super().__init__()
         self.config = stage
         self.blocks = nn.ModuleList(Block(stage, dropout, norm_eps) for _ in range(stage.n_layers))
-        self.final_norm = nn.RMSNorm(stage.d_model, eps=norm_eps)
+        self.final_norm = RMSNorm(stage.d_model, eps=norm_eps)
 
     def allocate_states(self, batch_size: int, max_len: int, device, dtype) -> list:
         """One decoding state per block (KV cache or recurrent state), allocated once."""
@@ -105,8 +149,14 @@ class Stack(nn.Module):
         """`segments` (B, L) nondecreasing ids, `window` >= every segment's length: attention
         sees only earlier positions of the same segment (the packed byte stage)."""
         kw = {} if segments is None else {"segments": segments, "window": window}
+        # StageConfig.checkpoint: a training forward keeps each block's input only; the block runs
+        # again in backward (with the same dropout masks: the RNG state is replayed).
+        recompute = self.config.checkpoint and states is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, None if states is None else states[i], run, **kw)
+            if recompute:
+                x = checkpoint(block, x, None, run, use_reentrant=False, **kw)
+            else:
+                x = block(x, None if states is None else states[i], run, **kw)
         return self.final_norm(x)
 
 
@@ -157,7 +207,41 @@ class Stage(nn.Module):
         else:
             self.siblings = None
             self.from_parent = None
+        # Learned positions of this stage's units at its own scale (rotary lives in the mixers):
+        # `learned`, one row per unit index (S_i for an inner stage; for the outermost, every
+        # unit index a max_seq_len sequence reaches); `grid`, a row and a column table.
+        self.unit_position = None
+        self.grid_rows = self.grid_cols = None
+        if stage.position == "learned":
+            if i > 0:
+                rows = self.siblings
+            else:  # units 0..K-1 in a pass, 0..max_len // U_0 when decoding fixed units
+                rows = config.max_seq_len // self.slots + 1 if config.is_fixed else config.max_seq_len + 1
+            self.unit_position = nn.Embedding(rows, D)
+        elif stage.position == "grid":
+            self.grid_rows = nn.Embedding(stage.grid[0], D)
+            self.grid_cols = nn.Embedding(stage.grid[1], D)
         self.stack = Stack(stage, config.dropout, config.norm_eps)
+
+    def position(self, index: torch.Tensor) -> Optional[torch.Tensor]:
+        """(...) int64 unit indices at this stage's scale -> (..., D_i) position vectors added to
+        the units' inputs (None when the stage adds none)."""
+        if self.unit_position is not None:  # in range: the model checks lengths against max_seq_len
+            return self.unit_position(index)
+        if self.grid_rows is not None:
+            R, C = self.grid_rows.num_embeddings, self.grid_cols.num_embeddings
+            cell = index % (R * C)  # a second image in the same window starts at row 0 again
+            return self.grid_rows(cell // C) + self.grid_cols(cell % C)
+        return None
+
+    @property
+    def adds_position(self) -> bool:
+        return self.unit_position is not None or self.grid_rows is not None
+
+    def add_position(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x (..., D_i) + the position vectors of `index` (broadcast against x's leading axes)."""
+        pos = self.position(index)
+        return x if pos is None else x + pos.to(x.dtype)
 
     def pooled(self, e: torch.Tensor, present: Optional[torch.Tensor]) -> torch.Tensor:
         """(..., U_i, w_i) byte vectors of units and their (..., U_i) present mask -> (..., D_i)."""
@@ -238,8 +322,8 @@ class DecodeState:
     static: bool = False  # no host synchronisation: every stage runs masked (torch.compile, CUDA graphs)
     host_position: Optional[int] = 0  # common position of all rows, when the host can know it
     started: bool = False
-    stack_fns: Optional[list] = None  # per stage: what runs its stack one step (e.g. a torch.compile'd
-    # wrapper of it, see multibyte.sampling.compile_decoding); None: the stacks themselves
+    step_fn: Optional[Any] = None  # what runs `decode_step`'s device work, with the signature of
+    # HierarchicalByteModel._decode_byte (e.g. its torch.compile'd copy, multibyte.sampling.compiled_decode_byte)
 
     @property
     def batch_size(self) -> int:
@@ -410,8 +494,15 @@ class HierarchicalByteModel(nn.Module):
         return extra
 
     # ---------------------------------------------------------------- the forward pass
+    @property
+    def length_limited(self) -> bool:
+        """Whether a learned table sized by max_seq_len limits the sequence length (the byte
+        position table, or the outermost stage's learned unit positions); rotary, grid and no
+        positions read any length."""
+        return self.position_embedding is not None or self.stages[0].unit_position is not None
+
     def _check_length(self, T: int) -> None:
-        if self.position_embedding is not None and T > self.config.max_seq_len:
+        if self.length_limited and T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} positions exceeds max_seq_len={self.config.max_seq_len}")
 
     def _pooled_units(self, i: int, grid: torch.Tensor, extra: Optional[torch.Tensor], layout: Layout) -> torch.Tensor:
@@ -425,12 +516,32 @@ class HierarchicalByteModel(nn.Module):
         present = None if layout.present is None else layout.present.view(*lead, stage.slots)
         return stage.pooled(e.view(*lead, stage.slots, -1), present)
 
-    def forward(self, tokens: torch.Tensor, starts: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        starts: Optional[list[torch.Tensor]] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, T) symbols (any integer dtype) -> (B, T, vocab) next-symbol logits.
 
         The logit at position t depends only on symbols < t. T need not be a multiple of any
         patch size (the grid is right-padded and the padding's logits dropped). `starts`: unit
-        boundaries to use instead of the patchers' (one (B, T) bool per stage but the last)."""
+        boundaries to use instead of the patchers' (one (B, T) bool per stage but the last).
+
+        With `loss_mask` (B, T) bool, the positions to score: returns (summed NLL in nats of
+        those symbols, fp32 scalar; how many there were) instead, taken through the head in
+        chunks of positions (`multibyte.chunked_loss.head_nll`), never the full fp32 logits.
+        The loss lives inside forward so that FSDP and torch.compile wrap it with the model."""
+        h = self.hidden_states(tokens, starts)  # (B, T, D_last)
+        if loss_mask is None:
+            return self.head(h)
+        if loss_mask.shape != tokens.shape:
+            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the shape of tokens {tuple(tokens.shape)}")
+        return head_nll(h, self.head.weight, tokens, loss_mask), loss_mask.sum()
+
+    def hidden_states(self, tokens: torch.Tensor, starts: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+        """(B, T) symbols -> (B, T, D_last): the byte stage's final-norm outputs, which the head
+        turns into logits (see `forward`)."""
         B, T = tokens.shape
         self._check_length(T)
         tokens = tokens.long()
@@ -441,19 +552,18 @@ class HierarchicalByteModel(nn.Module):
         parent = None
         for i, stage in enumerate(self.stages):
             if i == len(self.stages) - 1 and self._packs_bytes(layout):
-                h = self._packed_byte_stage(tokens, layout, parent)  # (B, T, D_last)
-                return self.head(h)
+                return self._packed_byte_stage(tokens, layout, parent)  # (B, T, D_last)
             units = self._pooled_units(i, grid, extra, layout)  # (B, K, S_1..S_i, D_i)
             axis = units.dim() - 2  # the axis this stage runs along (K for stage 0, else S_i)
             pad = stage.pad.to(units.dtype).expand_as(units.narrow(axis, 0, 1))
             x = torch.cat([pad, units.narrow(axis, 0, units.shape[axis] - 1)], dim=axis)
             if parent is not None:
                 x = x + stage.parent_context(parent)
+            x = stage.add_position(x, torch.arange(x.shape[axis], device=x.device))  # (n, D_i) along the axis
             x = self.embedding_dropout(x)
             shape = x.shape
             parent = stage.stack(x.reshape(-1, shape[-2], shape[-1])).view(shape)
-        h = layout.gather(parent.reshape(B, layout.grid_size, -1), T)  # (B, T, D_last)
-        return self.head(h)
+        return layout.gather(parent.reshape(B, layout.grid_size, -1), T)  # (B, T, D_last)
 
     @property
     def _byte_stage_packs(self) -> bool:
@@ -479,8 +589,11 @@ class HierarchicalByteModel(nn.Module):
         x = torch.where(layout.inner_starts[..., None], stage.pad.to(e.dtype), previous)
         slices = parent.unflatten(-1, (stage.siblings, -1)).reshape(B, layout.grid_size, -1)  # (B, G, D_parent / S)
         context = stage.from_parent(layout.gather(slices, T))  # (B, T, D): projected for real bytes only
-        x = self.embedding_dropout(x + context)
         segments = layout.inner_starts.long().cumsum(1)  # (B, T): which innermost unit each byte is in
+        x = x + context
+        if stage.adds_position:  # the byte's slot inside its unit
+            x = stage.add_position(x, segment_positions(segments))
+        x = self.embedding_dropout(x)
         return stage.stack(x, segments=segments, window=stage.siblings)
 
     # ---------------------------------------------------------------- decoding
@@ -498,7 +611,7 @@ class HierarchicalByteModel(nn.Module):
         config = self.config
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be at least 1, got {batch_size} and {max_len}")
-        if self.position_embedding is not None and max_len > config.max_seq_len:
+        if self.length_limited and max_len > config.max_seq_len:
             raise ValueError(
                 f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len} "
                 f"(the length of its learned position table)"
@@ -621,7 +734,8 @@ class HierarchicalByteModel(nn.Module):
         units = self._pooled_units(0, grid, extra_grid, layout)  # (B, c, D_0)
         stage = self.stages[0]
         dtype = state.contexts[-1].dtype if len(self.stages) > 1 else self.head.weight.dtype
-        x = torch.cat([stage.pad.to(units.dtype).expand(B, 1, -1), units], dim=1).to(dtype)  # (B, c + 1, D_0)
+        x = torch.cat([stage.pad.to(units.dtype).expand(B, 1, -1), units], dim=1)  # (B, c + 1, D_0)
+        x = stage.add_position(x, torch.arange(x.shape[1], device=x.device)).to(dtype)
         h = stage.stack(x, state.stage_states[0])[:, -1]  # (B, D_0)
         for patcher, patcher_state in zip(self.patchers, state.patcher_states):
             patcher.prefill_state(patcher_state, tokens)
@@ -636,23 +750,51 @@ class HierarchicalByteModel(nn.Module):
         state.contexts[1].copy_(self.stages[1].parent_context(h))
         return self._run_stages(state, None, 0, None, state.coords.clone(), first=1)
 
-    @torch.no_grad()
-    def decode_step(self, state: DecodeState, byte: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Feed one byte per row, (B,); return the (B, vocab) fp32 logits of the byte after it.
-        `active` (B,) bool: only these rows consume their byte (the others keep their state and
-        get meaningless logits); None: all rows."""
+    def begin_step(
+        self, state: DecodeState, byte: torch.Tensor, active: Optional[torch.Tensor] = None, count: int = 1
+    ) -> tuple[torch.Tensor, Any, Optional[torch.Tensor]]:
+        """The host side of `decode_step` (or of `count` steps in a row): checks, and the host's
+        count of positions. Returns the byte on the state's device, the level for `_decode_byte`
+        (None: the patchers decide per row; with `count` > 1, a tuple of the levels of the
+        `count` steps, or None) and `active` (None when every row is active)."""
         if not state.started:
             raise ValueError("decode_step needs a started decode state: call prefill first (an empty prompt is fine)")
         if active is not None and not state.static and bool(active.all()):
             active = None
         if active is not None:
             state.host_position = None  # rows drift apart
-        full = state.host_position >= state.max_len if state.host_position is not None else (
-            not state.static and int(state.positions.max()) >= state.max_len
+        full = state.host_position + count > state.max_len if state.host_position is not None else (
+            not state.static and int(state.positions.max()) + count > state.max_len
         )
         if full:
             raise ValueError(f"the decode state is full ({state.max_len} bytes): allocate it with a larger max_len")
         byte = byte.to(state.positions.device, torch.long)
+        if state.host_position is None:
+            return byte, None, active
+        # Fixed units, rows in step: the outermost stage whose unit starts at the next byte is
+        # known on the host.
+        N = self.config.num_stages
+        levels = []
+        for _ in range(count):
+            t1 = state.host_position + 1
+            levels.append(next((i for i, s in enumerate(self.config.stages[:-1]) if t1 % s.patch_size == 0), N - 1))
+            state.host_position = t1
+        return byte, (levels[0] if count == 1 else tuple(levels)), active
+
+    @torch.no_grad()
+    def decode_step(self, state: DecodeState, byte: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Feed one byte per row, (B,); return the (B, vocab) fp32 logits of the byte after it.
+        `active` (B,) bool: only these rows consume their byte (the others keep their state and
+        get meaningless logits); None: all rows."""
+        byte, level, active = self.begin_step(state, byte, active)
+        step = self._decode_byte if state.step_fn is None else state.step_fn
+        return step(state, byte, level, active)
+
+    def _decode_byte(self, state: DecodeState, byte: torch.Tensor, level: Optional[int], active: Optional[torch.Tensor]) -> torch.Tensor:
+        """The device work of `decode_step` (no host synchronisation when `state.static`): `level`
+        is the outermost stage whose unit starts at the next byte when the host knows it (fixed
+        units, rows in step), None to let the patchers decide per row. A torch.compile'd copy of
+        this method (one graph per host level) is what `state.step_fn` holds when compiled."""
         config = self.config
         N = config.num_stages
         old_coords = state.coords.clone()
@@ -668,12 +810,8 @@ class HierarchicalByteModel(nn.Module):
                 rows_extra = state.unit_extra.scatter(1, slot[:, :, None].expand(-1, 1, extra.shape[-1]), extra[:, None].to(state.unit_extra.dtype))
                 state.unit_extra.copy_(_where_rows(active, rows_extra, state.unit_extra))
 
-        # 2. which stage's unit starts at the next byte
-        if state.host_position is not None:  # fixed units, rows in step: known on the host
-            t1 = state.host_position + 1
-            level: int | torch.Tensor = next((i for i, s in enumerate(config.stages[:-1]) if t1 % s.patch_size == 0), N - 1)
-            state.host_position = t1
-        else:
+        # 2. which stage's unit starts at the next byte (unless the host knows)
+        if level is None:
             level = torch.full_like(byte, N - 1)
             outer = torch.zeros_like(byte, dtype=torch.bool)
             for i, patcher in enumerate(self.patchers):
@@ -764,6 +902,7 @@ class HierarchicalByteModel(nn.Module):
             if i > 0:
                 context = state.contexts[i].gather(1, state.coords[:, i, None, None].expand(-1, 1, state.contexts[i].shape[-1]))
                 x = x.to(context.dtype) + context[:, 0]
+            x = stage.add_position(x, state.coords[:, i])  # this unit's index at the stage's scale
             # A new parent unit empties this stage's caches (for those rows).
             if isinstance(new_parent, torch.Tensor):
                 reset_rows = new_parent if run is None else new_parent & run
@@ -773,8 +912,7 @@ class HierarchicalByteModel(nn.Module):
                 for layer_state in state.stage_states[i]:
                     layer_state.reset(None if run is None else run)
             dtype = state.contexts[-1].dtype if N > 1 else self.head.weight.dtype
-            stack = stage.stack if state.stack_fns is None else state.stack_fns[i]
-            h = stack(x[:, None].to(dtype), state.stage_states[i], run)[:, 0]  # (B, D_i)
+            h = stage.stack(x[:, None].to(dtype), state.stage_states[i], run)[:, 0]  # (B, D_i)
             if i + 1 < N:
                 context = self.stages[i + 1].parent_context(h)  # (B, S_{i+1}, D_{i+1})
                 state.contexts[i + 1].copy_(_where_rows(run, context, state.contexts[i + 1]))

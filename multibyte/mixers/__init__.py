@@ -15,7 +15,8 @@ __all__ = ["CausalSelfAttention", "KVCache", "build_mixer"]
 def build_mixer(stack: StageConfig, dropout: float = 0.0) -> nn.Module:
     """The mixer named by `stack.mixer`, at width `stack.d_model`."""
     if stack.mixer == "attention":
-        return CausalSelfAttention(stack.d_model, stack.n_heads, dropout)
+        rotary_base = stack.rotary_base if stack.position == "rotary" else None
+        return CausalSelfAttention(stack.d_model, stack.n_heads, dropout, rotary_base)
     if stack.mixer == "mamba":
         from multibyte.mixers.mamba import MambaMixer  # imported lazily: optional fused kernels
 

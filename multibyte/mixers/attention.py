@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multibyte.mixers.rotary import apply_rotary, rotary_positions
 
 EXPLICIT_MAX_LEN = 1024  # longest sequence for which `explicit_causal_attention` is used on CPU
+EXPLICIT_DECODE_KEYS = 64  # longest static cache that one decoding query reads without SDPA
 
 
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
@@ -24,10 +26,16 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q, k, v: (B, H, L, head_dim) -> (B, H, L, head_dim). Same result as SDPA with is_causal=True.
     """
-    L = q.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, L, L)
+    L, hd = q.shape[-2], q.shape[-1]
+    # The 1/sqrt(d) scale goes on the smaller of q (L·hd) and the scores (L·L); scale and mask
+    # are applied in place (the matmul's backward needs q and k, not its output), so no second
+    # (B, H, L, L) tensor is allocated and written.
+    if L > hd:
+        scores = (q * hd**-0.5) @ k.transpose(-1, -2)  # (B, H, L, L)
+    else:
+        scores = (q @ k.transpose(-1, -2)).mul_(hd**-0.5)
     future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(diagonal=1)
-    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    weights = scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
     if dropout > 0.0:
         weights = F.dropout(weights, p=dropout)
     return weights @ v
@@ -103,10 +111,10 @@ class KVCache:
         row's length are never read, so this needs no memset."""
         if rows is None:
             self.lengths.zero_()
-            self.bound, self.uniform = 0, True
         else:
             self.lengths.masked_fill_(rows, 0)
-            self.uniform = False
+        if not self.static:  # host-side bookkeeping of the dynamic mode (a compiled step has none)
+            self.bound, self.uniform = (0, True) if rows is None else (self.bound, False)
 
 
 def attend_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, run: Optional[torch.Tensor]) -> torch.Tensor:
@@ -152,12 +160,21 @@ def attend_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: 
     else:
         cache.lengths.add_(run.long() * L)
     keys, values = cache.keys[:, :, :width].to(q.dtype), cache.values[:, :, :width].to(q.dtype)
+    if cache.static and L == 1 and width <= EXPLICIT_DECODE_KEYS:
+        # One query per row on a short static cache (a compiled decoding step's inner stages):
+        # written out, so that Inductor fuses scores, mask, softmax and the weighted sum into a
+        # few loops; the CPU flash-attention kernel has a fixed cost per call that a dozen keys
+        # do not amortise. Over a long cache the fused kernel reads the keys faster.
+        scores = (q * keys).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5  # (B, H, width)
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        return (weights[..., None] * values.float()).sum(2, keepdim=True).to(q.dtype)  # (B, H, 1, hd)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None])
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, rotary_base: Optional[float] = None) -> None:
         super().__init__()
+        self.rotary_base = rotary_base  # RoPE on queries and keys (multibyte/mixers/rotary.py); None: off
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
@@ -186,6 +203,9 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         # (B, L, 3D) -> three of (B, H, L, head_dim)
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary_base is not None:  # positions: after the cache's entries, inside segments, or 0..L-1
+            positions = rotary_positions(L, x.device, None if state is None else state.lengths, segments)
+            q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions, self.rotary_base)
         dropout = self.dropout if self.training else 0.0
         if segments is not None:
             y = segment_causal_attention(q, k, v, segments, window, dropout)
