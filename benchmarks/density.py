@@ -1,11 +1,20 @@
-"""Density estimation against real codecs, end to end, on one sample per modality.
+"""Density estimation against real codecs, end to end.
 
     python benchmarks/density.py --quick                            # fresh tiny models, < 1 minute
     python benchmarks/density.py --quick --checkpoint text=runs/text_recipe/.../last.ckpt
-    python benchmarks/density.py                                    # larger samples (a few minutes)
+    python benchmarks/density.py --checkpoint text=CKPT --checkpoint audio=CKPT ...   # full mode
 
-Trains nothing. For text, one 64x64 image and audio it takes a sample of the embedded data
-(`datamodules/embedded/`, always present), then:
+Trains nothing.
+
+Full mode scores the given trained checkpoints on held-out data: for each modality, the TEST split
+of its recipe (`configs/cpu/{text,image64,audio}_recipe.yaml`, or `--recipe MODALITY=YAML`):
+whole books of genres the text recipe never trained on, images and speakers of their own. Each
+model is scored without and with dynamic evaluation (`multibyte.adaptation`: the model learns
+from each batch of windows after scoring it), next to every reference codec on the same bytes,
+and a table per modality is printed (the README's table comes from it). Needs ../shared/data.
+
+Quick mode (`--quick`) takes a sample of the embedded data (`datamodules/embedded/`, always
+present) for text, one 64x64 image and audio, then:
 
 1. scores it with a model (a given checkpoint for that modality, else a freshly initialised tiny
    MEGABYTE) in every inference mode of `multibyte.bench` (basic, sliding, strided, both);
@@ -24,16 +33,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.base import EMBEDDED_DATA_DIR  # noqa: E402
-from multibyte.bench import INFERENCE_MODES, score_bytes  # noqa: E402
+from multibyte.adaptation import AdaptConfig  # noqa: E402
+from multibyte.bench import INFERENCE_MODES, run_benchmark, score_bytes  # noqa: E402
 from multibyte.codecs import (  # noqa: E402
     IMAGE_BYTES,
     image_to_bytes,
@@ -120,9 +132,106 @@ def measure(
     return result
 
 
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = {  # modality -> (base config, recipe layered on it), under configs/
+    "text": ("text.yaml", "cpu/text_recipe.yaml"),
+    "image": ("image64.yaml", "cpu/image64_recipe.yaml"),
+    "audio": ("audio.yaml", "cpu/audio_recipe.yaml"),
+}
+
+
+def recipe_datamodule(modality: str, recipe: Optional[str]):
+    """The datamodule of `modality`'s recipe: `data` of the base config with the recipe's on top
+    (or of the given YAML on top); a relative data_path is taken from the repository root, as the
+    recipes' commands run there."""
+    import importlib
+
+    import yaml
+
+    base, layered = RECIPES[modality]
+    paths = [REPO / "configs" / base, Path(recipe) if recipe else REPO / "configs" / layered]
+    class_path, init_args = None, {}
+    for path in paths:
+        try:
+            data = (yaml.safe_load(path.read_text()) or {}).get("data") or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise SystemExit(f"--recipe {modality}: {path}: cannot read the YAML ({error})")
+        class_path = data.get("class_path", class_path)
+        init_args.update(data.get("init_args") or {})
+    if init_args.get("data_path") and not Path(init_args["data_path"]).is_absolute():
+        init_args["data_path"] = str((REPO / init_args["data_path"]).resolve())
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)(**init_args)
+
+
+def measure_held_out(
+    modality: str, checkpoint: str, recipe: Optional[str], adapt: AdaptConfig, adapt_batch: int, max_bytes: Optional[int]
+) -> dict:
+    """bench's report for the recipe's test split, without and with adaptation, codecs beside."""
+    datamodule = recipe_datamodule(modality, recipe)
+    datamodule.prepare_data()
+    model = load_model(checkpoint).model.eval()
+    plain = run_benchmark(model, datamodule, "test", ("basic",), max_bytes=max_bytes, checkpoint=checkpoint)
+    adapted = run_benchmark(
+        model, datamodule, "test", ("basic",), batch_size=adapt_batch, max_bytes=max_bytes, codecs=False, adapt=adapt, checkpoint=checkpoint
+    )
+    rows = plain["results"] + adapted["results"]
+    return {
+        "held_out": {
+            "source": plain["data_source"],
+            "split": "test",
+            "num_bytes": plain["num_bytes"],
+            "records": datamodule.manifest["splits"]["test"].get("num_records"),
+        },
+        "unit": plain["unit"],
+        "checkpoint": checkpoint,
+        "parameters": plain["model"]["parameters"],
+        "adapt": adapted["model"]["adapt"],
+        "bits": {row["method"]: round(row["bits_per_byte"], 4) for row in rows},
+        "model_seconds": {row["method"]: round(row["seconds"], 1) for row in rows if row["kind"] == "model"},
+        "codecs_skipped": plain["skipped"],
+    }
+
+
+def print_table(modality: str, figures: dict) -> None:
+    bits = figures["bits"]
+    best_codec = min((value, name) for name, value in bits.items() if name not in figures["model_seconds"])
+    print(f"\n{modality}: {figures['held_out']['source']} test split, {figures['held_out']['num_bytes']:,} bytes ({figures['unit']})", file=sys.stderr)
+    for name, value in sorted(bits.items(), key=lambda item: item[1]):
+        kind = "model" if name in figures["model_seconds"] else "codec"
+        print(f"  {value:7.4f}  {kind:5}  {name}", file=sys.stderr)
+    model_best = min(value for name, value in bits.items() if name in figures["model_seconds"])
+    print(f"  best model vs best codec ({best_codec[1]}): {model_best - best_codec[0]:+.4f}", file=sys.stderr)
+
+
+def main_full(args, checkpoints: dict[str, str], parser) -> None:
+    recipes: dict[str, str] = {}
+    for item in args.recipe:
+        modality, _, path = item.partition("=")
+        if modality not in RECIPES or not Path(path).is_file():
+            parser.error(f"--recipe expects MODALITY=YAML with an existing file, got {item!r}")
+        recipes[modality] = path
+    if not checkpoints:
+        parser.error("full mode scores trained checkpoints: give --checkpoint text=PATH (image=, audio=), or use --quick")
+    adapt = AdaptConfig(learning_rate=args.adapt_lr) if args.adapt_lr else AdaptConfig()
+    began = time.perf_counter()
+    figures: dict = {"quick": False, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    for modality, checkpoint in checkpoints.items():
+        figures[modality] = measure_held_out(modality, checkpoint, recipes.get(modality), adapt, args.adapt_batch, args.max_bytes)
+        print_table(modality, figures[modality])
+    figures["seconds"] = round(time.perf_counter() - began, 1)
+    figures["load_average"] = [round(value, 2) for value in os.getloadavg()]
+    print(json.dumps(figures))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small sample per modality (< 1 minute)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="MODALITY=YAML",
+                        help="full mode: take the held-out data from this recipe instead of configs/cpu/<modality>_recipe.yaml")
+    parser.add_argument("--adapt_lr", type=float, default=None, help="full mode: learning rate of dynamic evaluation")
+    parser.add_argument("--adapt_batch", type=int, default=8, help="full mode: windows scored between two updates (fewer adapt sooner)")
+    parser.add_argument("--max_bytes", type=int, default=None, help="full mode: score only this prefix of each test split")
     parser.add_argument(
         "--checkpoint",
         action="append",
@@ -143,6 +252,9 @@ def main() -> None:
         if not Path(path).is_file():
             parser.error(f"--checkpoint {item}: {path}: no such file")
         checkpoints[modality] = path
+    if not args.quick:
+        main_full(args, checkpoints, parser)
+        return
 
     began = time.perf_counter()
     figures: dict = {"quick": args.quick, "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -47,21 +47,23 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 # The plan of windows lives with the datamodules' windows; its names stay importable from here.
 from datamodules.windows import (  # noqa: F401
     INFERENCE_MODES,
     Window,
     check_mode,
+    groups,
     inference_plan,
     pass_windows,
     rank_share,
 )
+from multibyte.adaptation import AdaptConfig, Adapter, adapt_summary, distributed_rank
 from multibyte.atomic_files import write_atomically
-from multibyte.compression import HEADER_SIZE
+from multibyte.compression import ADAPT_HEADER_SIZE, HEADER_SIZE
 from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
+from multibyte.progress import progress_bar
 from multibyte.reference_codecs import CodecResult, reference_codecs
 
 LN2 = math.log(2.0)
@@ -113,11 +115,32 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _window_batch(
+    windows: Sequence[Window], data: np.ndarray, seq_len: int, P: int, token_bytes: Optional[np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(tokens (B, L) right-padded, mask (B, L) of the scored positions, positions computed,
+    bytes the scored symbols stand for) of a batch of windows."""
+    tokens = torch.zeros(len(windows), seq_len, dtype=torch.long)
+    mask = torch.zeros(len(windows), seq_len, dtype=torch.bool)
+    computed, scored_bytes = 0, 0
+    for row, window in enumerate(windows):
+        length = window.stop - window.start
+        symbols = np.asarray(data[window.start : window.stop], dtype=np.int64)
+        scored_here = window.scored_mask(P)
+        tokens[row, :length] = torch.from_numpy(symbols)
+        mask[row, :length] = torch.from_numpy(scored_here)
+        computed += length
+        scored_bytes += int(scored_here.sum()) if token_bytes is None else int(token_bytes[symbols[scored_here]].sum())
+    return tokens, mask, computed, scored_bytes
+
+
+def _batch_bits(model: HierarchicalByteModel, tokens: torch.Tensor, mask: torch.Tensor, precision: str) -> float:
+    """Total -log2 p of the masked positions of `tokens` (B, L) under `model`."""
+    with precision_context(precision, tokens.device):
+        # The head in chunks of positions with fp32 log-softmax (multibyte.chunked_loss), summed
+        # in fp64: never the (B, L, V) fp32 logits, which at million-byte windows take gigabytes.
+        nll, _ = model(tokens, loss_mask=mask)
+    return float(nll) / LN2
 
 
 @torch.inference_mode()
@@ -129,49 +152,65 @@ def score_bytes(
     batch_size: int = 8,
     precision: str = "32-true",
     token_bytes: Optional[np.ndarray] = None,
+    adapt: Optional[AdaptConfig] = None,
+    progress: Optional[bool] = False,
 ) -> ModelScore:
     """Bits of every symbol of `data` under `mode`: (N,) bytes (uint8, e.g. a memory-mapped split),
     or with `token_bytes` ((V,) bytes each id decodes to) N token ids, whose scored bytes are the
     sum of their lengths. Windows are `seq_len` symbols.
 
+    With `adapt` (dynamic evaluation, `multibyte.adaptation`): batches of `batch_size` windows are
+    scored in file order, each by the weights learned from every batch before it; the model given
+    is left as it was. Modes whose windows run in file order only: basic and sliding.
+
     Under torch.distributed every rank must call this with the same arguments: each scores its
-    share of the windows and every rank returns the totals over all of them.
+    share of the windows (with `adapt`: its share of every batch, then all make the same update)
+    and every rank returns the totals over all of them. `progress`: a bar on stderr (None: when
+    stderr is a terminal), on rank 0 only.
     """
     if seq_len > model.config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if adapt is not None and "strided" in mode:
+        raise ValueError(
+            f"--adapt with {mode} inference: its second pass would score bytes the model has already "
+            f"learned from; adapt with basic or sliding windows"
+        )
     P = model.config.alignment
     plan = inference_plan(len(data), seq_len, P, mode)
     rank, world_size = distributed_rank()
-    windows = [plan[i] for i in rank_share(len(plan), rank, world_size)]
     device = model.head.weight.device
+    adapter = Adapter(model, adapt) if adapt is not None else None
+    scorer = adapter.model if adapter is not None else model
+    if adapter is None:  # each rank its share of the windows, in batches
+        batches = [[plan[i] for i in share] for share in groups(rank_share(len(plan), rank, world_size), batch_size)]
+    else:  # every rank walks every batch in file order (each scores its share of it)
+        batches = list(groups(plan, batch_size))
     was_training = model.training
     model.eval()
     began = time.perf_counter()
     total_bits, scored, scored_bytes, computed = 0.0, 0, 0, 0
+    bar = progress_bar(len(plan), f"bench {mode}", "windows", progress if rank == 0 else False)
     try:
-        for first in range(0, len(windows), batch_size):
-            batch = windows[first : first + batch_size]
-            tokens = torch.zeros(len(batch), seq_len, dtype=torch.long)  # (B, L), right-padded
-            mask = torch.zeros(len(batch), seq_len, dtype=torch.bool)  # (B, L) scored positions
-            for row, window in enumerate(batch):
-                length = window.stop - window.start
-                symbols = np.asarray(data[window.start : window.stop], dtype=np.int64)
-                scored_here = window.scored_mask(P)
-                tokens[row, :length] = torch.from_numpy(symbols)
-                mask[row, :length] = torch.from_numpy(scored_here)
-                computed += length
-                if token_bytes is not None:
-                    scored_bytes += int(token_bytes[symbols[scored_here]].sum())
-            tokens, mask = tokens.to(device), mask.to(device)
-            with precision_context(precision, device):
-                logits = model(tokens)  # (B, L, V)
-            # fp32 log-softmax whatever the autocast dtype, as in training's masked_byte_nll.
-            nll = F.cross_entropy(logits.float().flatten(0, -2), tokens.reshape(-1), reduction="none")
-            total_bits += float((nll.view_as(mask).double() * mask).sum()) / LN2
-            scored += int(mask.sum())
+        for batch in batches:
+            if adapter is None:
+                mine = batch
+            else:
+                mine = [batch[i] for i in rank_share(len(batch), rank, world_size)]
+            if mine:
+                tokens, mask, positions, symbol_bytes = _window_batch(mine, data, seq_len, P, token_bytes)
+                tokens, mask = tokens.to(device), mask.to(device)
+                total_bits += _batch_bits(scorer, tokens, mask, precision)
+                scored += int(mask.sum())
+                computed += positions
+                scored_bytes += symbol_bytes
+            if adapter is not None:
+                tokens, mask, _, _ = _window_batch(batch, data, seq_len, P, token_bytes)
+                adapter.update(tokens, mask)
+            bar.update(len(batch) if adapter is not None else len(batch) * world_size)
     finally:
+        bar.close()
         model.train(was_training)
     if token_bytes is None:
         scored_bytes = scored
@@ -276,8 +315,14 @@ def run_benchmark(
     precision: str = "32-true",
     codecs: bool = True,
     checkpoint: Optional[str] = None,
+    adapt: Optional[AdaptConfig] = None,
+    progress: Optional[bool] = False,
+    adapt_where_possible: bool = False,
 ) -> dict[str, Any]:
     """Score `model` on `split` of `datamodule` in every mode, and the codecs on the same bytes.
+    With `adapt`, every mode runs with dynamic evaluation (see `score_bytes`), each from the
+    given weights; a strided mode is refused, or with `adapt_where_possible` (adaptation by
+    default, not asked for) scored without it.
 
     Returns the report as a JSON-ready dict (see `write_report`). Under torch.distributed every
     rank calls this and gets the same report (the scores summed over the ranks' shares of the
@@ -286,6 +331,11 @@ def run_benchmark(
     seq_len = datamodule.seq_len
     for mode in modes:  # fail before any work is done
         check_mode(mode, seq_len, model.config.alignment)
+        if adapt is not None and "strided" in mode and not adapt_where_possible:
+            raise ValueError(
+                f"--adapt with --inference {mode}: its second pass would score bytes the model has already "
+                f"learned from; adapt with basic or sliding"
+            )
     rank, world_size = distributed_rank()
     if world_size > 1:  # one process converts the data (as Lightning's prepare_data), then all read it
         if rank == 0:
@@ -297,13 +347,15 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     for mode in modes:
         batch = batch_size or datamodule.eval_batch_size
-        score = score_bytes(model, data.symbols, seq_len, mode, batch, precision, data.token_bytes)
+        adapting = adapt if "strided" not in mode else None
+        score = score_bytes(model, data.symbols, seq_len, mode, batch, precision, data.token_bytes, adapting, progress)
         if score.scored_bytes != len(data.raw):  # every byte once, counted through the tokens
             raise RuntimeError(f"{mode} inference scored {score.scored_bytes} bytes of {len(data.raw)}")
         row = {
-            "method": MODE_LABELS[mode],
+            "method": MODE_LABELS[mode] + (" + adapt" if adapting is not None else ""),
             "kind": "model",
             "mode": mode,
+            "adapt": adapting is not None,
             "bits_per_byte": score.bits_per_byte,
             "compressed_bytes": math.ceil(score.bits / 8),  # what arithmetic coding would need
             "scored_bytes": score.scored_bytes,
@@ -355,6 +407,7 @@ def run_benchmark(
             "precision": precision,
             "device": str(model.head.weight.device),
             "tokenizer": tokenizer,
+            "adapt": None if adapt is None else {**adapt.to_dict(), "batch_size": batch_size or datamodule.eval_batch_size},
         },
         "results": rows,
         "skipped": skipped,
@@ -402,8 +455,17 @@ def markdown_table(report: dict[str, Any]) -> str:
         "",
         f"Model: {model['parameters']:,} parameters, {shape}, {model['precision']} on {model['device']}"
         + (f", checkpoint `{model['checkpoint']}`." if model["checkpoint"] else ", untrained (no checkpoint)."),
+    ]
+    if model.get("adapt"):
+        options = dict(model["adapt"])
+        every = options.pop("batch_size")
+        lines.append(
+            f"Adapted while scoring (dynamic evaluation): {adapt_summary(AdaptConfig(**options))}, "
+            f"updating after every {every} windows scored."
+        )
+    lines += [
         "Model sizes are what arithmetic coding under its probabilities needs (`multibyte compress` "
-        f"attains them within a few bytes plus a {HEADER_SIZE}-byte header).",
+        f"attains them within a few bytes plus a {HEADER_SIZE}-byte header, {ADAPT_HEADER_SIZE} with --adapt).",
     ]
     return "\n".join(lines) + "\n"
 

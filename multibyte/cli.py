@@ -86,11 +86,20 @@ def resolve_config_path(value: str) -> str:
     )
 
 
+# Switch-style spellings of boolean flags, for the flags users reach for most.
+FLAG_ALIASES = {"--no-adapt": ["--adapt", "false"], "--no_adapt": ["--adapt", "false"]}
+
+
 def resolve_config_arguments(argv: list[str]) -> list[str]:
-    """Rewrite every `--config X` / `--config=X` so X points at an existing file."""
+    """Rewrite every `--config X` / `--config=X` so X points at an existing file, and the
+    FLAG_ALIASES (`--no-adapt` is `--adapt false`)."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
+        if arg in FLAG_ALIASES:
+            out += FLAG_ALIASES[arg]
+            i += 1
+            continue
         if arg == "--config" and i + 1 < len(argv):
             out += [arg, resolve_config_path(argv[i + 1])]
             i += 2

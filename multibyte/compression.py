@@ -22,7 +22,16 @@ of the environment (same weights, device type, dtype; safest also the same PyTor
 thread count) is the README's "Determinism" paragraph; every way it can fail is caught by the
 container.
 
-Container (little-endian, HEADER_SIZE = 84 bytes, then the payload), format version 2:
+With an `AdaptConfig` (`compress --adapt`, dynamic evaluation: `multibyte.adaptation`), the
+model learns while it codes: after each group of windows is coded, a copy of the model is updated
+on the group's symbols, which the decoder has just restored too, so both sides make the same
+updates. That makes the probabilities depend on the backward pass and the optimizer as well, so
+the container records the options and the environment (device type, intra-op thread count,
+PyTorch version), and a decoder under another setting is refused with one clear error instead of
+decoding garbage.
+
+Container (little-endian, HEADER_SIZE = 85 bytes, ADAPT_HEADER_SIZE = 166 with adaptation, then
+the payload), format version 3:
 
     magic          4s   b"MBAC"
     version        B    FORMAT_VERSION
@@ -37,10 +46,26 @@ Container (little-endian, HEADER_SIZE = 84 bytes, then the payload), format vers
     num_symbols    Q    symbols coded: N for a byte model, the token count for a subword model
     alphabet_size  I    the model's vocabulary V (256 for bytes)
     tokenizer_hash 16s  first 16 bytes of the tokenizer's fingerprint; zeros for a byte model
-    header_crc     I    CRC32 of the 80 header bytes before it
+    adapt          B    1 = coded with dynamic evaluation: the adapt block follows; 0 = it does not
+  the adapt block (81 bytes, only when adapt = 1):
+    optimizer      B    index into adaptation.OPTIMIZERS
+    parameters     B    index into adaptation.PARAMETER_SETS
+    adapt_precision B   index into adaptation.ADAPT_PRECISIONS
+    steps          H    optimizer steps per group of windows_per_step windows
+    windows_per_step H
+    learning_rate  d
+    max_grad_norm  d
+    beta1, beta2   dd
+    device_type    8s   the encoder's device type ("cpu", "cuda"), NUL-padded
+    threads        H    the encoder's torch.get_num_threads()
+    torch_version  32s  the encoder's torch.__version__, NUL-padded
+    header_crc     I    CRC32 of the header bytes before it (81, or 162 with the adapt block)
 
-Version 1 files (byte models only: the same fields up to payload_crc, then header_crc; 56 bytes)
-are still read. Decompression checks, in order, magic, version, header checksum, the announced
+A file coded with adaptation is decoded only under the same device type, thread count and PyTorch
+version (without adaptation a difference there rarely matters, and the data checksum catches it
+when it does). Version 2 files (the fields
+up to tokenizer_hash, then header_crc; 84 bytes) and version 1 files (byte models only: the
+fields up to payload_crc, then header_crc; 56 bytes) are still read. Decompression checks, in order, magic, version, header checksum, the announced
 length (at most MAX_LENGTH, and no more symbols than the payload can encode: see
 `max_decodable_length`), weights hash, tokenizer, payload size (truncation) and payload checksum
 before decoding anything or allocating the output, and the data checksum after: a wrong model or
@@ -74,22 +99,28 @@ from multibyte.arithmetic_coding import (
     ArithmeticEncoder,
     cumulative_frequencies,
 )
+from multibyte.adaptation import ADAPT_PRECISIONS, OPTIMIZERS, PARAMETER_SETS, AdaptConfig, Adapter, adapt_summary
 from multibyte.model import HierarchicalByteModel
+from multibyte.progress import progress_bar
 from multibyte.sampling import DecodeState, allocate_decode_state, decode_step, prefill, reset_decode_state
 
 if TYPE_CHECKING:
     from multibyte.bpe import BPETokenizer
 
 MAGIC = b"MBAC"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 PRECISIONS = ("32-true", "bf16-mixed")  # index = the header's precision code
 DEFAULT_LANES = 32
 _HEADER_V1 = struct.Struct("<4sBBHIQQ16sII")  # version 1: everything up to header_crc
-_HEADER = struct.Struct("<4sBBHIQQ16sIIQI16s")  # version 2: everything up to header_crc
+_HEADER_V2 = struct.Struct("<4sBBHIQQ16sIIQI16s")  # version 2: everything up to header_crc
+_HEADER = struct.Struct("<" + _HEADER_V2.format[1:] + "B")  # version 3: version 2's fields and the adapt flag
+_ADAPT_BLOCK = struct.Struct("<BBBHHdddd8sH32s")  # version 3 with adapt = 1: the options and the environment
 _HEADER_CRC = struct.Struct("<I")
-HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 84
-_HEADER_SIZES = {1: _HEADER_V1.size + _HEADER_CRC.size, 2: HEADER_SIZE}  # version -> header bytes
+HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 85: the header of a file coded without adaptation
+ADAPT_HEADER_SIZE = HEADER_SIZE + _ADAPT_BLOCK.size  # 166: with adaptation
+_LAYOUTS = {1: _HEADER_V1, 2: _HEADER_V2, 3: _HEADER}
+_HEADER_SIZES = {version: layout.size + _HEADER_CRC.size for version, layout in _LAYOUTS.items()}  # the shortest
 NO_TOKENIZER = bytes(16)  # the tokenizer_hash of a byte model's file
 # The longest input compressed or restored: both sides hold the whole file in memory.
 MAX_LENGTH = 1 << 34  # 16 GiB
@@ -134,6 +165,10 @@ class Header:
     num_symbols: int = -1  # -1: length (a byte model's file)
     alphabet_size: int = ALPHABET_SIZE
     tokenizer_hash: bytes = NO_TOKENIZER
+    adapt: Optional[AdaptConfig] = None  # dynamic evaluation's options; None: the weights stay fixed
+    device_type: str = ""  # the encoder's environment ("" in files before version 3)
+    threads: int = 0
+    torch_version: str = ""
     version: int = FORMAT_VERSION  # of the file read; pack() always writes FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -142,7 +177,7 @@ class Header:
 
     @property
     def size(self) -> int:
-        return _HEADER_SIZES[self.version]
+        return _HEADER_SIZES[self.version] + (_ADAPT_BLOCK.size if self.adapt is not None else 0)
 
     def pack(self) -> bytes:
         fields = _HEADER.pack(
@@ -159,7 +194,12 @@ class Header:
             self.num_symbols,
             self.alphabet_size,
             self.tokenizer_hash,
+            int(self.adapt is not None),
         )
+        if self.adapt is not None:
+            fields += _ADAPT_BLOCK.pack(
+                *_adapt_fields(self.adapt), _padded(self.device_type, 8), self.threads, _padded(self.torch_version, 32)
+            )
         return fields + _HEADER_CRC.pack(zlib.crc32(fields))
 
     @classmethod
@@ -178,14 +218,27 @@ class Header:
         size = _HEADER_SIZES[version]
         if len(blob) < size:
             raise CompressionError(f"{source}: truncated: {len(blob)} bytes, shorter than the {size}-byte header")
-        layout = _HEADER if version == 2 else _HEADER_V1
-        fields = blob[: layout.size]
-        (header_crc,) = _HEADER_CRC.unpack(blob[layout.size : size])
+        layout = _LAYOUTS[version]
+        adapted = version >= 3 and blob[layout.size - 1] == 1  # checked by the checksum below
+        block = _ADAPT_BLOCK.size if adapted else 0
+        if len(blob) < size + block:
+            raise CompressionError(
+                f"{source}: truncated: {len(blob)} bytes, shorter than the {size + block}-byte header"
+            )
+        fields = blob[: layout.size + block]
+        (header_crc,) = _HEADER_CRC.unpack(blob[layout.size + block : size + block])
         if zlib.crc32(fields) != header_crc:
             raise CompressionError(f"{source}: corrupt header (checksum mismatch)")
-        values = layout.unpack(fields)
+        values = layout.unpack(fields[: layout.size])
         _, _, precision, lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc = values[:10]
-        num_symbols, alphabet_size, tokens_of = values[10:] if version == 2 else (length, ALPHABET_SIZE, NO_TOKENIZER)
+        num_symbols, alphabet_size, tokens_of = values[10:13] if version >= 2 else (length, ALPHABET_SIZE, NO_TOKENIZER)
+        if version >= 3 and values[13] not in (0, 1):
+            raise CompressionError(f"{source}: corrupt header (adapt flag {values[13]})")
+        adapt, device_type, threads, torch_version = None, "", 0, ""
+        if adapted:
+            options = _ADAPT_BLOCK.unpack(fields[layout.size :])
+            adapt = _parse_adapt_fields(options[:9], source)
+            device_type, threads, torch_version = _unpadded(options[9]), options[10], _unpadded(options[11])
         if precision >= len(PRECISIONS) or lanes < 1 or seq_len < 1 or not 2 <= alphabet_size <= MAX_ALPHABET_SIZE:
             raise CompressionError(
                 f"{source}: corrupt header (precision {precision}, lanes {lanes}, seq_len {seq_len}, "
@@ -218,8 +271,66 @@ class Header:
                 )
         return cls(
             PRECISIONS[precision], lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc,
-            num_symbols, alphabet_size, tokens_of, version,
+            num_symbols, alphabet_size, tokens_of, adapt, device_type, threads, torch_version, version,
         )
+
+    def environment(self) -> str:
+        """E.g. "cpu, 2 threads, PyTorch 2.14.1" (what the encoder ran on)."""
+        return describe_environment(self.device_type, self.threads, self.torch_version)
+
+
+def _padded(text: str, size: int) -> bytes:
+    return text.encode("ascii", "replace")[:size].ljust(size, b"\0")
+
+
+def _unpadded(field: bytes) -> str:
+    return field.rstrip(b"\0").decode("ascii", "replace")
+
+
+def _adapt_fields(adapt: AdaptConfig) -> tuple:
+    """The adapt block's nine option fields (optimizer ... beta2)."""
+    return (
+        OPTIMIZERS.index(adapt.optimizer),
+        PARAMETER_SETS.index(adapt.parameters),
+        ADAPT_PRECISIONS.index(adapt.precision),
+        adapt.steps,
+        adapt.windows_per_step,
+        adapt.learning_rate,
+        adapt.max_grad_norm,
+        adapt.beta1,
+        adapt.beta2,
+    )
+
+
+def _parse_adapt_fields(values: tuple, source: str) -> AdaptConfig:
+    optimizer, parameters, precision, steps, windows, learning_rate, max_grad_norm, beta1, beta2 = values
+    if optimizer >= len(OPTIMIZERS) or parameters >= len(PARAMETER_SETS) or precision >= len(ADAPT_PRECISIONS):
+        raise CompressionError(
+            f"{source}: corrupt header (adapt optimizer {optimizer}, parameters {parameters}, precision {precision})"
+        )
+    try:
+        return AdaptConfig(
+            optimizer=OPTIMIZERS[optimizer],
+            learning_rate=learning_rate,
+            parameters=PARAMETER_SETS[parameters],
+            steps=steps,
+            windows_per_step=windows,
+            precision=ADAPT_PRECISIONS[precision],
+            max_grad_norm=max_grad_norm,
+            beta1=beta1,
+            beta2=beta2,
+        )
+    except ValueError as error:
+        raise CompressionError(f"{source}: corrupt header ({error})") from None
+
+
+def describe_environment(device_type: str, threads: int, torch_version: str) -> str:
+    return f"{device_type or '?'}, {threads} thread{'s' if threads != 1 else ''}, PyTorch {torch_version or '?'}"
+
+
+def current_environment(device: torch.device) -> tuple[str, int, str]:
+    """(device type, intra-op threads, torch version) of this process, as a header records them."""
+    return device.type, torch.get_num_threads(), torch.__version__
 
 
 @dataclass(frozen=True)
@@ -351,12 +462,18 @@ def _code_windows(
     seq_len: int,
     lanes: int,
     next_symbol,
+    adapter: Optional[Adapter] = None,
+    symbols: Optional[np.ndarray] = None,
+    bar=None,
 ) -> float:
     """Walk the windows of `length` symbols as both sides do: per group a fresh state, then per
-    step t the logits of every live lane; `next_symbol(cumulative, lane, start + t)` codes one
-    symbol and returns it. Returns the model's -log2 p of the symbols coded."""
+    step t the logits of every live lane; `next_symbol(cumulative, start + t)` codes one symbol
+    and returns it. With `adapter` (whose model the stepper runs), after every group but the last
+    the model learns from the group's `symbols` (the array being read or filled). `bar` counts
+    the symbols coded. Returns the model's -log2 p of the symbols coded."""
     model_bits = 0.0
-    for group in window_groups(length, seq_len, lanes):
+    all_groups = window_groups(length, seq_len, lanes)
+    for index, group in enumerate(all_groups):
         lengths = [stop - start for start, stop in group]
         longest = max(lengths)
         logits = stepper.start(len(group))
@@ -370,6 +487,15 @@ def _code_windows(
                     model_bits -= log2_p[lane, symbol]
             if t + 1 < longest:
                 logits = stepper.feed(torch.from_numpy(step))
+            if bar is not None:
+                bar.update(sum(t < n for n in lengths))
+        if adapter is not None and index + 1 < len(all_groups):  # nothing is coded after the last
+            tokens = torch.zeros(len(group), seq_len, dtype=torch.long)  # (B, L), right-padded
+            mask = torch.zeros(len(group), seq_len, dtype=torch.bool)
+            for row, (start, stop) in enumerate(group):
+                tokens[row, : stop - start] = torch.from_numpy(np.asarray(symbols[start:stop], dtype=np.int64))
+                mask[row, : stop - start] = True
+            adapter.update(tokens, mask)
     return model_bits
 
 
@@ -381,10 +507,14 @@ def compress_bytes(
     lanes: int = DEFAULT_LANES,
     precision: str = "32-true",
     tokenizer: Optional["BPETokenizer"] = None,
+    adapt: Optional[AdaptConfig] = None,
+    progress: Optional[bool] = False,
 ) -> tuple[bytes, CompressionStats]:
     """Compress `data` with `model` in windows of `seq_len` symbols; returns (container bytes, stats).
 
-    A subword model (vocab_size != 256) needs its `tokenizer`: the data is coded as its token ids."""
+    A subword model (vocab_size != 256) needs its `tokenizer`: the data is coded as its token ids.
+    `adapt`: learn while coding (dynamic evaluation, after every group of `lanes` windows); the
+    model given is not modified. `progress`: a bar on stderr (None: when stderr is a terminal)."""
     _check_model(model, seq_len, lanes, precision)
     if len(data) > MAX_LENGTH:
         raise ValueError(f"input of {len(data):,} bytes: at most {MAX_LENGTH:,} can be compressed")
@@ -398,9 +528,17 @@ def compress_bytes(
         encoder.encode(cumulative, symbol)
         return symbol
 
-    stepper = _LaneStepper(model, seq_len, precision)
-    model_bits = _code_windows(stepper, len(symbols), seq_len, lanes, encode)
+    if adapt is not None and len(symbols) <= seq_len * lanes:
+        adapt = None  # one group of windows: no update would ever run, so the file says none
+    adapter = Adapter(model, adapt, deterministic=True) if adapt is not None else None
+    stepper = _LaneStepper(model if adapter is None else adapter.model, seq_len, precision)
+    bar = progress_bar(len(symbols), "compress", "B" if tokenizer is None else "tok", progress)
+    try:
+        model_bits = _code_windows(stepper, len(symbols), seq_len, lanes, encode, adapter, symbols, bar)
+    finally:
+        bar.close()
     payload = encoder.finish()
+    device_type, threads, torch_version = current_environment(model.head.weight.device)
     header = Header(
         precision=precision,
         lanes=lanes,
@@ -413,6 +551,10 @@ def compress_bytes(
         num_symbols=len(symbols),
         alphabet_size=model.config.vocab_size,
         tokenizer_hash=tokenizer_hash(tokenizer),
+        adapt=adapt,
+        device_type=device_type,
+        threads=threads,
+        torch_version=torch_version,
     ).pack()
     seconds = time.perf_counter() - began
     stats = CompressionStats(len(data), len(header) + len(payload), len(header), model_bits, seconds, len(symbols))
@@ -447,9 +589,10 @@ def decompress_bytes(
     blob: bytes,
     source: str = "<input>",
     tokenizer: Optional["BPETokenizer"] = None,
+    progress: Optional[bool] = False,
 ) -> tuple[bytes, CompressionStats]:
-    """Inverse of `compress_bytes` (with the same model and tokenizer); raises CompressionError
-    (naming `source`) instead of returning wrong output."""
+    """Inverse of `compress_bytes` (with the same model and tokenizer; adaptation's options come
+    from the file); raises CompressionError (naming `source`) instead of returning wrong output."""
     began = time.perf_counter()
     header = Header.unpack(blob, source)
     if header.weights_hash != weights_hash(model):
@@ -475,6 +618,14 @@ def decompress_bytes(
         _check_model(model, header.seq_len, header.lanes, header.precision)
     except ValueError as error:
         raise CompressionError(f"{source}: {error}") from error
+    here = current_environment(model.head.weight.device)
+    if header.adapt is not None and (header.device_type, header.threads, header.torch_version) != here:
+        raise CompressionError(
+            f"{source}: compressed with --adapt ({adapt_summary(header.adapt)}) on {header.environment()}; "
+            f"this decoder runs on {describe_environment(*here)}, where the model's updates would differ "
+            f"and decoding cannot be exact: decompress on the same device type, with the same thread count "
+            f"(OMP_NUM_THREADS={header.threads}) and PyTorch version"
+        )
 
     decoder = ArithmeticDecoder(payload)
     out = np.zeros(header.num_symbols, dtype=np.uint8 if tokenizer is None else np.int32)  # ids < MAX_ALPHABET_SIZE
@@ -483,11 +634,25 @@ def decompress_bytes(
         out[position] = symbol = decoder.decode(cumulative)
         return symbol
 
-    stepper = _LaneStepper(model, header.seq_len, header.precision)
-    model_bits = _code_windows(stepper, header.num_symbols, header.seq_len, header.lanes, decode)
+    adapter = None
+    if header.adapt is not None:
+        try:
+            adapter = Adapter(model, header.adapt, deterministic=True)
+        except ValueError as error:
+            raise CompressionError(f"{source}: {error}") from error
+    stepper = _LaneStepper(model if adapter is None else adapter.model, header.seq_len, header.precision)
+    bar = progress_bar(header.num_symbols, "decompress", "B" if tokenizer is None else "tok", progress)
+    try:
+        model_bits = _code_windows(
+            stepper, header.num_symbols, header.seq_len, header.lanes, decode, adapter, out, bar
+        )
+    finally:
+        bar.close()
+    encoder_ran_on = f" (the encoder ran on {header.environment()})" if header.device_type else ""
     mismatch = (
         f"{source}: the decoded {'bytes' if tokenizer is None else 'tokens'} fail the checksum: this decoder's "
-        f"probabilities differ from the encoder's (different device type, dtype, PyTorch build or thread count?)"
+        f"probabilities differ from the encoder's (different device type, dtype, PyTorch build or thread "
+        f"count?{encoder_ran_on})"
     )
     try:
         data = out.tobytes() if tokenizer is None else tokenizer.decode(out)
@@ -521,8 +686,10 @@ def compress_file(
     lanes: int = DEFAULT_LANES,
     precision: str = "32-true",
     tokenizer: Optional["BPETokenizer"] = None,
+    adapt: Optional[AdaptConfig] = None,
+    progress: Optional[bool] = False,
 ) -> CompressionStats:
-    blob, stats = compress_bytes(model, _read_input(input_path), seq_len, lanes, precision, tokenizer)
+    blob, stats = compress_bytes(model, _read_input(input_path), seq_len, lanes, precision, tokenizer, adapt, progress)
     write_atomically(output_path, blob)
     return stats
 
@@ -532,7 +699,10 @@ def decompress_file(
     input_path: Union[str, Path],
     output_path: Union[str, Path],
     tokenizer: Optional["BPETokenizer"] = None,
+    progress: Optional[bool] = False,
 ) -> CompressionStats:
-    data, stats = decompress_bytes(model, _read_input(input_path), source=str(input_path), tokenizer=tokenizer)
+    data, stats = decompress_bytes(
+        model, _read_input(input_path), source=str(input_path), tokenizer=tokenizer, progress=progress
+    )
     write_atomically(output_path, data)
     return stats

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from multibyte.adaptation import AdaptConfig, adapt_summary
 from multibyte.checkpoints import (
     SafeCheckpointIO,
     check_same_tokenizer,
@@ -46,6 +47,18 @@ EXTRA_SUBCOMMANDS: dict[str, set[str]] = {
 }
 
 InferenceMode = Literal["basic", "sliding", "strided", "sliding+strided"]
+
+# Whether `bench` and `compress` adapt (dynamic evaluation) when --adapt is not given, by the
+# modality of --data: on where it was measured better on validation data (README "Dynamic
+# evaluation": text and audio); opt-in (--adapt true) where it has not been measured (images).
+ADAPT_BY_DEFAULT = {"text": True, "audio": True, "image": False}
+
+
+def adapt_wanted(adapt: Optional[bool], modality: Optional[str]) -> bool:
+    """--adapt as given, or None: the modality's default (off when the modality is unknown)."""
+    if adapt is not None:
+        return adapt
+    return ADAPT_BY_DEFAULT.get(modality, False) if modality else False
 
 
 def _writable(paths: list[Path], overwrite: bool) -> None:
@@ -247,8 +260,10 @@ class MultibyteTrainer(Trainer):
                 continued from its end.
             prompt_rows: pixel rows of the prompt image to keep (images only).
             prompt_seconds: keep only the first seconds of the prompt audio (audio only).
-            compile: torch.compile the one-byte step (meant for GPUs, with CUDA graphs); on a
-                CPU it measured no reliably faster than eager (benchmarks/sample_speed.py).
+            compile: torch.compile each step together with its draw, a few bytes per call
+                (CUDA graphs on a GPU). On a CPU compiling costs tens of seconds up front and
+                then steps ~1.5-2x faster (benchmarks/sample_speed.py, `batch1_compiled`): worth
+                it for several batches of whole images, not for one.
             dtype: weights and caches while sampling; None picks the fastest measured: on a CPU
                 float32 below batch 16 and bfloat16 from there (with native bf16), on a GPU
                 bfloat16 when the trainer's precision is bf16. Changes the sampled bytes.
@@ -389,6 +404,9 @@ class MultibyteTrainer(Trainer):
         codecs: bool = True,
         output_dir: Optional[str] = None,
         overwrite: bool = False,
+        adapt: Optional[bool] = None,
+        adapt_options: AdaptConfig = AdaptConfig(),
+        progress: Optional[bool] = None,
     ) -> dict[str, Any]:
         """Density benchmark: bits per byte (bits/dim) on a split beside the reference codecs.
 
@@ -410,6 +428,15 @@ class MultibyteTrainer(Trainer):
             output_dir: where bench-<modality>-<split>.{md,json,png} go; None means
                 <trainer.default_root_dir>/bench.
             overwrite: replace report files that already exist.
+            adapt: dynamic evaluation: after scoring each batch of windows the model learns from
+                it (multibyte/adaptation.py); basic and sliding inference only (--adapt true
+                with a strided mode is refused). None means the modality's default
+                (ADAPT_BY_DEFAULT: on for text and audio), where strided modes run without
+                it; --adapt false (or --no-adapt) turns it off.
+            adapt_options: how it learns (optimizer, learning_rate, parameters, steps,
+                windows_per_step, precision, max_grad_norm, beta1, beta2), e.g.
+                --adapt_options.learning_rate 1e-4. An update follows every --batch_size windows.
+            progress: a progress bar on stderr; None shows it when stderr is a terminal.
         """
         from multibyte.bench import markdown_table, run_benchmark, write_report
 
@@ -422,6 +449,7 @@ class MultibyteTrainer(Trainer):
         folder = Path(output_dir) if output_dir else Path(self.default_root_dir) / "bench"
         stem = f"bench-{data_spec_of(datamodule).modality}-{split}"
         _writable([folder / f"{stem}.{suffix}" for suffix in ("md", "json", "png")], overwrite)
+        adapting = adapt_wanted(adapt, data_spec_of(datamodule).modality)
         byte_model = self._byte_model(model, ckpt_path)
         self._tokenizer(model, datamodule, ckpt_path, prepare=True)  # refuses data of another tokenizer
         # Under a multi-process strategy (ddp, torchrun, SLURM) every rank scores its share of
@@ -437,6 +465,9 @@ class MultibyteTrainer(Trainer):
             precision=str(self.precision),
             codecs=codecs,
             checkpoint=None if ckpt_path is None else str(ckpt_path),
+            adapt=adapt_options if adapting else None,
+            progress=progress,
+            adapt_where_possible=adapt is None,  # by default: strided modes run without it
         )
         if not self.is_global_zero:
             return report
@@ -457,6 +488,9 @@ class MultibyteTrainer(Trainer):
         precision: Literal["32-true", "bf16-mixed"] = "32-true",
         overwrite: bool = False,
         datamodule: Optional[LightningDataModule] = None,
+        adapt: Optional[bool] = None,
+        adapt_options: AdaptConfig = AdaptConfig(),
+        progress: Optional[bool] = None,
     ) -> None:
         """Compress a file: arithmetic coding under the checkpoint's next-byte probabilities (a
         subword model: next-token probabilities over the file's token ids, from its tokenizer).
@@ -474,6 +508,13 @@ class MultibyteTrainer(Trainer):
                 repeats it. float32 is as fast as bf16 for one-byte steps on a CPU and the
                 safer choice for bit-identical probabilities.
             overwrite: replace output_file if it exists.
+            adapt: dynamic evaluation: the model learns from every group of --lanes windows once
+                coded, and the decoder repeats each update (options, device type, thread count and
+                PyTorch version are stored in the file and must match when decompressing). None
+                means the modality of --data's default (ADAPT_BY_DEFAULT: on for text and audio; off
+                without --data); --adapt false (or --no-adapt) turns it off.
+            adapt_options: how it learns, as for bench (e.g. --adapt_options.learning_rate 1e-4).
+            progress: a progress bar on stderr; None shows it when stderr is a terminal.
         """
         from multibyte.compression import compress_file
 
@@ -490,12 +531,15 @@ class MultibyteTrainer(Trainer):
         byte_model = self._byte_model(model, ckpt_path)
         tokenizer = self._tokenizer(model, datamodule, ckpt_path, prepare=False)
         window = seq_len or (data_spec_of(datamodule).seq_len if datamodule is not None else byte_model.config.max_seq_len)
-        stats = compress_file(byte_model, input_file, output_file, window, lanes, precision, tokenizer)
+        modality = data_spec_of(datamodule).modality if datamodule is not None else None
+        options = adapt_options if adapt_wanted(adapt, modality) else None
+        stats = compress_file(byte_model, input_file, output_file, window, lanes, precision, tokenizer, options, progress)
         tokens = "" if tokenizer is None else f", {stats.num_symbols:,} tokens"
         print(
             f"{input_file}: {stats.original_bytes:,} -> {stats.compressed_bytes:,} bytes "
             f"({stats.bits_per_byte:.4f} bits/byte; model {stats.model_bits / max(1, stats.original_bytes):.4f}{tokens}) "
             f"in {stats.seconds:.1f} s, written to {output_file}"
+            + ("" if options is None else f" (adapted while coding: {adapt_summary(options)})")
         )
 
     def decompress(
@@ -506,6 +550,7 @@ class MultibyteTrainer(Trainer):
         ckpt_path: Optional[str] = None,
         overwrite: bool = False,
         datamodule: Optional[LightningDataModule] = None,
+        progress: Optional[bool] = None,
     ) -> None:
         """Restore a file written by `compress`, with the same checkpoint.
 
@@ -518,6 +563,8 @@ class MultibyteTrainer(Trainer):
                 appends .out).
             ckpt_path: the checkpoint (or export directory) the file was compressed with.
             overwrite: replace output_file if it exists (e.g. the original next to X.mbac).
+            progress: a progress bar on stderr; None shows it when stderr is a terminal. (A file
+                compressed with --adapt is decoded with its own stored adapt options.)
         """
         from multibyte.compression import decompress_file
 
@@ -530,7 +577,7 @@ class MultibyteTrainer(Trainer):
         _writable([Path(output_file)], overwrite)
         byte_model = self._byte_model(model, ckpt_path)
         tokenizer = self._tokenizer(model, datamodule, ckpt_path, prepare=False)
-        stats = decompress_file(byte_model, input_file, output_file, tokenizer)
+        stats = decompress_file(byte_model, input_file, output_file, tokenizer, progress)
         print(f"{input_file}: restored {stats.original_bytes:,} bytes in {stats.seconds:.1f} s, written to {output_file}")
 
     # ---------------------------------------------------------------- export

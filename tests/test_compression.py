@@ -254,7 +254,8 @@ def test_cli_compress_decompress(checkpoint, held_out, tmp_path, capsys):
         *("--trainer.precision", "32-true", "--trainer.logger", "false", "--ckpt_path", str(checkpoint)),
         *("--data", "datamodules.TextDataModule", "--data.seq_len", str(SEQ_LEN)),
     ]
-    main(["compress", *common, "--input_file", str(original), "--lanes", "4"])
+    # --adapt false: 500 bytes are too few for dynamic evaluation to pay for its 81 header bytes.
+    main(["compress", *common, "--input_file", str(original), "--lanes", "4", "--adapt", "false"])
     compressed = tmp_path / "book.txt.mbac"
     assert compressed.stat().st_size < 0.75 * original.stat().st_size
     restored = tmp_path / "restored.txt"

@@ -240,7 +240,7 @@ def test_bench_under_ddp_equals_one_process(ddp_fit: Path):
             "bench",
             *common(ddp_fit),
             *strategy,
-            *("--trainer.logger", "false", "--ckpt_path", str(checkpoint)),
+            *("--trainer.logger", "false", "--ckpt_path", str(checkpoint), "--adapt", "false"),
             *("--inference", "[basic, sliding+strided]", "--output_dir", str(ddp_fit / f"bench-{name}")),
             cwd=ddp_fit,
         )
@@ -255,6 +255,30 @@ def test_bench_under_ddp_equals_one_process(ddp_fit: Path):
         if row["kind"] == "model":
             assert other["scored_bytes"] == row["scored_bytes"] == 2100  # the whole test split
             assert other["cost"] == row["cost"]
+
+
+def test_bench_adapt_under_ddp_equals_one_process(ddp_fit: Path):
+    """Dynamic evaluation under DDP: each rank scores its share of every batch, the ranks' gradients
+    are summed and every rank makes the same update, so the bits are one process's (up to the
+    order of floating-point sums, which the adaptation carries forward)."""
+    (checkpoint,) = (ddp_fit / "run").rglob("best-*.ckpt")
+    reports = {}
+    for name, strategy in (("ddp", DDP), ("single", ("--trainer.devices", "1"))):
+        multibyte(
+            "bench",
+            *common(ddp_fit),
+            *strategy,
+            *("--trainer.logger", "false", "--ckpt_path", str(checkpoint), "--codecs", "false"),
+            *("--adapt", "true", "--adapt_options.learning_rate", "3e-3", "--adapt_options.windows_per_step", "2"),
+            *("--inference", "[basic, sliding]", "--output_dir", str(ddp_fit / f"bench-adapt-{name}")),
+            cwd=ddp_fit,
+        )
+        reports[name] = json.loads((ddp_fit / f"bench-adapt-{name}" / "bench-text-test.json").read_text())
+    rows = {name: {row["method"]: row for row in report["results"]} for name, report in reports.items()}
+    assert set(rows["ddp"]) == set(rows["single"]) == {"model + adapt", "model + sliding window + adapt"}
+    for method, row in rows["single"].items():
+        assert rows["ddp"][method]["bits_per_byte"] == pytest.approx(row["bits_per_byte"], rel=1e-4, abs=0), method
+        assert rows["ddp"][method]["scored_bytes"] == row["scored_bytes"] == 2100
 
 
 # ------------------------------------------------------------------------------------------------

@@ -344,7 +344,7 @@ MIXED = "café naïve ".encode("latin-1") + b"\xff\xfe\x80 " + ENDOFTEXT.encode(
 @pytest.mark.parametrize("data", [b"", b"a", MIXED], ids=["empty", "one-byte", "mixed"])
 def test_token_compression_round_trips_and_matches_the_bench_prediction(coder, tokenizer, data):
     blob, stats = compress_bytes(coder, data, SEQ_LEN, lanes=3, tokenizer=tokenizer)
-    assert blob[:4] == MAGIC and blob[4] == 2
+    assert blob[:4] == MAGIC and blob[4] == 3
     assert stats.num_symbols == len(tokenizer.encode(data, allowed_special="all"))
     restored, _ = decompress_bytes(coder, blob, "x.mbac", tokenizer=tokenizer)
     assert restored == data
@@ -399,8 +399,8 @@ def test_version_1_files_are_still_read_and_unknown_versions_refused():
     fields[4] = 1
     version_1 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE:]
     assert decompress_bytes(model, version_1, "old.mbac")[0] == MIXED
-    fields[4] = 3
-    with pytest.raises(CompressionError, match="old.mbac: compressed with format version 3; this multibyte reads versions 1, 2"):
+    fields[4] = 9
+    with pytest.raises(CompressionError, match="old.mbac: compressed with format version 9; this multibyte reads versions 1, 2, 3"):
         decompress_bytes(model, bytes(fields) + blob[52:], "old.mbac")
 
 
