@@ -11,7 +11,9 @@ Accepted sources (`data_path`):
   box-resized to 64x64, then assigned 90/5/5 by the same seeded shuffle.
 
 Each split keeps the source order of its images. Training draws one whole random image per
-example (seq_len = alignment = 12,288); evaluation scores each image once.
+example (seq_len = alignment = 12,288); evaluation scores each image once. With `hflip`, each
+training draw is mirrored left-right with probability 1/2 (`HorizontalFlips`); validation and test
+images never are.
 """
 
 import re
@@ -21,9 +23,11 @@ import zipfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
 import numpy as np
+
+import torch
 
 from datamodules.base import (
     EMBEDDED_DATA_DIR,
@@ -31,13 +35,18 @@ from datamodules.base import (
     ByteStreamDataModule,
     CacheWriter,
     DataError,
+    RandomWindows,
     shuffled_split_assignment,
 )
+from datamodules.windows import DrawKey, window_hash
 from multibyte.codecs.image import (
     IMAGE_BYTES,
+    IMAGE_CHANNELS,
     IMAGE_ORDERS,
+    IMAGE_SIZE,
     image_to_bytes,
     load_image_file,
+    patch_scan_permutation,
     patch_side,
     planar_row_to_hwc,
 )
@@ -49,6 +58,8 @@ OFFICIAL_VALIDATION_PERCENT = 2  # ...or this share of them when that is fewer i
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
 ROWS_PER_CHUNK = 1024  # 12.6 MB of rows converted at a time
 EMBEDDED_IMAGES = EMBEDDED_DATA_DIR / "imagenet64_sample.npz"
+
+FLIP_SALT = 0x666C6970  # keys the flip draws apart from the image draws of the same window
 
 _NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
@@ -146,6 +157,52 @@ class NpzImageRows:
                     stream.read(1)  # reading to the end makes zipfile verify the member's CRC
 
 
+def horizontal_flip_index(order: str, patch_size: int = 12) -> np.ndarray:
+    """Index array `flip` (12288,) int64 with `image_bytes[flip]` = the bytes of the same image
+    mirrored left-right, both in `order` ("raster", or "patch" with `patch_size`).
+
+    Raster: the pixel columns reverse inside every row, each pixel's R, G, B staying in order.
+    Patch scan: the blocks of a block row reverse, and so do the pixel columns inside each block,
+    i.e. raster's flip conjugated by the patch-scan permutation.
+    """
+    if order not in IMAGE_ORDERS:
+        raise ValueError(f"order must be one of {IMAGE_ORDERS}, got {order!r}")
+    raster = np.arange(IMAGE_BYTES, dtype=np.int64).reshape(IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS)
+    flip = raster[:, ::-1, :].reshape(-1)  # flipped_raster = raster_bytes[flip]
+    if order == "raster":
+        return np.ascontiguousarray(flip)
+    scan = patch_scan_permutation(patch_size)  # scan_bytes = raster_bytes[scan]
+    raster_to_scan = np.argsort(scan)  # raster_bytes = scan_bytes[raster_to_scan]
+    # flipped_scan[k] = flipped_raster[scan[k]] = raster_bytes[flip[scan[k]]] = scan_bytes[raster_to_scan[...]]
+    return raster_to_scan[flip[scan]]
+
+
+class HorizontalFlips(RandomWindows):
+    """Training images, each draw mirrored left-right with probability 1/2.
+
+    Whether draw `DrawKey(seed, epoch, index)` is mirrored is a pure function of the key (a hash
+    independent of the one that picks the image), so a resumed run and every rank draw exactly
+    what one uninterrupted process would. Windows are whole images (seq_len = alignment = 12,288).
+    """
+
+    def __init__(self, windows: RandomWindows, order: str, patch_size: int) -> None:
+        if windows.token_format is not None or windows.seq_len != IMAGE_BYTES or windows.alignment != IMAGE_BYTES:
+            raise ValueError("HorizontalFlips needs byte windows of exactly one image (seq_len = alignment = 12288)")
+        super().__init__(windows.path, windows.num_bytes, windows.seq_len, windows.alignment, windows.num_windows)
+        self.flip = torch.from_numpy(horizontal_flip_index(order, patch_size))  # (12288,) int64
+
+    @staticmethod
+    def is_flipped(key: DrawKey) -> bool:
+        seed, epoch, index = key
+        return bool(window_hash(seed ^ FLIP_SALT, epoch, np.asarray([index]))[0] & np.uint64(1))
+
+    def __getitem__(self, key: Union[int, DrawKey]) -> torch.Tensor:
+        window = super().__getitem__(key)  # checks an integer key's range
+        if isinstance(key, (int, np.integer)):
+            key = DrawKey(0, 0, int(key))
+        return window[self.flip] if self.is_flipped(key) else window
+
+
 class ImageNet64DataModule(ByteStreamDataModule):
     """64x64 RGB images as 12,288-byte records. See the module docstring for the accepted sources.
 
@@ -155,6 +212,8 @@ class ImageNet64DataModule(ByteStreamDataModule):
         seq_len: must be 12288 (one image); kept as an argument so every datamodule takes it.
         order: "raster" (row-major RGB) or "patch" (MEGABYTE patch scan).
         patch_size: bytes per patch for the "patch" order, 3*p*p for p x p pixel blocks (12 = 2x2).
+        hflip: mirror each training image left-right with probability 1/2 (augmentation that
+            respects `order`; validation and test images are never mirrored).
         batch_size, eval_batch_size, num_workers, cache_dir, train_windows_per_epoch, split_seed:
             see `ByteStreamDataModule`. The default train_windows_per_epoch is the number of
             training images.
@@ -174,6 +233,7 @@ class ImageNet64DataModule(ByteStreamDataModule):
         cache_dir: Optional[str] = None,
         train_windows_per_epoch: Optional[int] = None,
         split_seed: int = 1234,
+        hflip: bool = False,
     ) -> None:
         if seq_len != IMAGE_BYTES:
             raise ValueError(f"seq_len must be {IMAGE_BYTES} (one 64x64x3 image) for images, got {seq_len}")
@@ -192,6 +252,12 @@ class ImageNet64DataModule(ByteStreamDataModule):
         )
         self.order = order
         self.patch_size = patch_size
+        self.hflip = hflip
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        super().setup(stage)
+        if self.hflip:
+            self._train = HorizontalFlips(self._train, self.order, self.patch_size)
 
     def _spec_fields(self) -> dict[str, Any]:
         return {"image_order": self.order, "image_patch_size": self.patch_size}
