@@ -52,6 +52,21 @@ def untrained_entropy_model(configs: list[str], tmp_path: Path) -> list[str]:
     return ["--model.architecture.stages", json.dumps([{"entropy_architecture": architecture}, {}])]
 
 
+def embedded_data_instead_of_shared(configs: list[str]) -> list[str]:
+    """A recipe names real data beside the repository (data_path ../shared/data/..., whole files
+    held out by name); this smoke test runs it on the embedded sample, as a fresh install would."""
+    for name in configs:
+        data = yaml.safe_load(Path(resolve_config_path(name)).read_text()) or {}
+        init_args = (data.get("data") or {}).get("init_args") or {}
+        if init_args.get("data_path"):
+            flags = ["--data.init_args.data_path", "null"]
+            for key in ("validation_files", "test_files"):
+                if key in init_args:
+                    flags += [f"--data.init_args.{key}", "null"]
+            return flags
+    return []
+
+
 def test_shipped_configs_exist():
     assert {"text.yaml", "image64.yaml", "audio.yaml"} <= set(BASE_CONFIGS)
     assert {"cpu/text.yaml", "cpu/image64.yaml", "cpu/audio.yaml"} <= set(LAYERED_CONFIGS)
@@ -114,6 +129,7 @@ def test_fit_runs_through_the_cli(name, tmp_path):
         "--data.init_args.cache_dir", str(tmp_path / "cache"),
         "--data.init_args.batch_size", "2",
         *untrained_entropy_model([base_of(name), name], tmp_path),
+        *embedded_data_instead_of_shared([name]),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
