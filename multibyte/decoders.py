@@ -116,12 +116,35 @@ def image_grid(images: Sequence[np.ndarray], columns: int | None = None, gap: in
     return grid
 
 
+WAVE_STRIP_SIZE = (800, 100)  # (width, height) in pixels of one recording's strip in the waveform picture
+
+
+def waveform_strip(wave: np.ndarray, size: tuple[int, int] = WAVE_STRIP_SIZE) -> np.ndarray:
+    """(N,) samples in [-1, 1] -> (height, width, 3) uint8: each pixel column spans the min..max
+    of its share of the samples (dark on white), a grey zero line through the middle."""
+    width, height = size
+    strip = np.full((height, width, 3), 255, dtype=np.uint8)
+    strip[height // 2, :] = 200
+    if len(wave) == 0:
+        return strip
+    edges = np.linspace(0, len(wave), width + 1).astype(np.int64)
+    to_row = lambda value: int(round((1.0 - float(np.clip(value, -1.0, 1.0))) * (height - 1) / 2))  # noqa: E731
+    for column in range(width):
+        part = wave[edges[column] : max(edges[column + 1], edges[column] + 1)]
+        top, bottom = to_row(part.max()), to_row(part.min())
+        strip[top : bottom + 1, column] = (30, 60, 120)
+    return strip
+
+
 def sample_paths(fmt: SampleFormat, output_dir: Union[str, Path], count: int, prefix: str = "sample") -> list[Path]:
-    """Every file `write_samples` writes for `count` samples: one per sample, plus the grid for images."""
+    """Every file `write_samples` writes for `count` samples: one per sample, plus the grid for
+    images and the waveform picture for audio."""
     folder = Path(output_dir)
     paths = [folder / f"{prefix}_{i:03d}{fmt.suffix}" for i in range(count)]
     if fmt.modality == "image" and count:
         paths.append(folder / f"{prefix}_grid.png")
+    if fmt.modality == "audio" and count:
+        paths.append(folder / f"{prefix}_waveforms.png")
     return paths
 
 
@@ -141,8 +164,9 @@ def write_samples(
     overwrite: bool = False,
     prefix: str = "sample",
 ) -> list[Path]:
-    """Write each sample as `<prefix>_000.png|.wav|.txt` (and `<prefix>_grid.png` for images) in
-    `output_dir` (created if needed); return the paths written.
+    """Write each sample as `<prefix>_000.png|.wav|.txt` (and `<prefix>_grid.png` for images,
+    `<prefix>_waveforms.png`, one strip per recording, for audio) in `output_dir` (created if
+    needed); return the paths written.
 
     Nothing is overwritten unless `overwrite`: every target is checked before the first write, and
     each file is opened in exclusive-create mode so a file appearing meanwhile is not clobbered.
@@ -151,19 +175,21 @@ def write_samples(
     check_writable(paths, overwrite)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     mode = "wb" if overwrite else "xb"
-    images = []
+    images, strips = [], []
     for data, path in zip(samples, paths):
         with open(path, mode) as file:
             if fmt.modality == "text":
                 file.write(fmt.text(data).encode("utf-8"))
             elif fmt.modality == "audio":
                 bytes_to_wav(data, file, fmt.sample_rate, fmt.encoding)
+                strips.append(waveform_strip(fmt.waveform(data)))
             else:
                 images.append(fmt.image(data))
                 Image.fromarray(images[-1], mode="RGB").save(file, format="PNG")
-    if images:
+    if images or strips:
+        picture = image_grid(images) if images else image_grid(strips, columns=1)
         with open(paths[-1], mode) as file:
-            Image.fromarray(image_grid(images), mode="RGB").save(file, format="PNG")
+            Image.fromarray(picture, mode="RGB").save(file, format="PNG")
     return paths
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from multibyte.codecs import IMAGE_BYTES, image_to_bytes
+from multibyte.codecs import IMAGE_BYTES, image_to_bytes, waveform_to_bytes
 from multibyte.decoders import (
     SampleFormat,
     cut_at_stop_byte,
@@ -120,6 +120,20 @@ def test_image_samples_come_with_a_grid(tmp_path):
     assert [p.name for p in paths] == ["sample_000.png", "sample_001.png", "sample_002.png", "sample_grid.png"]
     assert read_png(tmp_path / "sample_grid.png").shape == (2 * 66 - 2, 2 * 66 - 2, 3)
     assert sample_paths(TEXT, tmp_path, 2) == [tmp_path / "sample_000.txt", tmp_path / "sample_001.txt"]
+
+
+def test_audio_samples_come_with_a_waveform_picture(tmp_path):
+    fmt = SampleFormat(modality="audio", sample_rate=8000, encoding="pcm16")
+    t = np.arange(16000) / 8000  # 20 samples per pixel column, more than the tone's period (18.2)
+    loud = waveform_to_bytes(0.9 * np.sin(2 * np.pi * 440 * t), "pcm16")
+    quiet = waveform_to_bytes(np.zeros(16000), "pcm16")
+    paths = write_samples([loud, quiet], fmt, tmp_path)
+    assert [p.name for p in paths] == ["sample_000.wav", "sample_001.wav", "sample_waveforms.png"]
+    picture = read_png(tmp_path / "sample_waveforms.png")
+    assert picture.shape == (2 * 100 + 2, 800, 3)  # two strips, one grid gap between them
+    dark = (picture.sum(axis=2) < 300)
+    assert dark[:100].sum(axis=0).min() > 80  # the loud tone fills nearly every column's height
+    assert dark[102:].sum(axis=0).max() == 1  # silence is one pixel on the zero line
 
 
 def test_nothing_is_overwritten_unless_asked(tmp_path):
