@@ -20,14 +20,6 @@ from multibyte.sampling import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def megabyte() -> HierarchicalByteModel:
     return build("megabyte", seed=3)  # two attention stages, patches of 4 bytes

@@ -39,14 +39,6 @@ LONG_MODELS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def build(name: str) -> HierarchicalByteModel:
     torch.manual_seed(0)
     return HierarchicalByteModel(LONG_MODELS[name]).eval()

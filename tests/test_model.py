@@ -21,14 +21,6 @@ def text_rows(*offsets: int, length: int = 40) -> torch.Tensor:
     return torch.tensor([list(TEXT[o : o + length]) for o in offsets])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_no_logit_sees_its_own_or_later_bytes(name):
     # Text, so the dynamic patchers place boundaries at several places; 13 bytes cross every

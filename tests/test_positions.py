@@ -80,14 +80,6 @@ POSITIONED = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def build(name: str, seed: int = 0) -> HierarchicalByteModel:
     torch.manual_seed(seed)
     model = HierarchicalByteModel(POSITIONED[name]).eval()
