@@ -134,17 +134,22 @@ def decode_loop_bytes_per_second(model, batch: int, num_bytes: int, threads: int
     return batch * num_bytes / (time.perf_counter() - start)
 
 
+def timed_compiled_runs(model, batch: int, num_bytes: int) -> tuple[float, float]:
+    """Wall seconds of two unprompted `generate(compile=True)` calls on `model`: the first
+    compiles (unless the model was compiled before), the second runs the compiled step."""
+    empty = torch.zeros(batch, 0, dtype=torch.long)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        generate(model, empty, num_bytes, seed=0, compile=True)
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
 def compiled_generate_figures(model, batch: int, num_bytes: int) -> dict[str, float]:
     """`generate(compile=True)` on a fresh copy of `model` (nothing compiled yet): the first call's
     wall time, compilation included (what the first image costs), then a second call's rate."""
-    fresh = copy.deepcopy(model)
-    empty = torch.zeros(batch, 0, dtype=torch.long)
-    start = time.perf_counter()
-    generate(fresh, empty, num_bytes, seed=0, compile=True)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    generate(fresh, empty, num_bytes, seed=0, compile=True)
-    second = time.perf_counter() - start
+    first, second = timed_compiled_runs(copy.deepcopy(model), batch, num_bytes)
     return {
         "first_call_seconds_including_compilation": round(first, 2),
         "bytes_per_s": round(batch * num_bytes / second, 1),
@@ -168,13 +173,7 @@ def weight_bytes_read_per_byte(model) -> float:
 
 def compiled_figures(model, batch: int, num_bytes: int) -> dict[str, float]:
     """torch.compile'd step: first run (compiles), second run, and its logits against eager's."""
-    empty = torch.zeros(batch, 0, dtype=torch.long)
-    start = time.perf_counter()
-    generate(model, empty, num_bytes, seed=0, compile=True)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    generate(model, empty, num_bytes, seed=0, compile=True)
-    second = time.perf_counter() - start
+    first, second = timed_compiled_runs(model, batch, num_bytes)
     # Same bytes through both steps: how far apart are the logits?
     data = torch.randint(0, 256, (batch, 4 * P), generator=torch.Generator().manual_seed(1))
     differences = []
