@@ -90,3 +90,22 @@ def build(name: str, seed: int = 0):
             patcher.target_patch_length = 3.0
             patcher.calibrate(sample)
     return model
+
+
+def assert_staggered_decoding_matches(model, tokens, lengths, steps: int, atol: float, static: bool = False) -> None:
+    """Rows prefilled with prompts of `lengths` bytes of `tokens` (B, L), then `steps` shared
+    decode steps: every row's logits equal the full pass over `tokens` at its own positions."""
+    import torch
+
+    B, L = tokens.shape
+    with torch.no_grad():
+        full = model(tokens)  # (B, L, 256)
+    state = model.allocate_decode_state(B, L, static=static)
+    logits = model.prefill(state, tokens[:, : int(lengths.max())], lengths)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(logits[b], full[b, n], rtol=0, atol=atol)
+    position, rows = lengths.clone(), torch.arange(B)
+    for _ in range(steps):
+        logits = model.decode_step(state, tokens[rows, position])
+        position += 1
+        torch.testing.assert_close(logits, full[rows, position], rtol=0, atol=atol)

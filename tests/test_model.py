@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from architectures import ARCHITECTURES, build
+from architectures import ARCHITECTURES, assert_staggered_decoding_matches, build
 from multibyte.config import PRESETS, ModelConfig, StageConfig
 from multibyte.model import HierarchicalByteModel
 from multibyte.patchers import unit_starts
@@ -154,21 +154,7 @@ def test_rows_with_different_prompt_lengths_match_full_recompute(name):
     # Three rows, prompts of 0, 9 and 17 bytes (different offsets inside their patches), then
     # 12 shared steps: each row's logits equal the full forward pass at its own positions.
     # Tolerance 2e-5 in fp32: a cached step and a full pass sum in different orders.
-    model = build(name)
-    rows = text_rows(0, 5, 20, length=32)
-    lengths = torch.tensor([0, 9, 17])
-    with torch.no_grad():
-        full = model(rows)  # (3, 32, 256)
-    state = model.allocate_decode_state(3, 32)
-    logits = model.prefill(state, rows[:, :17], lengths)
-    for b, n in enumerate(lengths.tolist()):
-        torch.testing.assert_close(logits[b], full[b, n], rtol=0, atol=2e-5)
-    position = lengths.clone()
-    for _ in range(12):
-        byte = rows[torch.arange(3), position]
-        logits = model.decode_step(state, byte)
-        position += 1
-        torch.testing.assert_close(logits, full[torch.arange(3), position], rtol=0, atol=2e-5)
+    assert_staggered_decoding_matches(build(name), text_rows(0, 5, 20, length=32), torch.tensor([0, 9, 17]), 12, 2e-5)
 
 
 def test_inactive_rows_keep_their_state():

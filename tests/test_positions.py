@@ -5,6 +5,7 @@ kind, the packed byte stage equals the padded grid, worked examples, and clear c
 import pytest
 import torch
 
+from architectures import assert_staggered_decoding_matches
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.mixers.rotary import apply_rotary, segment_positions
 from multibyte.model import HierarchicalByteModel
@@ -114,21 +115,7 @@ def test_prefill_and_decode_steps_equal_the_full_pass(name, static):
     # Rows with prompts of 0, 9 and 17 bytes (different offsets inside their units, and past a
     # grid's wrap), then 40 shared steps to the end of the window: each row's logits equal the
     # full pass at its own positions.
-    model = build(name)
-    tokens = rows(0, 5, 20, length=64)
-    lengths = torch.tensor([0, 9, 17])
-    with torch.no_grad():
-        full = model(tokens)  # (3, 64, 256)
-    state = model.allocate_decode_state(3, 64, static=static)
-    logits = model.prefill(state, tokens[:, :17], lengths)
-    for b, n in enumerate(lengths.tolist()):
-        torch.testing.assert_close(logits[b], full[b, n], rtol=0, atol=5e-5)
-    position = lengths.clone()
-    for _ in range(40):
-        byte = tokens[torch.arange(3), position]
-        logits = model.decode_step(state, byte)
-        position += 1
-        torch.testing.assert_close(logits, full[torch.arange(3), position], rtol=0, atol=5e-5)
+    assert_staggered_decoding_matches(build(name), rows(0, 5, 20, length=64), torch.tensor([0, 9, 17]), 40, 5e-5, static)
 
 
 @pytest.mark.parametrize("name", ["rotary-learned", "grid-learned", "vanilla-rotary"])
