@@ -286,15 +286,25 @@ def _summarise_load_error(error: RuntimeError) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+_STAGE_PATH = re.compile(r"(?:^|\.)stages\[\d+\]$")
+
+
 def config_differences(given: Any, stored: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(key, given, stored) for every leaf where two plain configurations disagree.
 
     Keys present on one side only are not differences (a field added or removed since the
-    checkpoint was written keeps its default); lists of different lengths differ as a whole.
+    checkpoint was written keeps its default); lists of different lengths differ as a whole. A
+    stage's compute-only fields (`COMPUTE_ONLY_STAGE_FIELDS`, e.g. activation checkpointing) are
+    no difference either, wherever a list of stages sits (an entropy model's included).
     """
+    from multibyte.config import COMPUTE_ONLY_STAGE_FIELDS
+
     if isinstance(given, dict) and isinstance(stored, dict):
+        in_stage = _STAGE_PATH.search(prefix) is not None  # prefix ends in `stages[i]`
         found = []
         for key in given:
+            if in_stage and key in COMPUTE_ONLY_STAGE_FIELDS:
+                continue
             if key in stored:
                 found += config_differences(given[key], stored[key], f"{prefix}.{key}" if prefix else str(key))
         return found

@@ -31,6 +31,10 @@ MIXERS = ("attention", "mamba")
 PATCHERS = ("fixed", "space", "entropy")
 POOLINGS = ("concat", "attention")
 POSITIONS = ("none", "learned", "rotary", "grid")
+# StageConfig fields that change how a stage is computed, never its weights or its outputs: a
+# checkpoint written under one value is the same model under another, so loading and resuming
+# do not compare them (multibyte.checkpoints.config_differences).
+COMPUTE_ONLY_STAGE_FIELDS = frozenset({"checkpoint"})
 
 
 @dataclass
@@ -83,7 +87,8 @@ class StageConfig:
     checkpoint: bool = False
     """Activation checkpointing: in training, keep only each block's input and recompute the
     block's activations during the backward pass (about one more forward pass of this stage's
-    compute, for activation memory of one block instead of n_layers). Results are unchanged."""
+    compute, for activation memory of one block instead of n_layers). Results are unchanged, so a
+    checkpoint loads and resumes with either value (the given one applies)."""
     d_state: int = 16
     """Mamba: state size N per channel."""
     d_conv: int = 4
@@ -302,6 +307,13 @@ class ModelConfig:
     def unit_slots(self, i: int) -> int:
         """U_i: byte slots of one unit of stage i (1 for the byte-level stage)."""
         return math.prod(self.child_slots(j) for j in range(i + 1, self.num_stages))
+
+    @property
+    def length_limited(self) -> bool:
+        """Whether a learned table sized by max_seq_len limits the sequence length: the byte
+        position table (`position_embedding`) or the outermost stage's learned unit positions.
+        Rotary, grid and no positions read any length."""
+        return bool(self.position_embedding) or self.stages[0].position == "learned"
 
     @property
     def alignment(self) -> int:

@@ -362,7 +362,8 @@ def hparam_conflicts(given: dict, stored: dict, resuming: bool) -> list[tuple[st
     """(key, given, stored) where configured hyperparameters contradict a checkpoint's: the
     architecture always (the weights are made for it), and when a fit resumes also the
     optimisation settings (the restored optimizer and schedule would silently replace them).
-    `compile` and anything else may differ: it applies."""
+    `compile`, a stage's activation checkpointing (see `config_differences`) and anything else
+    may differ: the given value applies."""
     keys = ("architecture",) + (OPTIMISATION_HPARAMS if resuming else ())
     return config_differences({k: given[k] for k in keys if k in given}, {k: stored[k] for k in keys if k in stored})
 

@@ -18,6 +18,7 @@ from multibyte.checkpoints import (
     allowed_globals,
     byte_model_state,
     checkpoint_hparams,
+    config_differences,
     config_from_dict,
     load_byte_model,
     load_checkpoint,
@@ -26,7 +27,7 @@ from multibyte.checkpoints import (
 from multibyte.cli import main, make_cli
 from multibyte.config import ModelConfig, StageConfig, megabyte
 from multibyte.trainer import MultibyteTrainer
-from multibyte.training import ByteLM, load_model
+from multibyte.training import ByteLM, hparam_conflicts, load_model
 
 SEQ_LEN = 32
 
@@ -373,3 +374,44 @@ def test_lightnings_restore_refuses_another_architecture(run, last, tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.warmup_steps: given 7, checkpoint 200"):
         trainer(tmp_path).fit(ByteLM(architecture(), warmup_steps=7), datamodule=datamodule(run), ckpt_path=last)
     trainer(tmp_path).test(ByteLM(architecture(), warmup_steps=7), datamodule=datamodule(run), ckpt_path=last)
+
+
+def checkpointed(config: ModelConfig) -> ModelConfig:
+    """`config` with activation checkpointing in every stage: the same weights, the same results."""
+    return dataclasses.replace(config, stages=[dataclasses.replace(s, checkpoint=True) for s in config.stages])
+
+
+def test_activation_checkpointing_is_no_conflict_but_the_architecture_still_is():
+    stored = {"architecture": plain(architecture()), "learning_rate": 6e-4}
+    stored["architecture"]["stages"][0]["entropy_architecture"] = plain(architecture())  # a nested stage list
+    given = json.loads(json.dumps(stored))
+    outer = given["architecture"]["stages"]
+    for stages in (outer, outer[0]["entropy_architecture"]["stages"]):
+        for stage in stages:
+            stage["checkpoint"] = True
+    assert hparam_conflicts(given, stored, resuming=True) == []
+    # Only a stage's field of that name is exempt; the rest of the stage is still compared.
+    given["architecture"]["stages"][0]["entropy_architecture"]["stages"][1]["d_model"] = 8
+    assert config_differences(given, stored) == [
+        ("architecture.stages[0].entropy_architecture.stages[1].d_model", 8, 16)
+    ]
+    assert config_differences({"checkpoint": True}, {"checkpoint": False}) == [("checkpoint", True, False)]
+
+
+def test_a_checkpoint_resumes_and_scores_with_activation_checkpointing_switched(run, last, tmp_path):
+    fit = MultibyteTrainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                           enable_checkpointing=False, max_steps=5, limit_val_batches=0, precision="32-true",
+                           accelerator="cpu")
+    module = ByteLM(checkpointed(architecture()))
+    fit.fit(module, datamodule=datamodule(run), ckpt_path=last)
+    assert fit.global_step == 5  # resumed at step 4 and trained one step with checkpointing on
+    assert all(stage.checkpoint for stage in module.architecture.stages)  # the given setting applies
+    trainer(tmp_path).test(ByteLM(checkpointed(architecture())), datamodule=datamodule(run), ckpt_path=last)
+
+
+@pytest.mark.slow
+def test_the_command_line_takes_activation_checkpointing_from_the_flags(run, last, tmp_path):
+    cli = make_cli(["test", *common(run, tmp_path), "--ckpt_path", str(last),
+                    "--model.architecture", json.dumps(plain(checkpointed(architecture())))])
+    assert cli.model.architecture == checkpointed(architecture())
+    assert "test/bpb" in cli.trainer.callback_metrics
