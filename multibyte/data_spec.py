@@ -78,8 +78,8 @@ def check_model_fits_data(architecture: Any, spec: DataSpec) -> None:
             f"data seq_len={spec.seq_len} is not a multiple of the model's patch_size={P} (stages[0]): "
             f"choose a seq_len divisible by {P}"
         )
-    if architecture.position_embedding and spec.seq_len > architecture.max_seq_len:
+    if architecture.length_limited and spec.seq_len > architecture.max_seq_len:
         raise ValueError(
             f"data seq_len={spec.seq_len} exceeds the model's max_seq_len={architecture.max_seq_len} "
-            "(the length of its learned position table)"
+            "(the length its learned position tables cover: position_embedding, stages[0].position: learned)"
         )

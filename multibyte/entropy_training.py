@@ -222,7 +222,9 @@ def check_entropy_context(i: int, path: Path, max_seq_len: Optional[int]) -> Non
     except ValueError as error:
         raise EntropyModelError(f"stages[{i}].entropy_model: {error}") from None
     context = stored.get("max_seq_len")
-    if stored.get("position_embedding", True) and context is not None and context < max_seq_len:
+    stages = stored.get("stages") or [{}]
+    limited = stored.get("position_embedding", True) or stages[0].get("position") == "learned"  # ModelConfig.length_limited
+    if limited and context is not None and context < max_seq_len:
         raise EntropyModelError(
             f"stages[{i}].entropy_model {path}: its max_seq_len={context} is shorter than this model's "
             f"max_seq_len={max_seq_len}, whose windows it must score whole; train it on windows that long"
@@ -342,7 +344,7 @@ def calibrate_stage(module: Any, model: torch.nn.Module, i: int, windows: torch.
     stored in its buffer. Returns (i, θ, measured mean patch length)."""
     trainer, patcher = module.trainer, model.patchers[i]
     context = patcher.model.config.max_seq_len
-    if patcher.model.position_embedding is not None and windows.shape[1] > context:
+    if patcher.model.length_limited and windows.shape[1] > context:
         raise EntropyModelError(
             f"stages[{i}]: the entropy model's max_seq_len={context} is shorter than the data's "
             f"seq_len={windows.shape[1]}, the windows it must score"

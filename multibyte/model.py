@@ -497,9 +497,9 @@ class HierarchicalByteModel(nn.Module):
     @property
     def length_limited(self) -> bool:
         """Whether a learned table sized by max_seq_len limits the sequence length (the byte
-        position table, or the outermost stage's learned unit positions); rotary, grid and no
-        positions read any length."""
-        return self.position_embedding is not None or self.stages[0].unit_position is not None
+        position table, or the outermost stage's learned unit positions): the config's rule,
+        which built exactly those tables."""
+        return self.config.length_limited
 
     def _check_length(self, T: int) -> None:
         if self.length_limited and T > self.config.max_seq_len:

@@ -393,7 +393,7 @@ def generate(
     B, T = prompt.shape
     if max_new_bytes == 0:
         return prompt.clone()
-    if model.position_embedding is not None and T + max_new_bytes > model.config.max_seq_len:
+    if model.length_limited and T + max_new_bytes > model.config.max_seq_len:
         raise ValueError(
             f"a prompt of {T} bytes plus max_new_bytes={max_new_bytes} exceeds the model's "
             f"max_seq_len={model.config.max_seq_len}"

@@ -303,7 +303,7 @@ class MultibyteTrainer(Trainer):
         where = f"prompt file {prompt_file}" if prompt_file else "the prompt"
         if max_new_bytes < 1:
             raise ValueError(f"sample: {where} already holds {T} {unit}: nothing left to generate")
-        if byte_model.position_embedding is not None and T + max_new_bytes > context:
+        if byte_model.length_limited and T + max_new_bytes > context:
             raise ValueError(
                 f"sample: {where} holds {T} {unit}; with max_new_bytes={max_new_bytes} that exceeds "
                 f"the model's max_seq_len={context} (use a shorter prompt, e.g. --prompt_rows or --prompt_seconds)"
@@ -421,7 +421,8 @@ class MultibyteTrainer(Trainer):
             inference: MEGABYTE inference modes to run: basic (contiguous windows), sliding
                 (half-window context), strided (two passes offset by P/2), sliding+strided.
                 None means [basic].
-            batch_size: windows per forward pass; None uses the datamodule's eval_batch_size.
+            batch_size: windows per forward pass; None uses the datamodule's eval_batch_size, and
+                8 with --adapt (compress's default --lanes with it, so bench predicts compress).
             max_bytes: score only the first max_bytes bytes of the split (whole images for images;
                 for a subword model the whole tokens that fit in them).
             codecs: also run the reference codecs on the same bytes.
@@ -435,7 +436,8 @@ class MultibyteTrainer(Trainer):
                 it; --adapt false (or --no-adapt) turns it off.
             adapt_options: how it learns (optimizer, learning_rate, parameters, steps,
                 windows_per_step, precision, max_grad_norm, beta1, beta2), e.g.
-                --adapt_options.learning_rate 1e-4. An update follows every --batch_size windows.
+                --adapt_options.learning_rate 1e-4. An update follows every --batch_size windows
+                (8 by default: the group its defaults were tuned with; fewer adapt sooner).
             progress: a progress bar on stderr; None shows it when stderr is a terminal.
         """
         from multibyte.bench import markdown_table, run_benchmark, write_report
@@ -484,7 +486,7 @@ class MultibyteTrainer(Trainer):
         output_file: Optional[str] = None,
         ckpt_path: Optional[str] = None,
         seq_len: Optional[int] = None,
-        lanes: int = 32,
+        lanes: Optional[int] = None,
         precision: Literal["32-true", "bf16-mixed"] = "32-true",
         overwrite: bool = False,
         datamodule: Optional[LightningDataModule] = None,
@@ -503,7 +505,9 @@ class MultibyteTrainer(Trainer):
             seq_len: window length in bytes (tokens for a subword model), each window coded from
                 an empty context as bench scores it; None means the datamodule's seq_len when
                 --data is given, else the model's max_seq_len.
-            lanes: windows decoded side by side as one batch (speed only; stored in the file).
+            lanes: windows decoded side by side as one batch (stored in the file); with --adapt
+                also the windows coded between two updates. None: 8 with --adapt (as bench's
+                default batch with it, so bench predicts the size), else 32 (speed only).
             precision: arithmetic of the model while coding, stored in the file so decompression
                 repeats it. float32 is as fast as bf16 for one-byte steps on a CPU and the
                 safer choice for bit-identical probabilities.
@@ -520,7 +524,7 @@ class MultibyteTrainer(Trainer):
 
         if ckpt_path is None:
             raise ValueError("compress: --ckpt_path is required (decompression needs the same model)")
-        if not 1 <= lanes <= 0xFFFF:
+        if lanes is not None and not 1 <= lanes <= 0xFFFF:
             raise ValueError(f"--lanes must lie in 1..65535, got {lanes}")
         if seq_len is not None and seq_len < 1:
             raise ValueError(f"--seq_len must be at least 1, got {seq_len}")

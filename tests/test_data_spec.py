@@ -51,3 +51,39 @@ def test_dynamic_patches_take_any_window_length():
         max_seq_len=1024,
     )
     check_model_fits_data(space, DataSpec("text", 1001))  # no error: no fixed patch to align to
+
+
+def outermost(position: str, position_embedding: bool = False) -> ModelConfig:
+    return ModelConfig(
+        stages=[
+            StageConfig("attention", 64, 1, 2, patcher="fixed", patch_size=8, position=position),
+            StageConfig("attention", 32, 1, 2),
+        ],
+        max_seq_len=1024,
+        position_embedding=position_embedding,
+    )
+
+
+@pytest.mark.parametrize(
+    "architecture, limited",
+    [
+        (outermost("none", position_embedding=True), True),  # the byte position table
+        (outermost("learned"), True),  # the outermost stage's unit table, sized by max_seq_len
+        (outermost("rotary"), False),
+        (outermost("none"), False),
+        (ModelConfig(stages=[StageConfig("mamba", 32, 1, 1)], max_seq_len=1024, position_embedding=False), False),
+    ],
+)
+def test_only_learned_tables_sized_by_max_seq_len_limit_the_data_length(architecture, limited):
+    # The config's rule is the one the built model's tables follow.
+    from multibyte.model import HierarchicalByteModel
+
+    model = HierarchicalByteModel(architecture)
+    assert architecture.length_limited == limited
+    assert (model.position_embedding is not None or model.stages[0].unit_position is not None) == limited
+    long = DataSpec("text", 2048)
+    if limited:
+        with pytest.raises(ValueError, match=r"seq_len=2048 exceeds the model's max_seq_len=1024"):
+            check_model_fits_data(architecture, long)
+    else:
+        check_model_fits_data(architecture, long)  # no table to run off the end of
