@@ -672,11 +672,19 @@ class ByteStreamDataModule(LightningDataModule):
         return int(self.manifest["splits"][split]["num_bytes"])
 
     def _split_path(self, split: str) -> Path:
+        # The manifest first: reading it prepares the cache when `setup` runs before (or without)
+        # `prepare_data`, so the file is looked at only once it should be there.
+        expected = self.split_num_bytes(split)
         path = self.cache_folder / f"{split}.bin"
-        on_disk = path.stat().st_size if path.is_file() else None
-        if on_disk != self.split_num_bytes(split):
+        if not path.is_file():
             raise DataError(
-                f"{path}: holds {on_disk} bytes but the manifest says {self.split_num_bytes(split)}; "
+                f"{path}: missing, though the cache's {MANIFEST_NAME} lists it with {expected} bytes; "
+                f"delete {self.cache_folder} to rebuild the cache"
+            )
+        on_disk = path.stat().st_size
+        if on_disk != expected:
+            raise DataError(
+                f"{path}: holds {on_disk} bytes but the cache's {MANIFEST_NAME} says {expected}; "
                 f"delete {self.cache_folder} to rebuild the cache"
             )
         return path

@@ -270,6 +270,32 @@ def test_prepare_is_idempotent(cache_dir: Path) -> None:
     assert {path: path.stat().st_mtime_ns for path in files_under(cache_dir)} == before
 
 
+def test_setup_before_prepare_data_prepares_the_cache(tmp_path: Path, cache_dir: Path) -> None:
+    # Lightning calls prepare_data first; code that calls setup alone gets the cache built then.
+    (tmp_path / "a.txt").write_bytes(bytes(range(32, 127)) * 50)
+    dm = TextDataModule(data_path=str(tmp_path / "a.txt"), seq_len=16, cache_dir=str(cache_dir), batch_size=2)
+    dm.setup("fit")
+    assert (dm.cache_folder / "manifest.json").is_file()
+    check_train_batch(dm)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_cache_file_is_one_error_naming_it(damage: str, tmp_path: Path, cache_dir: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(bytes(range(32, 127)) * 50)
+    dm = TextDataModule(data_path=str(tmp_path / "a.txt"), seq_len=16, cache_dir=str(cache_dir))
+    dm.prepare_data()
+    train = dm.cache_folder / "train.bin"
+    expected = train.stat().st_size
+    if damage == "delete":
+        train.unlink()
+        message = rf"{re.escape(str(train))}: missing, though the cache's manifest.json lists it with {expected} bytes"
+    else:
+        train.write_bytes(train.read_bytes()[:10])
+        message = rf"{re.escape(str(train))}: holds 10 bytes but the cache's manifest.json says {expected}"
+    with pytest.raises(DataError, match=message + rf"; delete {re.escape(str(dm.cache_folder))} to rebuild the cache"):
+        TextDataModule(data_path=str(tmp_path / "a.txt"), seq_len=16, cache_dir=str(cache_dir)).setup("fit")
+
+
 def test_cache_folder_follows_source_and_codec_parameters(tmp_path: Path, cache_dir: Path) -> None:
     path = tmp_path / "a.txt"
     path.write_bytes(b"some text " * 20)
