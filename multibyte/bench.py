@@ -60,7 +60,7 @@ from datamodules.windows import (  # noqa: F401
 )
 from multibyte.adaptation import AdaptConfig, Adapter, adapt_summary, distributed_rank
 from multibyte.atomic_files import write_atomically
-from multibyte.compression import ADAPT_HEADER_SIZE, HEADER_SIZE
+from multibyte.compression import ADAPT_HEADER_SIZE, DEFAULT_ADAPT_WINDOWS, HEADER_SIZE
 from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
 from multibyte.progress import progress_bar
@@ -322,7 +322,8 @@ def run_benchmark(
     """Score `model` on `split` of `datamodule` in every mode, and the codecs on the same bytes.
     With `adapt`, every mode runs with dynamic evaluation (see `score_bytes`), each from the
     given weights; a strided mode is refused, or with `adapt_where_possible` (adaptation by
-    default, not asked for) scored without it.
+    default, not asked for) scored without it. `batch_size` None: the datamodule's
+    eval_batch_size, and DEFAULT_ADAPT_WINDOWS (compress's default lanes) for an adapted mode.
 
     Returns the report as a JSON-ready dict (see `write_report`). Under torch.distributed every
     rank calls this and gets the same report (the scores summed over the ranks' shares of the
@@ -346,8 +347,8 @@ def run_benchmark(
         raise ValueError(f"split {split!r} of {datamodule.source} holds no bytes")
     rows: list[dict[str, Any]] = []
     for mode in modes:
-        batch = batch_size or datamodule.eval_batch_size
         adapting = adapt if "strided" not in mode else None
+        batch = batch_size or (DEFAULT_ADAPT_WINDOWS if adapting is not None else datamodule.eval_batch_size)
         score = score_bytes(model, data.symbols, seq_len, mode, batch, precision, data.token_bytes, adapting, progress)
         if score.scored_bytes != len(data.raw):  # every byte once, counted through the tokens
             raise RuntimeError(f"{mode} inference scored {score.scored_bytes} bytes of {len(data.raw)}")
@@ -407,7 +408,7 @@ def run_benchmark(
             "precision": precision,
             "device": str(model.head.weight.device),
             "tokenizer": tokenizer,
-            "adapt": None if adapt is None else {**adapt.to_dict(), "batch_size": batch_size or datamodule.eval_batch_size},
+            "adapt": None if adapt is None else {**adapt.to_dict(), "batch_size": batch_size or DEFAULT_ADAPT_WINDOWS},
         },
         "results": rows,
         "skipped": skipped,

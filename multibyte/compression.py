@@ -111,7 +111,11 @@ MAGIC = b"MBAC"
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 PRECISIONS = ("32-true", "bf16-mixed")  # index = the header's precision code
-DEFAULT_LANES = 32
+DEFAULT_LANES = 32  # windows coded side by side without adaptation: more lanes, fewer steps per byte
+# With adaptation the lanes are also the windows coded between two updates (and bench's batch is
+# the windows scored between two): 8 by default in both, the group AdaptConfig's defaults were
+# tuned with (README, "Dynamic evaluation"; updating more often scored better, 32 worse).
+DEFAULT_ADAPT_WINDOWS = 8
 _HEADER_V1 = struct.Struct("<4sBBHIQQ16sII")  # version 1: everything up to header_crc
 _HEADER_V2 = struct.Struct("<4sBBHIQQ16sIIQI16s")  # version 2: everything up to header_crc
 _HEADER = struct.Struct("<" + _HEADER_V2.format[1:] + "B")  # version 3: version 2's fields and the adapt flag
@@ -504,7 +508,7 @@ def compress_bytes(
     model: HierarchicalByteModel,
     data: bytes,
     seq_len: int,
-    lanes: int = DEFAULT_LANES,
+    lanes: Optional[int] = None,
     precision: str = "32-true",
     tokenizer: Optional["BPETokenizer"] = None,
     adapt: Optional[AdaptConfig] = None,
@@ -514,7 +518,10 @@ def compress_bytes(
 
     A subword model (vocab_size != 256) needs its `tokenizer`: the data is coded as its token ids.
     `adapt`: learn while coding (dynamic evaluation, after every group of `lanes` windows); the
-    model given is not modified. `progress`: a bar on stderr (None: when stderr is a terminal)."""
+    model given is not modified. `lanes` None: DEFAULT_ADAPT_WINDOWS with `adapt`, else
+    DEFAULT_LANES. `progress`: a bar on stderr (None: when stderr is a terminal)."""
+    if lanes is None:
+        lanes = DEFAULT_ADAPT_WINDOWS if adapt is not None else DEFAULT_LANES
     _check_model(model, seq_len, lanes, precision)
     if len(data) > MAX_LENGTH:
         raise ValueError(f"input of {len(data):,} bytes: at most {MAX_LENGTH:,} can be compressed")
@@ -683,7 +690,7 @@ def compress_file(
     input_path: Union[str, Path],
     output_path: Union[str, Path],
     seq_len: int,
-    lanes: int = DEFAULT_LANES,
+    lanes: Optional[int] = None,
     precision: str = "32-true",
     tokenizer: Optional["BPETokenizer"] = None,
     adapt: Optional[AdaptConfig] = None,

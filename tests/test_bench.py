@@ -215,3 +215,33 @@ def test_cli_bench(tmp_path, capsys):
     assert [row["mode"] for row in model_rows] == ["basic", "strided"]
     assert all(row["scored_bytes"] == 3000 for row in model_rows)
     assert "| model + strided |" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# Adaptation's default group of windows
+# ------------------------------------------------------------------------------------------------
+
+
+def test_adapted_scoring_and_coding_update_every_8_windows_by_default(text_datamodule):
+    # AdaptConfig's defaults were tuned updating after every 8 windows (README, "Dynamic
+    # evaluation"), so bench --adapt and compress --adapt both default to that group, whatever the
+    # data's eval_batch_size (64 here): bench then predicts compress without matching flags.
+    from multibyte.adaptation import AdaptConfig
+    from multibyte.compression import Header, compress_bytes
+
+    adapt = AdaptConfig(learning_rate=3e-3)
+    model = tiny_megabyte(max_seq_len=64)
+    report = run_benchmark(model, text_datamodule, "test", modes=["basic", "strided"], max_bytes=2000, codecs=False,
+                           adapt=adapt, adapt_where_possible=True)
+    assert report["model"]["adapt"]["batch_size"] == 8
+    data = np.asarray(split_bytes(text_datamodule, "test", 2000))
+    bits = {row["mode"]: row["bits_per_byte"] * row["scored_bytes"] for row in report["results"]}
+    assert bits["basic"] == pytest.approx(score_bytes(model, data, 64, "basic", 8, adapt=adapt).bits, rel=1e-6)
+    assert bits["basic"] != pytest.approx(score_bytes(model, data, 64, "basic", 64, adapt=adapt).bits, rel=1e-6)
+    assert bits["strided"] == pytest.approx(score_bytes(model, data, 64, "strided", 64).bits, rel=1e-6)  # not adapted
+
+    blob, stats = compress_bytes(model, data.tobytes(), 64, adapt=adapt)
+    assert Header.unpack(blob, "adapted").lanes == 8
+    assert stats.model_bits == pytest.approx(bits["basic"], rel=1e-4)
+    plain, _ = compress_bytes(model, data.tobytes(), 64)
+    assert Header.unpack(plain, "static").lanes == 32  # without adaptation lanes are speed only
