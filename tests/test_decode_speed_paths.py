@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from architectures import build
+from multibyte.mixers.attention import EXPLICIT_DECODE_KEYS, KVCache, attend_with_cache
 from multibyte.model import HierarchicalByteModel
 from multibyte.sampling import (
     NoiseChunks,
@@ -105,6 +106,33 @@ def test_compiled_generation_draws_the_eager_bytes(megabyte):
     stop = int(eager[0, 8])
     stopped = generate(megabyte, prompt, 20, seed=5, top_k=100, stop_byte=stop)
     assert torch.equal(generate(megabyte, prompt, 20, seed=5, top_k=100, stop_byte=stop, compile=True), stopped)
+
+
+# ------------------------------------------------------------------------------------------------
+# One query over a static cache
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_len", [40, 300, EXPLICIT_DECODE_KEYS + 10])  # explicit (short, long), SDPA
+def test_one_query_on_a_static_cache_attends_to_each_rows_own_prefix(max_len):
+    # Rows hold 5, 0 and 250 positions (clamped to the cache); each new query must see exactly its
+    # row's keys plus its own new key, whichever kernel reads the cache.
+    gen = torch.Generator().manual_seed(0)
+    B, H, hd = 3, 2, 8
+    cache = KVCache(torch.randn(B, H, max_len + 1, hd, generator=gen), torch.randn(B, H, max_len + 1, hd, generator=gen),
+                    torch.tensor([5, 0, min(250, max_len - 1)]))
+    cache.make_static()
+    q, k, v = (torch.randn(B, H, 1, hd, generator=gen) for _ in range(3))
+    before = cache.lengths.clone()
+    keys_before, values_before = cache.keys.clone(), cache.values.clone()
+    y = attend_with_cache(q, k, v, cache, None)  # (B, H, 1, hd)
+    for b in range(B):
+        n = int(before[b])
+        keys = torch.cat([keys_before[b, :, :n], k[b]], dim=1)  # (H, n + 1, hd)
+        values = torch.cat([values_before[b, :, :n], v[b]], dim=1)
+        weights = (q[b] @ keys.transpose(-1, -2) / hd**0.5).softmax(-1)
+        torch.testing.assert_close(y[b], weights @ values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache.lengths, before + 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch import nn
 from multibyte.mixers.rotary import apply_rotary, rotary_positions
 
 EXPLICIT_MAX_LEN = 1024  # longest sequence for which `explicit_causal_attention` is used on CPU
-EXPLICIT_DECODE_KEYS = 64  # longest static cache that one decoding query reads without SDPA
+EXPLICIT_DECODE_KEYS = 2048  # longest static cache that one decoding query reads without SDPA
 
 
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
@@ -161,10 +161,11 @@ def attend_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: 
         cache.lengths.add_(run.long() * L)
     keys, values = cache.keys[:, :, :width].to(q.dtype), cache.values[:, :, :width].to(q.dtype)
     if cache.static and L == 1 and width <= EXPLICIT_DECODE_KEYS:
-        # One query per row on a short static cache (a compiled decoding step's inner stages):
-        # written out, so that Inductor fuses scores, mask, softmax and the weighted sum into a
-        # few loops; the CPU flash-attention kernel has a fixed cost per call that a dozen keys
-        # do not amortise. Over a long cache the fused kernel reads the keys faster.
+        # One query per row on a static cache of up to a few thousand keys (a compiled decoding
+        # step's inner stages, and the outer stage of an image-sized sequence): written out, so
+        # that Inductor fuses scores, mask, softmax and the weighted sum into a few loops; the
+        # CPU flash-attention kernel's fixed cost per call and per masked block is not amortised
+        # by one query. Over a long cache the fused kernel reads the keys faster.
         scores = (q * keys).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5  # (B, H, width)
         weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         return (weights[..., None] * values.float()).sum(2, keepdim=True).to(q.dtype)  # (B, H, 1, hd)
