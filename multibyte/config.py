@@ -118,6 +118,13 @@ class StageConfig:
     k mod cols; a second image in the same window starts again at row 0."""
     rotary_base: float = 10000.0
     """`rotary` position: base of the rotary frequencies (head pair j turns by k · base^(-2j/head_dim))."""
+    lags: Optional[list[int]] = None
+    """Outermost stage with fixed units only: besides the previous unit, unit k also reads the
+    pooled units k - l for every l in `lags` (zeros before the sequence starts), concatenated and
+    projected to d_model. For images these are the 2-D neighbours that the patch order puts far
+    back: with 32 units per image row, [31, 32, 33] are the units above-right, above and above-left
+    of the unit being predicted, which attention would otherwise have to learn to find. Each lag
+    is at least 1 (the model stays causal)."""
 
     def __post_init__(self) -> None:
         if self.mixer not in MIXERS:
@@ -154,6 +161,10 @@ class StageConfig:
             self.grid = [int(n) for n in self.grid]
         elif self.grid is not None:
             raise ValueError(f"stage grid={self.grid} is only read with position: grid (got position: {self.position})")
+        if self.lags is not None:
+            if not self.lags or any(int(lag) != lag or lag < 1 for lag in self.lags) or len(set(self.lags)) != len(self.lags):
+                raise ValueError(f"stage lags must be distinct integers of at least 1 (units back), got {self.lags!r}")
+            self.lags = [int(lag) for lag in self.lags]
         if self.position == "rotary":
             if self.mixer != "attention" or self.n_layers == 0:
                 raise ValueError(
@@ -249,6 +260,12 @@ class ModelConfig:
                 f"stages[{len(self.stages) - 1}] is the byte-level stage: it takes no patcher and patch_size 1 "
                 f"(got patcher={last.patcher!r}, patch_size={last.patch_size})"
             )
+        for i, stage in enumerate(self.stages):
+            if stage.lags and (i > 0 or stage.patcher != "fixed"):
+                raise ValueError(
+                    f"stages[{i}].lags: only the outermost stage of a model with fixed patches reads lagged units "
+                    f"(this stage is stage {i} with patcher={stage.patcher!r})"
+                )
         for i, stage in enumerate(self.stages[:-1]):
             if stage.patcher is None:
                 raise ValueError(f"stages[{i}] runs over patches: it needs a patcher ({', '.join(PATCHERS)})")

@@ -8,6 +8,7 @@ two-stage case with fixed units of P bytes. Every unit of stage i gets one input
 
     pooled(previous unit of stage i in the same parent)   learned pad for the parent's first unit
   + slice of the parent stage's output for this unit      stages below the outermost only
+  + projected pooled units k - l, l in lags               outermost stage, `StageConfig.lags` only
 
 The padded grid. Units are laid out in a (B, K, S_1, ..., S_{N-1}) grid of byte slots: K
 outermost units, S_i slots for the units of stage i inside one unit of stage i-1; S_{N-1} counts
@@ -221,7 +222,23 @@ class Stage(nn.Module):
         elif stage.position == "grid":
             self.grid_rows = nn.Embedding(stage.grid[0], D)
             self.grid_cols = nn.Embedding(stage.grid[1], D)
+        # StageConfig.lags (outermost stage): the pooled units l back, concatenated, projected.
+        self.lags = list(stage.lags or [])
+        self.lag_proj = nn.Linear(len(self.lags) * D, D, bias=False) if self.lags else None
+        if self.lags:
+            self.register_buffer("lag_offsets", torch.tensor(self.lags, dtype=torch.long), persistent=False)
         self.stack = Stack(stage, config.dropout, config.norm_eps)
+
+    def lagged(self, units: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, K, D) pooled units 0..K-1 -> (B, length, D): for each input position k < length,
+        the projection of units k - l for l in `lags` (zero where k - l < 0 or k - l >= K)."""
+        B, K, D = units.shape
+        shifted = []
+        for lag in self.lags:  # position k reads unit k - lag
+            keep = max(0, min(length - lag, K))
+            parts = [units.new_zeros(B, min(lag, length), D), units[:, :keep], units.new_zeros(B, length - min(lag, length) - keep, D)]
+            shifted.append(torch.cat(parts, dim=1))
+        return self.lag_proj(torch.cat(shifted, dim=-1))  # (B, length, D)
 
     def position(self, index: torch.Tensor) -> Optional[torch.Tensor]:
         """(...) int64 unit indices at this stage's scale -> (..., D_i) position vectors added to
@@ -312,6 +329,7 @@ class DecodeState:
     unit_tokens: torch.Tensor  # (B, U_0) int64: bytes of the current outermost unit, by slot
     unit_present: torch.Tensor  # (B, U_0) bool
     unit_extra: Optional[torch.Tensor]  # (B, U_0, w_0): position + hash embeddings of those bytes
+    lag_ring: Optional[torch.Tensor]  # (B, max(lags), D_0): pooled outermost units, unit k at slot k % max(lags)
     coords: torch.Tensor  # (B, N) int64: current unit of each stage within its parent (last: byte)
     unit_lengths: torch.Tensor  # (B, max(N-1, 1)) int64: bytes so far in the current unit per stage
     positions: torch.Tensor  # (B,) int64: bytes consumed per row
@@ -557,6 +575,8 @@ class HierarchicalByteModel(nn.Module):
             axis = units.dim() - 2  # the axis this stage runs along (K for stage 0, else S_i)
             pad = stage.pad.to(units.dtype).expand_as(units.narrow(axis, 0, 1))
             x = torch.cat([pad, units.narrow(axis, 0, units.shape[axis] - 1)], dim=axis)
+            if stage.lag_proj is not None:  # the outermost stage: units is (B, K, D_0)
+                x = x + stage.lagged(units, units.shape[1])
             if parent is not None:
                 x = x + stage.parent_context(parent)
             x = stage.add_position(x, torch.arange(x.shape[axis], device=x.device))  # (n, D_i) along the axis
@@ -640,6 +660,11 @@ class HierarchicalByteModel(nn.Module):
             unit_tokens=torch.zeros(B, U0, dtype=torch.long, device=device),
             unit_present=torch.zeros(B, U0, dtype=torch.bool, device=device),
             unit_extra=torch.zeros(B, U0, w0, device=device, dtype=dtype) if has_extra and N > 1 else None,
+            lag_ring=(
+                torch.zeros(B, max(self.stages[0].lags), config.stages[0].d_model, device=device, dtype=dtype)
+                if self.stages[0].lags
+                else None
+            ),
             coords=torch.zeros(B, N, dtype=torch.long, device=device),
             unit_lengths=torch.zeros(B, max(N - 1, 1), dtype=torch.long, device=device),
             positions=torch.zeros(B, dtype=torch.long, device=device),
@@ -735,6 +760,12 @@ class HierarchicalByteModel(nn.Module):
         stage = self.stages[0]
         dtype = state.contexts[-1].dtype if len(self.stages) > 1 else self.head.weight.dtype
         x = torch.cat([stage.pad.to(units.dtype).expand(B, 1, -1), units], dim=1)  # (B, c + 1, D_0)
+        if stage.lag_proj is not None:
+            x = x + stage.lagged(units, x.shape[1])
+            ring = state.lag_ring  # the last max(lags) units, unit k at slot k % max(lags)
+            keep = min(units.shape[1], ring.shape[1])
+            slots = torch.arange(units.shape[1] - keep, units.shape[1], device=x.device) % ring.shape[1]
+            ring[:, slots] = units[:, -keep:].to(ring.dtype)
         x = stage.add_position(x, torch.arange(x.shape[1], device=x.device)).to(dtype)
         h = stage.stack(x, state.stage_states[0])[:, -1]  # (B, D_0)
         for patcher, patcher_state in zip(self.patchers, state.patcher_states):
@@ -902,6 +933,8 @@ class HierarchicalByteModel(nn.Module):
             if i > 0:
                 context = state.contexts[i].gather(1, state.coords[:, i, None, None].expand(-1, 1, state.contexts[i].shape[-1]))
                 x = x.to(context.dtype) + context[:, 0]
+            elif stage.lag_proj is not None:
+                x = x + self._lagged_step(state, x if byte is not None else None, run)
             x = stage.add_position(x, state.coords[:, i])  # this unit's index at the stage's scale
             # A new parent unit empties this stage's caches (for those rows).
             if isinstance(new_parent, torch.Tensor):
@@ -919,6 +952,22 @@ class HierarchicalByteModel(nn.Module):
             else:
                 logits = self.head(h).float()
         return logits
+
+    def _lagged_step(self, state: DecodeState, finished: Optional[torch.Tensor], run: Optional[torch.Tensor]) -> torch.Tensor:
+        """The outermost stage's lag input for the unit k = coords[:, 0] that starts now, (B, D_0):
+        `finished` (B, D_0), the pooled unit k - 1 that just ended (None when opening), goes into
+        the ring first (for the rows in `run`), then units k - l are read back from it."""
+        stage, ring = self.stages[0], state.lag_ring
+        B, H, D = ring.shape
+        k = state.coords[:, 0]  # (B,)
+        if finished is not None:
+            slot = ((k - 1) % H)[:, None, None].expand(-1, 1, D)
+            written = ring.scatter(1, slot, finished[:, None].to(ring.dtype))
+            ring.copy_(_where_rows(run, written, ring))
+        back = k[:, None] - stage.lag_offsets  # (B, n): the units read
+        values = ring.gather(1, (back % H)[:, :, None].expand(-1, -1, D))  # (B, n, D)
+        values = values * (back >= 0)[:, :, None].to(values.dtype)  # before the sequence: zeros
+        return stage.lag_proj(values.flatten(1).to(stage.lag_proj.weight.dtype))
 
     def _pooled_step(self, i: int, state: DecodeState, byte: torch.Tensor, old_coords: torch.Tensor, extra) -> torch.Tensor:
         """(B, D_i): stage i's pooled input for the unit that ends with `byte`."""

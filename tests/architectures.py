@@ -51,6 +51,14 @@ ARCHITECTURES = {
         ],
         max_seq_len=64,
     ),
+    # Lagged outermost units (StageConfig.lags): 16 units of 4 bytes in 64, a ring of 5 units.
+    "megabyte-lags": ModelConfig(
+        stages=[
+            StageConfig("attention", 64, 2, 2, patcher="fixed", patch_size=4, lags=[2, 3, 5]),
+            StageConfig("attention", 24, 2, 2),
+        ],
+        max_seq_len=64,
+    ),
     "space": dynamic("space"),
     "entropy": dynamic("entropy"),
     "entropy-monotonic": dynamic("entropy", entropy_mode="monotonic", entropy_threshold=0.05),

@@ -73,7 +73,7 @@ def test_padding_to_a_patch_multiple_does_not_change_real_logits():
     torch.testing.assert_close(short, full[:, :13], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["megabyte", "megabyte-3stage", "hybrid"])
+@pytest.mark.parametrize("name", ["megabyte", "megabyte-3stage", "hybrid", "megabyte-lags"])
 def test_fixed_grid_equals_the_scattered_grid(name):
     # Fixed patches take the reshape path; giving the same boundaries explicitly takes the
     # scatter/gather path of dynamic patches. Both must compute the same logits.
@@ -149,7 +149,9 @@ def test_decoder_places_boundaries_where_the_parallel_pass_does(name):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["megabyte", "megabyte-3stage", "mambabyte", "hybrid", "space", "entropy", "space-3stage-mamba"])
+@pytest.mark.parametrize(
+    "name", ["megabyte", "megabyte-3stage", "mambabyte", "hybrid", "space", "entropy", "space-3stage-mamba", "megabyte-lags"]
+)
 def test_rows_with_different_prompt_lengths_match_full_recompute(name):
     # Three rows, prompts of 0, 9 and 17 bytes (different offsets inside their patches), then
     # 12 shared steps: each row's logits equal the full forward pass at its own positions.
