@@ -37,7 +37,8 @@ class AudioDataModule(ByteStreamDataModule):
             the embedded sample (200 Free Spoken Digit Dataset clips).
         seq_len: bytes per window; a multiple of bytes_per_sample(encoding).
         sample_rate: every clip is resampled to this rate (Hz).
-        encoding: "pcm16" (16-bit little-endian PCM, MEGABYTE's setting) or "mulaw8" (8-bit mu-law).
+        encoding: "pcm16" (16-bit little-endian PCM, MEGABYTE's setting), "pcm16be" (the same
+            samples big-endian: each sample's high byte first) or "mulaw8" (8-bit mu-law).
         batch_size, eval_batch_size, num_workers, cache_dir, train_windows_per_epoch, split_seed:
             see `ByteStreamDataModule`.
         validation_files, test_files: glob patterns (fnmatch, on the path relative to the

@@ -32,7 +32,7 @@ class DataSpec:
     """Images in patch order: bytes per pixel block, 3·p²."""
     sample_rate: int = 16000
     """Audio: samples per second."""
-    audio_encoding: Literal["pcm16", "mulaw8"] = "pcm16"
+    audio_encoding: Literal["pcm16", "pcm16be", "mulaw8"] = "pcm16"
     """Audio: 16-bit little-endian PCM, or 8-bit µ-law."""
 
     def __post_init__(self) -> None:

@@ -53,7 +53,7 @@ class SampleFormat:
     image_order: str = "raster"  # images: "raster" or "patch" (MEGABYTE's patch scan)
     image_patch_size: int = 12  # images in "patch" order: bytes per p x p pixel block (3·p²)
     sample_rate: int = 16000  # audio: samples per second
-    encoding: str = "pcm16"  # audio: "pcm16" or "mulaw8"
+    encoding: str = "pcm16"  # audio: "pcm16", "pcm16be" or "mulaw8"
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:

@@ -29,6 +29,7 @@ import numpy as np
 import soundfile
 from PIL import Image
 
+from multibyte.codecs.audio import PCM16_DTYPES
 from multibyte.codecs.image import IMAGE_BYTES, bytes_to_image
 
 
@@ -159,10 +160,12 @@ def image_codecs(data: bytes, order: str = "raster", patch_size: int = 12) -> li
 
 
 def audio_codecs(data: bytes, sample_rate: int, encoding: str = "pcm16") -> list[CodecResult]:
-    """FLAC (highest compression level) on the PCM16 samples of `data` as one mono stream."""
-    if encoding != "pcm16":
+    """FLAC (highest compression level) on the 16-bit samples of `data` (pcm16: little-endian,
+    pcm16be: big-endian) as one mono stream."""
+    if encoding not in PCM16_DTYPES:
         return [CodecResult("FLAC", None, 0.0, f"FLAC codes linear PCM; not applicable to {encoding} bytes")]
-    samples = np.frombuffer(data[: len(data) - len(data) % 2], dtype="<i2")
+    dtype = PCM16_DTYPES[encoding]
+    samples = np.frombuffer(data[: len(data) - len(data) % 2], dtype=dtype).astype(np.int16)
     leftover = len(data) % 2  # half a sample (a stream cut mid-sample) is stored as it is
 
     def compress(_: bytes) -> bytes:
@@ -173,7 +176,7 @@ def audio_codecs(data: bytes, sample_rate: int, encoding: str = "pcm16") -> list
     def decompress(packed: bytes) -> bytes:
         flac = packed[: len(packed) - leftover]
         decoded, _ = soundfile.read(io.BytesIO(flac), dtype="int16")
-        return decoded.astype("<i2").tobytes() + packed[len(packed) - leftover :]
+        return decoded.astype(dtype).tobytes() + packed[len(packed) - leftover :]
 
     return [_measure("FLAC", data, compress, decompress, "level 8 (max), one mono stream")]
 

@@ -184,6 +184,10 @@ def test_audio_codecs_flac_on_pcm16_and_skipped_for_mulaw(tmp_path):
     (flac,) = audio_codecs(data, 8000, "pcm16")  # round trip checked inside
     assert not flac.skipped and flac.compressed_bytes < len(data)
     assert audio_codecs(data, 8000, "mulaw8")[0].skipped
+    # The same samples big-endian: FLAC codes the samples, so the same size (round trip checked inside).
+    swapped = np.frombuffer(data, "<i2").astype(">i2").tobytes()
+    (flac_be,) = audio_codecs(swapped, 8000, "pcm16be")
+    assert flac_be.compressed_bytes == flac.compressed_bytes
     codecs = {result.name: result for result in general_purpose_codecs(data)}
     assert codecs["bzip2 -9"].compressed_bytes == len(bz2.compress(data, 9))
     assert "zstd -19" in codecs  # run, or skipped with the reason

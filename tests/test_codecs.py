@@ -210,25 +210,34 @@ def test_planar_row_to_hwc() -> None:
 
 
 def test_bytes_per_sample() -> None:
-    assert bytes_per_sample("pcm16") == 2 and bytes_per_sample("mulaw8") == 1
+    assert bytes_per_sample("pcm16") == 2 and bytes_per_sample("pcm16be") == 2 and bytes_per_sample("mulaw8") == 1
     with pytest.raises(ValueError, match="'pcm24'"):
         bytes_per_sample("pcm24")
 
 
+@pytest.mark.parametrize("encoding", ["pcm16", "pcm16be"])
 @settings(deadline=None)
-@given(st.binary(max_size=4096))
-def test_pcm16_bytes_to_waveform_to_bytes_identity(data: bytes) -> None:
+@given(data=st.binary(max_size=4096))
+def test_pcm16_bytes_to_waveform_to_bytes_identity(encoding: str, data: bytes) -> None:
     data = data[: len(data) - len(data) % 2]
-    wave = bytes_to_waveform(data, "pcm16")
+    wave = bytes_to_waveform(data, encoding)
     assert wave.dtype == np.float32 and len(wave) == len(data) // 2
     assert np.all(np.abs(wave) <= 1.0)
-    assert waveform_to_bytes(wave, "pcm16").tobytes() == data
+    assert waveform_to_bytes(wave, encoding).tobytes() == data
 
 
 def test_pcm16_is_signed_little_endian() -> None:
     # Bytes 0x01 0x80 are the int16 0x8001 = -32767; 0xff 0x7f is 32767; 0x00 0x80 is -32768.
     wave = bytes_to_waveform(bytes([0x01, 0x80, 0xFF, 0x7F, 0x00, 0x80]), "pcm16")
     np.testing.assert_array_equal(wave, np.array([-32767, 32767, -32768], dtype=np.float32) / 32768)
+
+
+def test_pcm16be_is_signed_big_endian_and_the_byte_swap_of_pcm16() -> None:
+    # Bytes 0x80 0x01 are the int16 0x8001 = -32767; 0x7f 0xff is 32767; 0x80 0x00 is -32768.
+    wave = bytes_to_waveform(bytes([0x80, 0x01, 0x7F, 0xFF, 0x80, 0x00]), "pcm16be")
+    np.testing.assert_array_equal(wave, np.array([-32767, 32767, -32768], dtype=np.float32) / 32768)
+    little = waveform_to_bytes(wave, "pcm16")
+    assert waveform_to_bytes(wave, "pcm16be").tolist() == little.reshape(-1, 2)[:, ::-1].ravel().tolist()
 
 
 @settings(deadline=None)
@@ -262,7 +271,7 @@ def test_waveform_to_bytes_clips_out_of_range_and_accepts_tensors() -> None:
     assert waveform_to_bytes(wave[[0, 1, 2, 4, 5]], "mulaw8").tolist() == [0, 0, 128, 255, 255]
 
 
-@pytest.mark.parametrize("encoding", ["pcm16", "mulaw8"])
+@pytest.mark.parametrize("encoding", ["pcm16", "pcm16be", "mulaw8"])
 @pytest.mark.parametrize("suffix", [".wav", ".flac"])
 @settings(max_examples=15, deadline=None)
 @given(data=st.binary(min_size=2, max_size=3000))

@@ -1,8 +1,11 @@
 """Mono waveforms <-> bytes.
 
-Two byte encodings:
+Three byte encodings:
 - "pcm16" (MEGABYTE's setting): 16-bit signed little-endian PCM, each sample stored as its two raw
   bytes (low byte first). The model sees the bytes, not the samples.
+- "pcm16be": the same samples big-endian (high byte first). Lossless like pcm16, but a byte model
+  predicts each sample's coarse value before its fine one: p(high | past) · p(low | high, past),
+  where little-endian order asks for the nearly uniform low byte before it knows the high one.
 - "mulaw8": 8-bit mu-law companding (256 levels), one byte per sample, as in WaveNet.
 
 Waveforms are float32 numpy arrays in [-1, 1]. The int16 <-> float mapping is x = s / 32768 and
@@ -25,7 +28,8 @@ import torchaudio.functional
 
 from multibyte.codecs.text import ByteLike, as_byte_array
 
-AUDIO_ENCODINGS = ("pcm16", "mulaw8")
+AUDIO_ENCODINGS = ("pcm16", "pcm16be", "mulaw8")
+PCM16_DTYPES = {"pcm16": "<i2", "pcm16be": ">i2"}  # byte order of each 16-bit encoding
 MULAW_LEVELS = 256
 PCM16_SCALE = 32768.0  # 2**15, int16 full scale
 READ_BLOCK_FRAMES = 1 << 16  # frames decoded at a time
@@ -41,8 +45,8 @@ Waveform = Union[np.ndarray, torch.Tensor]
 
 
 def bytes_per_sample(encoding: str) -> int:
-    """How many bytes one sample takes in `encoding`: 2 for "pcm16", 1 for "mulaw8"."""
-    if encoding == "pcm16":
+    """How many bytes one sample takes in `encoding`: 2 for "pcm16" and "pcm16be", 1 for "mulaw8"."""
+    if encoding in PCM16_DTYPES:
         return 2
     if encoding == "mulaw8":
         return 1
@@ -188,8 +192,8 @@ def waveform_to_bytes(wave: Waveform, encoding: str = "pcm16") -> np.ndarray:
     """
     bytes_per_sample(encoding)  # validates the name
     wave = np.clip(_as_waveform(wave), -1.0, 1.0)
-    if encoding == "pcm16":
-        return _waveform_to_int16(wave).view(np.uint8)
+    if encoding in PCM16_DTYPES:
+        return _waveform_to_int16(wave).astype(PCM16_DTYPES[encoding]).view(np.uint8)
     levels = torchaudio.functional.mu_law_encoding(torch.from_numpy(wave), quantization_channels=MULAW_LEVELS)
     return levels.numpy().astype(np.uint8)
 
@@ -197,13 +201,14 @@ def waveform_to_bytes(wave: Waveform, encoding: str = "pcm16") -> np.ndarray:
 def bytes_to_waveform(data: ByteLike, encoding: str = "pcm16") -> np.ndarray:
     """uint8 bytes -> mono float32 waveform in [-1, 1].
 
-    For "pcm16" a trailing odd byte (half a sample, e.g. from a sample cut short) is dropped.
+    For "pcm16" and "pcm16be" a trailing odd byte (half a sample, e.g. from a sample cut short)
+    is dropped.
     """
     bytes_per_sample(encoding)
     data = as_byte_array(data)
-    if encoding == "pcm16":
+    if encoding in PCM16_DTYPES:
         whole_samples = data[: data.size - data.size % 2]
-        return np.ascontiguousarray(whole_samples).view("<i2").astype(np.float32) / np.float32(PCM16_SCALE)
+        return np.ascontiguousarray(whole_samples).view(PCM16_DTYPES[encoding]).astype(np.float32) / np.float32(PCM16_SCALE)
     levels = torch.from_numpy(data.astype(np.int64))
     return torchaudio.functional.mu_law_decoding(levels, quantization_channels=MULAW_LEVELS).numpy().astype(np.float32)
 
@@ -214,7 +219,8 @@ def bytes_to_wav(
     """Write the waveform that `data` encodes as a 16-bit PCM WAV file.
 
     The int16 samples are written as they are (not through libsndfile's float scaling), so for
-    "pcm16" the file's sample bytes equal `data` (minus a trailing odd byte).
+    "pcm16" the file's sample bytes equal `data` (minus a trailing odd byte; for "pcm16be", with
+    each sample's two bytes swapped).
     """
     samples = _waveform_to_int16(bytes_to_waveform(data, encoding))
     target = str(path) if isinstance(path, Path) else path
