@@ -347,6 +347,7 @@ class CompressionStats:
     model_bits: float  # sum of -log2 p(symbol) under the model's float probabilities (what bench reports)
     seconds: float
     num_symbols: int = -1  # symbols coded: bytes, or a subword model's tokens; -1 means original_bytes
+    adapted: bool = False  # the model learned while coding (the file stores the options)
 
     def __post_init__(self) -> None:
         if self.num_symbols < 0:
@@ -564,7 +565,7 @@ def compress_bytes(
         torch_version=torch_version,
     ).pack()
     seconds = time.perf_counter() - began
-    stats = CompressionStats(len(data), len(header) + len(payload), len(header), model_bits, seconds, len(symbols))
+    stats = CompressionStats(len(data), len(header) + len(payload), len(header), model_bits, seconds, len(symbols), adapt is not None)
     return header + payload, stats
 
 
@@ -668,7 +669,7 @@ def decompress_bytes(
     if len(data) != header.length or zlib.crc32(data) != header.data_crc:
         raise CompressionError(mismatch)
     stats = CompressionStats(
-        len(data), len(blob), header.size, model_bits, time.perf_counter() - began, header.num_symbols
+        len(data), len(blob), header.size, model_bits, time.perf_counter() - began, header.num_symbols, header.adapt is not None
     )
     return data, stats
 

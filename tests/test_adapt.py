@@ -284,3 +284,12 @@ def test_cli_bench_and_compress_adapt(tmp_path, capsys):
           "--output_file", str(restored), "--progress", "false"])
     assert restored.read_bytes() == book.read_bytes()
     assert Header.unpack((tmp_path / "book.txt.mbac").read_bytes(), "x").adapt.learning_rate == 0.003
+    # An input of one group of windows is coded before any update could be used: the file stores
+    # no adaptation, and the message says so instead of claiming one.
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_bytes(book.read_bytes()[:200])
+    main(["compress", *common, *data, "--ckpt_path", str(checkpoint), "--input_file", str(tiny), "--lanes", "4",
+          "--adapt", "true", "--progress", "false"])
+    out = capsys.readouterr().out
+    assert "not adapted: the input fits in one group of windows" in out and "adapted while coding" not in out
+    assert Header.unpack((tmp_path / "tiny.txt.mbac").read_bytes(), "x").adapt is None
