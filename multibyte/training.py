@@ -88,11 +88,14 @@ def reuse_freed_memory() -> bool:
 _REUSING_FREED_MEMORY = False
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up from 0 to 1, then cosine decay to `min_ratio`."""
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, time_fraction: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up from 0 to 1, then cosine decay to `min_ratio`.
+
+    The decay's progress is the share of the post-warm-up steps done, or `time_fraction` (the
+    share of a time budget used, see ByteLM's `schedule_by_time`) when that is further along."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_fraction))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -107,6 +110,11 @@ class ByteLM(L.LightningModule):
         betas: AdamW moment coefficients.
         warmup_steps: linear warm-up length in optimizer steps.
         min_lr_ratio: the cosine decay ends at `min_lr_ratio * learning_rate` on the last step.
+        schedule_by_time: with `trainer.max_time`, the decay also follows the time budget: its
+            progress is the share of the steps or of the training time used, whichever is
+            larger, so a run that the time limit stops (a slower machine) still ends near the
+            minimum learning rate instead of mid-decay. The learning rate then depends on the
+            machine's speed, so runs are not bit-reproducible. Under DDP rank 0's clock is used.
         compile: wrap the model in `torch.compile` (worth it on GPU; measure before using on CPU).
         data_spec: the data's `DataSpec`, linked in by the CLI from --data (not set by hand): a
             model that does not fit the data is refused at construction.
@@ -120,6 +128,7 @@ class ByteLM(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 200,
         min_lr_ratio: float = 0.1,
+        schedule_by_time: bool = False,
         compile: bool = False,
         data_spec: Optional[DataSpec] = None,
     ) -> None:
@@ -296,9 +305,27 @@ class ByteLM(L.LightningModule):
         total = self._total_steps()
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio),
+            lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio, self._time_fraction()),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _time_fraction(self) -> float:
+        """The share of trainer.max_time's training budget used so far (0.0 without
+        `schedule_by_time`, a trainer or a time limit), the same on every rank."""
+        if not self.hparams.get("schedule_by_time") or self._trainer is None:
+            return 0.0
+        from lightning.pytorch.callbacks import Timer
+
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None:
+            return 0.0
+        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
+        if remaining is None:
+            return 0.0
+        fraction = min(1.0, elapsed / max(elapsed + remaining, 1e-9))
+        if self.trainer.world_size > 1:  # the ranks' clocks differ a little; their learning rates must not
+            fraction = self.trainer.strategy.broadcast(fraction, src=0)
+        return fraction
 
     def _total_steps(self) -> int:
         try:
