@@ -53,7 +53,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from multibyte.checkpoints import EXPORT_CONFIG, EXPORT_WEIGHTS, checkpoint_hparams, load_checkpoint
+from multibyte.checkpoints import EXPORT_CONFIG, EXPORT_WEIGHTS, checkpoint_hparams, config_from_dict, load_checkpoint
+from multibyte.config import ModelConfig
 
 CALIBRATION_BYTES = 65_536  # training bytes θ is calibrated on (whole windows, at least one)
 CALIBRATION_SEED = 0  # which windows: fixed, so θ depends on the data and the model only
@@ -221,9 +222,11 @@ def check_entropy_context(i: int, path: Path, max_seq_len: Optional[int]) -> Non
         stored = checkpoint_hparams(load_checkpoint(path, mmap=True)).get("architecture") or {}
     except ValueError as error:
         raise EntropyModelError(f"stages[{i}].entropy_model: {error}") from None
+    try:
+        limited = config_from_dict(ModelConfig, stored).length_limited
+    except (ValueError, TypeError) as error:
+        raise EntropyModelError(f"stages[{i}].entropy_model {path}: its architecture does not fit this multibyte: {error}") from None
     context = stored.get("max_seq_len")
-    stages = stored.get("stages") or [{}]
-    limited = stored.get("position_embedding", True) or stages[0].get("position") == "learned"  # ModelConfig.length_limited
     if limited and context is not None and context < max_seq_len:
         raise EntropyModelError(
             f"stages[{i}].entropy_model {path}: its max_seq_len={context} is shorter than this model's "
