@@ -232,12 +232,12 @@ class Stage(nn.Module):
     def lagged(self, units: torch.Tensor, length: int) -> torch.Tensor:
         """(B, K, D) pooled units 0..K-1 -> (B, length, D): for each input position k < length,
         the projection of units k - l for l in `lags` (zero where k - l < 0 or k - l >= K)."""
-        B, K, D = units.shape
+        K = units.shape[1]
         shifted = []
-        for lag in self.lags:  # position k reads unit k - lag
-            keep = max(0, min(length - lag, K))
-            parts = [units.new_zeros(B, min(lag, length), D), units[:, :keep], units.new_zeros(B, length - min(lag, length) - keep, D)]
-            shifted.append(torch.cat(parts, dim=1))
+        for lag in self.lags:  # position k reads unit k - lag: lag zero rows in front, cut to length
+            front = min(lag, length)
+            keep = min(length - front, K)
+            shifted.append(F.pad(units[:, :keep], (0, 0, front, length - front - keep)))
         return self.lag_proj(torch.cat(shifted, dim=-1))  # (B, length, D)
 
     def position(self, index: torch.Tensor) -> Optional[torch.Tensor]:
