@@ -33,7 +33,7 @@ class DataSpec:
     sample_rate: int = 16000
     """Audio: samples per second."""
     audio_encoding: Literal["pcm16", "pcm16be", "mulaw8"] = "pcm16"
-    """Audio: 16-bit little-endian PCM, or 8-bit µ-law."""
+    """Audio: 16-bit PCM little-endian (pcm16) or big-endian (pcm16be), or 8-bit µ-law."""
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:

@@ -543,10 +543,10 @@ class MultibyteTrainer(Trainer):
             f"{input_file}: {stats.original_bytes:,} -> {stats.compressed_bytes:,} bytes "
             f"({stats.bits_per_byte:.4f} bits/byte; model {stats.model_bits / max(1, stats.original_bytes):.4f}{tokens}) "
             f"in {stats.seconds:.1f} s, written to {output_file}"
-            + (f" (adapted while coding: {adapt_summary(options)})" if stats.adapted else "")
             + (
-                " (not adapted: the input fits in one group of windows, so no update would ever be used)"
-                if options is not None and not stats.adapted
+                f" (adapted while coding: {adapt_summary(options)})" if stats.adapted
+                else " (not adapted: the input fits in one group of windows, so no update would ever be used)"
+                if options is not None
                 else ""
             )
         )
