@@ -1,4 +1,5 @@
-"""64x64 ImageNet images as bytes: one record = one image = 12,288 bytes in raster or patch-scan order.
+"""64x64 ImageNet images as bytes: one record = one image = 12,288 bytes in raster or patch-scan order,
+as pixels or (`predictor="med"`) as each pixel's residual from its left and upper neighbours.
 
 Accepted sources (`data_path`):
 - the official downsampled-ImageNet folder: train_data_batch_1.npz .. train_data_batch_10.npz
@@ -43,7 +44,9 @@ from multibyte.codecs.image import (
     IMAGE_BYTES,
     IMAGE_CHANNELS,
     IMAGE_ORDERS,
+    IMAGE_PREDICTORS,
     IMAGE_SIZE,
+    bytes_to_image,
     image_to_bytes,
     load_image_file,
     patch_scan_permutation,
@@ -180,16 +183,19 @@ def horizontal_flip_index(order: str, patch_size: int = 12) -> np.ndarray:
 class HorizontalFlips(RandomWindows):
     """Training images, each draw mirrored left-right with probability 1/2.
 
-    Whether draw `DrawKey(seed, epoch, index)` is mirrored is a pure function of the key (a hash
+    Pixel bytes are mirrored by one index (`horizontal_flip_index`). MED residuals are not a
+    permutation of the mirrored image's residuals (the left neighbour becomes the right one), so
+    with a predictor a mirrored draw is decoded to pixels, mirrored and encoded again. Whether draw `DrawKey(seed, epoch, index)` is mirrored is a pure function of the key (a hash
     independent of the one that picks the image), so a resumed run and every rank draw exactly
     what one uninterrupted process would. Windows are whole images (seq_len = alignment = 12,288).
     """
 
-    def __init__(self, windows: RandomWindows, order: str, patch_size: int) -> None:
+    def __init__(self, windows: RandomWindows, order: str, patch_size: int, predictor: str = "none") -> None:
         if windows.token_format is not None or windows.seq_len != IMAGE_BYTES or windows.alignment != IMAGE_BYTES:
             raise ValueError("HorizontalFlips needs byte windows of exactly one image (seq_len = alignment = 12288)")
         super().__init__(windows.path, windows.num_bytes, windows.seq_len, windows.alignment, windows.num_windows)
         self.flip = torch.from_numpy(horizontal_flip_index(order, patch_size))  # (12288,) int64
+        self.order, self.patch_size, self.predictor = order, patch_size, predictor
 
     @staticmethod
     def is_flipped(key: DrawKey) -> bool:
@@ -200,7 +206,13 @@ class HorizontalFlips(RandomWindows):
         window = super().__getitem__(key)  # checks an integer key's range
         if isinstance(key, (int, np.integer)):
             key = DrawKey(0, 0, int(key))
-        return window[self.flip] if self.is_flipped(key) else window
+        if not self.is_flipped(key):
+            return window
+        if self.predictor == "none":
+            return window[self.flip]
+        image = bytes_to_image(window.numpy(), self.order, self.patch_size, self.predictor)[:, ::-1]
+        encoded = image_to_bytes(np.ascontiguousarray(image), self.order, self.patch_size, self.predictor)
+        return torch.from_numpy(encoded).to(window.dtype)
 
 
 class ImageNet64DataModule(ByteStreamDataModule):
@@ -212,8 +224,11 @@ class ImageNet64DataModule(ByteStreamDataModule):
         seq_len: must be 12288 (one image); kept as an argument so every datamodule takes it.
         order: "raster" (row-major RGB) or "patch" (MEGABYTE patch scan).
         patch_size: bytes per patch for the "patch" order, 3*p*p for p x p pixel blocks (12 = 2x2).
+        predictor: "none" (pixel bytes) or "med" (each pixel's residual from the MED predictor
+            of its left, upper and upper-left neighbours; `multibyte.codecs.image`): the same
+            likelihood of the same pixels, in bytes a small model learns much faster.
         hflip: mirror each training image left-right with probability 1/2 (augmentation that
-            respects `order`; validation and test images are never mirrored).
+            respects `order` and `predictor`; validation and test images are never mirrored).
         batch_size, eval_batch_size, num_workers, cache_dir, train_windows_per_epoch, split_seed:
             see `ByteStreamDataModule`. The default train_windows_per_epoch is the number of
             training images.
@@ -234,12 +249,15 @@ class ImageNet64DataModule(ByteStreamDataModule):
         train_windows_per_epoch: Optional[int] = None,
         split_seed: int = 1234,
         hflip: bool = False,
+        predictor: str = "none",
     ) -> None:
         if seq_len != IMAGE_BYTES:
             raise ValueError(f"seq_len must be {IMAGE_BYTES} (one 64x64x3 image) for images, got {seq_len}")
         if order not in IMAGE_ORDERS:
             raise ValueError(f"order must be one of {IMAGE_ORDERS}, got {order!r}")
         patch_side(patch_size)  # raises ValueError for a patch size that is not a square pixel block
+        if predictor not in IMAGE_PREDICTORS:
+            raise ValueError(f"predictor must be one of {IMAGE_PREDICTORS}, got {predictor!r}")
         super().__init__(
             data_path=data_path,
             seq_len=seq_len,
@@ -253,14 +271,15 @@ class ImageNet64DataModule(ByteStreamDataModule):
         self.order = order
         self.patch_size = patch_size
         self.hflip = hflip
+        self.predictor = predictor
 
     def setup(self, stage: Optional[str] = None) -> None:
         super().setup(stage)
         if self.hflip:
-            self._train = HorizontalFlips(self._train, self.order, self.patch_size)
+            self._train = HorizontalFlips(self._train, self.order, self.patch_size, self.predictor)
 
     def _spec_fields(self) -> dict[str, Any]:
-        return {"image_order": self.order, "image_patch_size": self.patch_size}
+        return {"image_order": self.order, "image_patch_size": self.patch_size, "image_predictor": self.predictor}
 
     @property
     def alignment(self) -> int:
@@ -310,6 +329,7 @@ class ImageNet64DataModule(ByteStreamDataModule):
         return {
             "order": self.order,
             "patch_size": self.patch_size if self.order == "patch" else None,
+            "predictor": self.predictor,
             "split_seed": self.split_seed,
             "official_validation_images": OFFICIAL_VALIDATION_IMAGES,
             "official_validation_percent": OFFICIAL_VALIDATION_PERCENT,
@@ -317,7 +337,7 @@ class ImageNet64DataModule(ByteStreamDataModule):
 
     def _append_rows(self, writer: CacheWriter, planar_rows: np.ndarray, split_ids: np.ndarray) -> None:
         """Official-layout rows (k, 12288) -> one record per image in the chosen byte order."""
-        encoded = image_to_bytes(planar_row_to_hwc(planar_rows), self.order, self.patch_size)  # (k, 12288)
+        encoded = image_to_bytes(planar_row_to_hwc(planar_rows), self.order, self.patch_size, self.predictor)  # (k, 12288)
         for record, split_id in zip(encoded, split_ids):
             writer.append_record(SPLITS[split_id], record)
 
@@ -340,7 +360,7 @@ class ImageNet64DataModule(ByteStreamDataModule):
                     image = load_image_file(path)
                 except ValueError as error:
                     raise DataError(str(error)) from error
-                writer.append_record(SPLITS[split_id], image_to_bytes(image, self.order, self.patch_size))
+                writer.append_record(SPLITS[split_id], image_to_bytes(image, self.order, self.patch_size, self.predictor))
 
     def _write_official(self, source: Path, train_files: list[Path], test_file: Path, writer: CacheWriter) -> None:
         readers = [NpzImageRows(path) for path in train_files]

@@ -299,7 +299,7 @@ def codec_params(datamodule) -> dict[str, Any]:
     """What `reference_codecs` needs to know about how the datamodule laid out its bytes."""
     spec = data_spec_of(datamodule)
     if spec.modality == "image":
-        return {"order": spec.image_order, "patch_size": spec.image_patch_size}
+        return {"order": spec.image_order, "patch_size": spec.image_patch_size, "predictor": spec.image_predictor}
     if spec.modality == "audio":
         return {"sample_rate": spec.sample_rate, "encoding": spec.audio_encoding}
     return {}

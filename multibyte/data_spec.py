@@ -30,6 +30,8 @@ class DataSpec:
     """Images: raster order, or MEGABYTE's patch scan (one p x p pixel block after another)."""
     image_patch_size: int = 12
     """Images in patch order: bytes per pixel block, 3·p²."""
+    image_predictor: Literal["none", "med"] = "none"
+    """Images: pixels as they are, or each pixel's residual from the MED predictor (codecs/image.py)."""
     sample_rate: int = 16000
     """Audio: samples per second."""
     audio_encoding: Literal["pcm16", "pcm16be", "mulaw8"] = "pcm16"

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from multibyte.codecs import (
     AUDIO_ENCODINGS,
     IMAGE_ORDERS,
+    IMAGE_PREDICTORS,
     IMAGE_SIZE,
     as_byte_array,
     bytes_to_image,
@@ -52,6 +53,7 @@ class SampleFormat:
     modality: str  # "text", "image" or "audio"
     image_order: str = "raster"  # images: "raster" or "patch" (MEGABYTE's patch scan)
     image_patch_size: int = 12  # images in "patch" order: bytes per p x p pixel block (3·p²)
+    image_predictor: str = "none"  # images: "none" (pixels) or "med" (MED residuals, codecs/image.py)
     sample_rate: int = 16000  # audio: samples per second
     encoding: str = "pcm16"  # audio: "pcm16", "pcm16be" or "mulaw8"
 
@@ -62,6 +64,8 @@ class SampleFormat:
             raise ValueError(f"image_order must be one of {IMAGE_ORDERS}, got {self.image_order!r}")
         if self.image_order == "patch":
             patch_side(self.image_patch_size)
+        if self.image_predictor not in IMAGE_PREDICTORS:
+            raise ValueError(f"image_predictor must be one of {IMAGE_PREDICTORS}, got {self.image_predictor!r}")
         if self.encoding not in AUDIO_ENCODINGS:
             raise ValueError(f"encoding must be one of {AUDIO_ENCODINGS}, got {self.encoding!r}")
         if self.sample_rate < 1:
@@ -74,6 +78,7 @@ class SampleFormat:
             modality=spec.modality,
             image_order=spec.image_order,
             image_patch_size=spec.image_patch_size,
+            image_predictor=spec.image_predictor,
             sample_rate=spec.sample_rate,
             encoding=spec.audio_encoding,
         )
@@ -91,7 +96,7 @@ class SampleFormat:
 
     def image(self, data: ByteLike) -> np.ndarray:
         """(64, 64, 3) uint8."""
-        return bytes_to_image(data, self.image_order, self.image_patch_size)
+        return bytes_to_image(data, self.image_order, self.image_patch_size, self.image_predictor)
 
     def waveform(self, data: ByteLike) -> np.ndarray:
         """(num_samples,) float32 in [-1, 1]."""
@@ -245,8 +250,9 @@ def prompt_bytes(
             side = patch_side(fmt.image_patch_size)
             raise ValueError(f"in patch order the prompt rows must be a multiple of the {side}-pixel block, got {image_rows}")
         # Both orders emit the image top to bottom (patch order one row of blocks at a time), so
-        # the top rows are the first rows · 64 · 3 bytes either way.
-        data = image_to_bytes(load_image_file(path), fmt.image_order, fmt.image_patch_size)
+        # the top rows are the first rows · 64 · 3 bytes either way (a pixel's MED residual
+        # depends only on the pixels above and to its left).
+        data = image_to_bytes(load_image_file(path), fmt.image_order, fmt.image_patch_size, fmt.image_predictor)
         return data[: image_rows * IMAGE_SIZE * 3]
     if audio_seconds is not None and not (math.isfinite(audio_seconds) and audio_seconds >= 0):
         raise ValueError(f"prompt seconds must be a finite number >= 0, got {audio_seconds}")

@@ -98,12 +98,12 @@ class ImageReportResult:
         return "\n".join(lines)
 
 
-def codec_bits_per_dim(data: bytes, order: str, patch_size: int) -> dict[str, float]:
+def codec_bits_per_dim(data: bytes, fmt: SampleFormat) -> dict[str, float]:
     """Bits per byte of PNG and WebP lossless (one file per image, as `multibyte.reference_codecs`
-    writes them) on whole-image records `data` in `order`."""
+    writes them) on the images of whole-image records `data` in `fmt`'s layout."""
     return {
         result.name: 8.0 * result.compressed_bytes / len(data)
-        for result in image_codecs(data, order, patch_size)
+        for result in image_codecs(data, fmt.image_order, fmt.image_patch_size, fmt.image_predictor)
         if not result.skipped
     }
 
@@ -205,7 +205,7 @@ def write_image_report(
     seconds: dict[str, float] = {}
 
     began = time.perf_counter()
-    scores = {"model": float(model_bits_per_dim), **codec_bits_per_dim(data.tobytes(), fmt.image_order, fmt.image_patch_size)}
+    scores = {"model": float(model_bits_per_dim), **codec_bits_per_dim(data.tobytes(), fmt)}
     seconds["codecs"] = time.perf_counter() - began
     files: dict[str, str] = {}
 
@@ -245,7 +245,7 @@ def write_image_report(
         files=files,
         seconds={name: round(value, 1) for name, value in seconds.items()},
     )
-    report = {**asdict(result), "temperature": temperature, "seed": seed, "image_order": fmt.image_order}
+    report = {**asdict(result), "temperature": temperature, "seed": seed, "image_order": fmt.image_order, "image_predictor": fmt.image_predictor}
     report_path = folder / REPORT_FILE
     with open(report_path, "x", encoding="utf-8") as file:
         json.dump(report, file, indent=2)

@@ -5,7 +5,9 @@ byte stream at once: gzip -9, bzip2 -9, xz -9e and zstd -19 (the `zstandard` mod
 importable, else the `zstd` command, else skipped with the reason). On top of that:
 
 - images: PNG (optimised) and WebP lossless (effort 6), one file per 64x64 image, summed — each
-  12,288-byte record is turned back into its image first (raster or patch-scan order);
+  12,288-byte record is turned back into its image first (raster or patch-scan order, pixels or
+  MED residuals); the general-purpose codecs see the bytes as the model does (with a predictor:
+  the residuals, which they compress better than raw pixels);
 - audio: FLAC at its highest compression level on the split's PCM16 samples as one mono stream
   (µ-law bytes are not linear PCM, so FLAC is skipped for them with the reason).
 
@@ -122,10 +124,12 @@ def _image_records(data: bytes) -> list[bytes]:
     return [data[i : i + IMAGE_BYTES] for i in range(0, len(data), IMAGE_BYTES)]
 
 
-def _per_image(name: str, data: bytes, order: str, patch_size: int, save_options: dict, note: str) -> CodecResult:
+def _per_image(
+    name: str, data: bytes, order: str, patch_size: int, predictor: str, save_options: dict, note: str
+) -> CodecResult:
     total, seconds = 0, 0.0
     for record in _image_records(data):
-        pixels = bytes_to_image(record, order, patch_size)  # (64, 64, 3) uint8
+        pixels = bytes_to_image(record, order, patch_size, predictor)  # (64, 64, 3) uint8
         began = time.perf_counter()
         buffer = io.BytesIO()
         Image.fromarray(pixels, mode="RGB").save(buffer, **save_options)
@@ -137,17 +141,25 @@ def _per_image(name: str, data: bytes, order: str, patch_size: int, save_options
     return CodecResult(name, total, seconds, note)
 
 
-def image_codecs(data: bytes, order: str = "raster", patch_size: int = 12) -> list[CodecResult]:
-    """PNG (optimised) and WebP lossless, one file per 12,288-byte image record, sizes summed."""
+def image_codecs(data: bytes, order: str = "raster", patch_size: int = 12, predictor: str = "none") -> list[CodecResult]:
+    """PNG (optimised) and WebP lossless, one file per 12,288-byte image record (the pixels it
+    encodes, whatever its order and predictor), sizes summed."""
     return [
         _per_image(
-            "PNG (optimised)", data, order, patch_size, {"format": "PNG", "optimize": True}, "one file per image"
+            "PNG (optimised)",
+            data,
+            order,
+            patch_size,
+            predictor,
+            {"format": "PNG", "optimize": True},
+            "one file per image",
         ),
         _per_image(
             "WebP lossless",
             data,
             order,
             patch_size,
+            predictor,
             {"format": "WEBP", "lossless": True, "quality": 100, "method": 6},
             "one file per image, effort 6",
         ),
@@ -182,11 +194,13 @@ def audio_codecs(data: bytes, sample_rate: int, encoding: str = "pcm16") -> list
 
 
 def reference_codecs(data: bytes, modality: str, **params) -> list[CodecResult]:
-    """The general-purpose codecs, plus the modality's own: images take `order` and `patch_size`,
+    """The general-purpose codecs, plus the modality's own: images take `order`, `patch_size` and `predictor`,
     audio `sample_rate` and `encoding` (as the datamodule that produced the bytes)."""
     results = general_purpose_codecs(data)
     if modality == "image":
-        results += image_codecs(data, params.get("order", "raster"), params.get("patch_size", 12))
+        results += image_codecs(
+            data, params.get("order", "raster"), params.get("patch_size", 12), params.get("predictor", "none")
+        )
     elif modality == "audio":
         results += audio_codecs(data, params["sample_rate"], params.get("encoding", "pcm16"))
     return results

@@ -88,7 +88,7 @@ def test_colour_check_tells_a_continuation_from_another_image() -> None:
 
 def test_codec_scores_are_the_reference_codecs_on_the_same_bytes() -> None:
     data = image_to_bytes(smooth_images(3), "patch", 12).tobytes()
-    scores = codec_bits_per_dim(data, "patch", 12)
+    scores = codec_bits_per_dim(data, SampleFormat("image", image_order="patch", image_patch_size=12))
     expected = {r.name: 8 * r.compressed_bytes / len(data) for r in image_codecs(data, "patch", 12)}
     assert scores == expected and set(scores) == {"PNG (optimised)", "WebP lossless"}
     assert 0 < scores["WebP lossless"] < 8 and 0 < scores["PNG (optimised)"] < 8

@@ -11,6 +11,7 @@ from multibyte.codecs.audio import (
 from multibyte.codecs.image import (
     IMAGE_BYTES,
     IMAGE_ORDERS,
+    IMAGE_PREDICTORS,
     IMAGE_SIZE,
     bytes_to_image,
     bytes_to_png,
@@ -26,6 +27,7 @@ __all__ = [
     "AUDIO_ENCODINGS",
     "IMAGE_BYTES",
     "IMAGE_ORDERS",
+    "IMAGE_PREDICTORS",
     "IMAGE_SIZE",
     "as_byte_array",
     "bytes_per_sample",

@@ -7,6 +7,15 @@ it (RGB interleaved). A block is `patch_size = 3 * p * p` bytes, so a model whos
 that many bytes sees exactly one square of the image per patch.
 
 Both orders are one fixed permutation of the same 12,288 bytes, so encoding and decoding are exact.
+
+Optionally (`predictor="med"`) each pixel is written as its residual from a prediction made of
+pixels written before it, as lossless image coders do (LOCO-I / JPEG-LS): per channel, the median
+edge detector MED(a, b, c) of the left (a), upper (b) and upper-left (c) pixel, then the channels
+of one pixel chained (G's residual minus R's, B's minus G's), all mod 256. The three neighbours
+come before the pixel in both orders, so the residual bytes are a causal, invertible function of
+the pixel bytes: a model's likelihood of the residuals is exactly its likelihood of the pixels,
+while the bytes it sees are concentrated near 0 (the unigram entropy of the embedded sample falls
+from 7.9 to 4.7 bits) and "the same as above/left" costs the model nothing to express.
 """
 
 import struct
@@ -23,6 +32,7 @@ IMAGE_SIZE = 64
 IMAGE_CHANNELS = 3
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS  # 12288
 IMAGE_ORDERS = ("raster", "patch")
+IMAGE_PREDICTORS = ("none", "med")
 
 
 def patch_side(patch_size: int) -> int:
@@ -64,36 +74,87 @@ def patch_scan_permutation(patch_size: int) -> np.ndarray:
     return _cached_permutation(patch_size).copy()
 
 
-def _check_order(order: str, patch_size: int) -> None:
+def _check_order(order: str, patch_size: int, predictor: str = "none") -> None:
     if order not in IMAGE_ORDERS:
         raise ValueError(f"order must be one of {IMAGE_ORDERS}, got {order!r}")
     if order == "patch":
         patch_side(patch_size)
+    if predictor not in IMAGE_PREDICTORS:
+        raise ValueError(f"predictor must be one of {IMAGE_PREDICTORS}, got {predictor!r}")
 
 
-def image_to_bytes(image: np.ndarray, order: str = "raster", patch_size: int = 12) -> np.ndarray:
-    """Flatten a 64x64x3 uint8 image to its 12,288 bytes in `order`.
+def _med_prediction(pixels: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """MED prediction (..., k, 3) int16 of the pixels at (rows[i], cols[i]) of `pixels` (..., 64, 64, 3).
+
+    Only the left, upper and upper-left pixels are read. On the top row the prediction is the left
+    pixel, in the left column the upper pixel, and at (0, 0) zero.
+    """
+    left = pixels[..., rows, np.maximum(cols - 1, 0), :].astype(np.int16)  # a
+    up = pixels[..., np.maximum(rows - 1, 0), cols, :].astype(np.int16)  # b
+    up_left = pixels[..., np.maximum(rows - 1, 0), np.maximum(cols - 1, 0), :].astype(np.int16)  # c
+    top, first_col = (rows == 0)[:, None], (cols == 0)[:, None]  # (k, 1): broadcast over channels
+    left = np.where(first_col, up, left)  # left column: a = b = c = the pixel above
+    up_left = np.where(first_col, up, up_left)
+    up = np.where(top, left, up)  # top row: a = b = c = the pixel to the left
+    up_left = np.where(top, left, up_left)
+    origin = top & first_col
+    high, low = np.maximum(left, up), np.minimum(left, up)
+    prediction = np.where(up_left >= high, low, np.where(up_left <= low, high, left + up - up_left))
+    return np.where(origin, 0, prediction)
+
+
+def med_residuals(image: np.ndarray) -> np.ndarray:
+    """Pixels (..., 64, 64, 3) uint8 -> their residuals (same shape, uint8); see the module docstring."""
+    rows, cols = np.divmod(np.arange(IMAGE_SIZE * IMAGE_SIZE), IMAGE_SIZE)
+    prediction = _med_prediction(image, rows, cols).reshape(image.shape)
+    residual = (image.astype(np.int16) - prediction) & 0xFF
+    chained = residual.copy()
+    chained[..., 1:] = (residual[..., 1:] - residual[..., :-1]) & 0xFF  # G - R, B - G
+    return chained.astype(np.uint8)
+
+
+def med_reconstruct(residuals: np.ndarray) -> np.ndarray:
+    """Inverse of `med_residuals`: residuals (..., 64, 64, 3) uint8 -> the pixels.
+
+    Each pixel needs its left and upper neighbours first, so pixels are rebuilt one anti-diagonal
+    (row + col = d) at a time, all pixels of a diagonal (and all images of a batch) at once.
+    """
+    residual = np.cumsum(residuals.astype(np.int16), axis=-1) & 0xFF  # undo the channel chain
+    pixels = np.zeros(residuals.shape, dtype=np.int16)
+    for diagonal in range(2 * IMAGE_SIZE - 1):
+        rows = np.arange(max(0, diagonal - IMAGE_SIZE + 1), min(diagonal, IMAGE_SIZE - 1) + 1)
+        cols = diagonal - rows
+        prediction = _med_prediction(pixels, rows, cols)  # (..., k, 3)
+        pixels[..., rows, cols, :] = (prediction + residual[..., rows, cols, :]) & 0xFF
+    return pixels.astype(np.uint8)
+
+
+def image_to_bytes(image: np.ndarray, order: str = "raster", patch_size: int = 12, predictor: str = "none") -> np.ndarray:
+    """Flatten a 64x64x3 uint8 image to its 12,288 bytes in `order`, as pixels or MED residuals.
 
     A batch (..., 64, 64, 3) is accepted too and gives (..., 12288). `patch_size` is only used by
-    the "patch" order.
+    the "patch" order; `predictor="med"` writes each pixel's residual (module docstring).
     """
-    _check_order(order, patch_size)
+    _check_order(order, patch_size, predictor)
     image = np.asarray(image)
     if image.shape[-3:] != (IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS) or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image of shape (64, 64, 3), got {image.dtype} {image.shape}")
+    if predictor == "med":
+        image = med_residuals(image)
     raster = image.reshape(*image.shape[:-3], IMAGE_BYTES)
     if order == "raster":
         return np.ascontiguousarray(raster)
     return raster[..., _cached_permutation(patch_size)]
 
 
-def bytes_to_image(data: ByteLike, order: str = "raster", patch_size: int = 12) -> np.ndarray:
-    """Rebuild a 64x64x3 uint8 image from bytes in `order`.
+def bytes_to_image(data: ByteLike, order: str = "raster", patch_size: int = 12, predictor: str = "none") -> np.ndarray:
+    """Rebuild a 64x64x3 uint8 image from bytes in `order` (pixels, or MED residuals).
 
     Any length is accepted, so a sample cut short still shows: missing bytes (the end of the scan
-    order) are zeros and bytes beyond 12,288 are ignored.
+    order) are zeros, i.e. black pixels, or with a predictor zero residuals (the prediction carries
+    on), and bytes beyond 12,288 are ignored.
     """
-    _check_order(order, patch_size)
+    _check_order(order, patch_size, predictor)
     data = as_byte_array(data)[:IMAGE_BYTES]
     scan = np.zeros(IMAGE_BYTES, dtype=np.uint8)
     scan[: data.size] = data
@@ -102,14 +163,19 @@ def bytes_to_image(data: ByteLike, order: str = "raster", patch_size: int = 12) 
     else:
         raster = np.empty_like(scan)
         raster[_cached_permutation(patch_size)] = scan  # inverse of raster[perm] == scan
-    return raster.reshape(IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS)
+    image = raster.reshape(IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS)
+    return med_reconstruct(image) if predictor == "med" else image
 
 
 def bytes_to_png(
-    data: ByteLike, path_or_fileobj: Union[str, Path, BinaryIO], order: str = "raster", patch_size: int = 12
+    data: ByteLike,
+    path_or_fileobj: Union[str, Path, BinaryIO],
+    order: str = "raster",
+    patch_size: int = 12,
+    predictor: str = "none",
 ) -> None:
     """Write the image that `data` encodes as a (lossless) PNG file."""
-    Image.fromarray(bytes_to_image(data, order, patch_size), mode="RGB").save(path_or_fileobj, format="PNG")
+    Image.fromarray(bytes_to_image(data, order, patch_size, predictor), mode="RGB").save(path_or_fileobj, format="PNG")
 
 
 def _high_depth_to_8bit(image: Image.Image, path: Union[str, Path]) -> Image.Image:
