@@ -15,6 +15,8 @@ import fnmatch
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from datamodules.base import (
     EMBEDDED_DATA_DIR,
     SPLITS,
@@ -23,7 +25,7 @@ from datamodules.base import (
     DataError,
     shuffled_split_assignment,
 )
-from multibyte.codecs.audio import bytes_per_sample, load_audio_file, waveform_to_bytes
+from multibyte.codecs.audio import SILENCE, bytes_per_sample, load_audio_file, waveform_to_bytes, waveform_to_int16
 
 AUDIO_FILE_SUFFIXES = (".wav", ".flac")
 EMBEDDED_AUDIO_DIR = EMBEDDED_DATA_DIR  # the FSDD sample clips sit at the top of the embedded folder
@@ -38,7 +40,9 @@ class AudioDataModule(ByteStreamDataModule):
         seq_len: bytes per window; a multiple of bytes_per_sample(encoding).
         sample_rate: every clip is resampled to this rate (Hz).
         encoding: "pcm16" (16-bit little-endian PCM, MEGABYTE's setting), "pcm16be" (the same
-            samples big-endian: each sample's high byte first) or "mulaw8" (8-bit mu-law).
+            samples big-endian: each sample's high byte first), "pcm16d2" (each sample's residual
+            from the second-order predictor 2 s[t-1] - s[t-2], one stream through all the clips
+            of a split, in split order) or "mulaw8" (8-bit mu-law).
         batch_size, eval_batch_size, num_workers, cache_dir, train_windows_per_epoch, split_seed:
             see `ByteStreamDataModule`.
         validation_files, test_files: glob patterns (fnmatch, on the path relative to the
@@ -147,6 +151,7 @@ class AudioDataModule(ByteStreamDataModule):
     def _write_splits(self, source: Path, writer: CacheWriter) -> None:
         files = self._source_files(source)
         assignment = self._split_assignment(source, files)
+        last_samples = {split: SILENCE for split in SPLITS}  # (s[-2], s[-1]) of each split's stream
         for path, split_id in zip(files, assignment):
             try:
                 wave = load_audio_file(path, self.sample_rate)
@@ -154,4 +159,7 @@ class AudioDataModule(ByteStreamDataModule):
                 raise DataError(str(error)) from error
             if not len(wave):
                 raise DataError(f"{path}: holds no audio samples")  # an empty record could empty a split
-            writer.append_record(SPLITS[split_id], waveform_to_bytes(wave, self.encoding))
+            split = SPLITS[split_id]
+            writer.append_record(split, waveform_to_bytes(wave, self.encoding, last_samples[split]))
+            stream_end = np.concatenate([np.asarray(last_samples[split]), waveform_to_int16(wave)[-2:]])
+            last_samples[split] = (int(stream_end[-2]), int(stream_end[-1]))

@@ -34,8 +34,9 @@ class DataSpec:
     """Images: pixels as they are, or each pixel's residual from the MED predictor (codecs/image.py)."""
     sample_rate: int = 16000
     """Audio: samples per second."""
-    audio_encoding: Literal["pcm16", "pcm16be", "mulaw8"] = "pcm16"
-    """Audio: 16-bit PCM little-endian (pcm16) or big-endian (pcm16be), or 8-bit µ-law."""
+    audio_encoding: Literal["pcm16", "pcm16be", "pcm16d2", "mulaw8"] = "pcm16"
+    """Audio: 16-bit PCM little-endian (pcm16) or big-endian (pcm16be), second-order residuals
+    of it (pcm16d2), or 8-bit µ-law (multibyte/codecs/audio.py)."""
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:

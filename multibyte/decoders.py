@@ -55,7 +55,7 @@ class SampleFormat:
     image_patch_size: int = 12  # images in "patch" order: bytes per p x p pixel block (3·p²)
     image_predictor: str = "none"  # images: "none" (pixels) or "med" (MED residuals, codecs/image.py)
     sample_rate: int = 16000  # audio: samples per second
-    encoding: str = "pcm16"  # audio: "pcm16", "pcm16be" or "mulaw8"
+    encoding: str = "pcm16"  # audio: "pcm16", "pcm16be", "pcm16d2" or "mulaw8"
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:

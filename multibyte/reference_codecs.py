@@ -31,7 +31,7 @@ import numpy as np
 import soundfile
 from PIL import Image
 
-from multibyte.codecs.audio import PCM16_DTYPES
+from multibyte.codecs.audio import PCM16_DTYPES, bytes_to_pcm16, pcm16_to_bytes
 from multibyte.codecs.image import IMAGE_BYTES, bytes_to_image
 
 
@@ -173,11 +173,10 @@ def image_codecs(data: bytes, order: str = "raster", patch_size: int = 12, predi
 
 def audio_codecs(data: bytes, sample_rate: int, encoding: str = "pcm16") -> list[CodecResult]:
     """FLAC (highest compression level) on the 16-bit samples of `data` (pcm16: little-endian,
-    pcm16be: big-endian) as one mono stream."""
+    pcm16be: big-endian, pcm16d2: decoded from its residuals) as one mono stream."""
     if encoding not in PCM16_DTYPES:
         return [CodecResult("FLAC", None, 0.0, f"FLAC codes linear PCM; not applicable to {encoding} bytes")]
-    dtype = PCM16_DTYPES[encoding]
-    samples = np.frombuffer(data[: len(data) - len(data) % 2], dtype=dtype).astype(np.int16)
+    samples = bytes_to_pcm16(data, encoding)  # (n,) int16
     leftover = len(data) % 2  # half a sample (a stream cut mid-sample) is stored as it is
 
     def compress(_: bytes) -> bytes:
@@ -188,7 +187,7 @@ def audio_codecs(data: bytes, sample_rate: int, encoding: str = "pcm16") -> list
     def decompress(packed: bytes) -> bytes:
         flac = packed[: len(packed) - leftover]
         decoded, _ = soundfile.read(io.BytesIO(flac), dtype="int16")
-        return decoded.astype(dtype).tobytes() + packed[len(packed) - leftover :]
+        return pcm16_to_bytes(decoded, encoding).tobytes() + packed[len(packed) - leftover :]
 
     return [_measure("FLAC", data, compress, decompress, "level 8 (max), one mono stream")]
 

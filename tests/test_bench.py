@@ -29,6 +29,7 @@ from multibyte.bench import (
 )
 from multibyte.cli import main
 from multibyte.codecs import IMAGE_BYTES, bytes_to_image
+from multibyte.codecs.audio import pcm16_to_bytes
 from multibyte.config import ModelConfig, StageConfig, megabyte
 from multibyte.model import HierarchicalByteModel
 from multibyte.reference_codecs import audio_codecs, general_purpose_codecs, image_codecs
@@ -188,6 +189,9 @@ def test_audio_codecs_flac_on_pcm16_and_skipped_for_mulaw(tmp_path):
     swapped = np.frombuffer(data, "<i2").astype(">i2").tobytes()
     (flac_be,) = audio_codecs(swapped, 8000, "pcm16be")
     assert flac_be.compressed_bytes == flac.compressed_bytes
+    # The same samples as second-order residuals: FLAC decodes them to the samples first.
+    (flac_d2,) = audio_codecs(pcm16_to_bytes(np.frombuffer(data, "<i2"), "pcm16d2").tobytes(), 8000, "pcm16d2")
+    assert flac_d2.compressed_bytes == flac.compressed_bytes
     codecs = {result.name: result for result in general_purpose_codecs(data)}
     assert codecs["bzip2 -9"].compressed_bytes == len(bz2.compress(data, 9))
     assert "zstd -19" in codecs  # run, or skipped with the reason

@@ -211,11 +211,12 @@ def test_planar_row_to_hwc() -> None:
 
 def test_bytes_per_sample() -> None:
     assert bytes_per_sample("pcm16") == 2 and bytes_per_sample("pcm16be") == 2 and bytes_per_sample("mulaw8") == 1
+    assert bytes_per_sample("pcm16d2") == 2
     with pytest.raises(ValueError, match="'pcm24'"):
         bytes_per_sample("pcm24")
 
 
-@pytest.mark.parametrize("encoding", ["pcm16", "pcm16be"])
+@pytest.mark.parametrize("encoding", ["pcm16", "pcm16be", "pcm16d2"])
 @settings(deadline=None)
 @given(data=st.binary(max_size=4096))
 def test_pcm16_bytes_to_waveform_to_bytes_identity(encoding: str, data: bytes) -> None:
@@ -271,7 +272,7 @@ def test_waveform_to_bytes_clips_out_of_range_and_accepts_tensors() -> None:
     assert waveform_to_bytes(wave[[0, 1, 2, 4, 5]], "mulaw8").tolist() == [0, 0, 128, 255, 255]
 
 
-@pytest.mark.parametrize("encoding", ["pcm16", "pcm16be", "mulaw8"])
+@pytest.mark.parametrize("encoding", ["pcm16", "pcm16be", "pcm16d2", "mulaw8"])
 @pytest.mark.parametrize("suffix", [".wav", ".flac"])
 @settings(max_examples=15, deadline=None)
 @given(data=st.binary(min_size=2, max_size=3000))

@@ -6,6 +6,13 @@ Three byte encodings:
 - "pcm16be": the same samples big-endian (high byte first). Lossless like pcm16, but a byte model
   predicts each sample's coarse value before its fine one: p(high | past) · p(low | high, past),
   where little-endian order asks for the nearly uniform low byte before it knows the high one.
+- "pcm16d2": each 16-bit sample's residual from FLAC's fixed second-order predictor,
+  r[t] = s[t] - 2 s[t-1] + s[t-2] mod 2**16, stored little-endian. The predictor reads only
+  earlier samples, so the bytes are a causal, invertible rewrite of pcm16's: a model's likelihood
+  of them is its likelihood of the samples, but smooth audio becomes small numbers (a high byte
+  of 0x00 or 0xFF) that a small model learns much faster. A stream starts from silence
+  (s[-1] = s[-2] = 0); a datamodule continues one stream through all the clips of a split, so
+  the split's bytes decode as one stream (`history` carries the last two samples across calls).
 - "mulaw8": 8-bit mu-law companding (256 levels), one byte per sample, as in WaveNet.
 
 Waveforms are float32 numpy arrays in [-1, 1]. The int16 <-> float mapping is x = s / 32768 and
@@ -28,8 +35,9 @@ import torchaudio.functional
 
 from multibyte.codecs.text import ByteLike, as_byte_array
 
-AUDIO_ENCODINGS = ("pcm16", "pcm16be", "mulaw8")
-PCM16_DTYPES = {"pcm16": "<i2", "pcm16be": ">i2"}  # byte order of each 16-bit encoding
+AUDIO_ENCODINGS = ("pcm16", "pcm16be", "pcm16d2", "mulaw8")
+PCM16_DTYPES = {"pcm16": "<i2", "pcm16be": ">i2", "pcm16d2": "<i2"}  # byte order of each 16-bit encoding
+SILENCE = (0, 0)  # (s[-2], s[-1]) before the first sample of a stream
 MULAW_LEVELS = 256
 PCM16_SCALE = 32768.0  # 2**15, int16 full scale
 READ_BLOCK_FRAMES = 1 << 16  # frames decoded at a time
@@ -45,7 +53,7 @@ Waveform = Union[np.ndarray, torch.Tensor]
 
 
 def bytes_per_sample(encoding: str) -> int:
-    """How many bytes one sample takes in `encoding`: 2 for "pcm16" and "pcm16be", 1 for "mulaw8"."""
+    """How many bytes one sample takes in `encoding`: 2 for the 16-bit encodings, 1 for "mulaw8"."""
     if encoding in PCM16_DTYPES:
         return 2
     if encoding == "mulaw8":
@@ -181,19 +189,47 @@ def _as_waveform(wave: Waveform) -> np.ndarray:
     return wave
 
 
-def _waveform_to_int16(wave: np.ndarray) -> np.ndarray:
+def waveform_to_int16(wave: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] -> int16 (s = clip(round(x * 32768)))."""
     return np.clip(np.rint(wave * PCM16_SCALE), -32768, 32767).astype("<i2")
 
 
-def waveform_to_bytes(wave: Waveform, encoding: str = "pcm16") -> np.ndarray:
+def pcm16_to_bytes(samples: np.ndarray, encoding: str = "pcm16", history: tuple[int, int] = SILENCE) -> np.ndarray:
+    """int16 samples (n,) -> 2n uint8 bytes in a 16-bit `encoding`; for "pcm16d2", `history` is
+    (s[-2], s[-1]), the two samples before these in the stream."""
+    values = np.asarray(samples).astype(np.int16)
+    if encoding == "pcm16d2":
+        stream = np.concatenate([np.asarray(history, dtype=np.int64), values.astype(np.int64)])
+        residual = (stream[2:] - 2 * stream[1:-1] + stream[:-2]) & 0xFFFF
+        values = residual.astype(np.uint16).view(np.int16)
+    return values.astype(PCM16_DTYPES[encoding]).view(np.uint8)
+
+
+def bytes_to_pcm16(data: ByteLike, encoding: str = "pcm16", history: tuple[int, int] = SILENCE) -> np.ndarray:
+    """Bytes in a 16-bit `encoding` -> int16 samples; a trailing odd byte (half a sample) is dropped.
+    Inverse of `pcm16_to_bytes` for the same `history`."""
+    data = as_byte_array(data)
+    whole_samples = np.ascontiguousarray(data[: data.size - data.size % 2])
+    values = whole_samples.view(PCM16_DTYPES[encoding]).astype(np.int16)
+    if encoding == "pcm16d2":
+        # s[t] - s[t-1] = (s[-1] - s[-2]) + r[0] + ... + r[t], and s[t] = s[-1] + the sum of those
+        # differences; everything mod 2**16 (int64 wrap-around is a multiple of 2**16 too).
+        before, last = (int(value) for value in history)
+        slope = ((last - before) + np.cumsum(values.astype(np.int64))) & 0xFFFF
+        values = ((last + np.cumsum(slope)) & 0xFFFF).astype(np.uint16).view(np.int16)
+    return values
+
+
+def waveform_to_bytes(wave: Waveform, encoding: str = "pcm16", history: tuple[int, int] = SILENCE) -> np.ndarray:
     """Mono waveform (num_samples,) in [-1, 1] -> uint8 bytes, `bytes_per_sample(encoding)` per sample.
 
-    Samples beyond [-1, 1] are clipped; NaN or infinite samples raise ValueError.
+    Samples beyond [-1, 1] are clipped; NaN or infinite samples raise ValueError. `history` (the
+    int16 samples s[-2], s[-1] before this waveform) matters only for "pcm16d2".
     """
     bytes_per_sample(encoding)  # validates the name
     wave = np.clip(_as_waveform(wave), -1.0, 1.0)
     if encoding in PCM16_DTYPES:
-        return _waveform_to_int16(wave).astype(PCM16_DTYPES[encoding]).view(np.uint8)
+        return pcm16_to_bytes(waveform_to_int16(wave), encoding, history)
     levels = torchaudio.functional.mu_law_encoding(torch.from_numpy(wave), quantization_channels=MULAW_LEVELS)
     return levels.numpy().astype(np.uint8)
 
@@ -201,14 +237,13 @@ def waveform_to_bytes(wave: Waveform, encoding: str = "pcm16") -> np.ndarray:
 def bytes_to_waveform(data: ByteLike, encoding: str = "pcm16") -> np.ndarray:
     """uint8 bytes -> mono float32 waveform in [-1, 1].
 
-    For "pcm16" and "pcm16be" a trailing odd byte (half a sample, e.g. from a sample cut short)
-    is dropped.
+    For the 16-bit encodings a trailing odd byte (half a sample, e.g. from a sample cut short)
+    is dropped; "pcm16d2" bytes are decoded as one stream starting from silence.
     """
     bytes_per_sample(encoding)
     data = as_byte_array(data)
     if encoding in PCM16_DTYPES:
-        whole_samples = data[: data.size - data.size % 2]
-        return np.ascontiguousarray(whole_samples).view(PCM16_DTYPES[encoding]).astype(np.float32) / np.float32(PCM16_SCALE)
+        return bytes_to_pcm16(data, encoding).astype(np.float32) / np.float32(PCM16_SCALE)
     levels = torch.from_numpy(data.astype(np.int64))
     return torchaudio.functional.mu_law_decoding(levels, quantization_channels=MULAW_LEVELS).numpy().astype(np.float32)
 
@@ -222,6 +257,6 @@ def bytes_to_wav(
     "pcm16" the file's sample bytes equal `data` (minus a trailing odd byte; for "pcm16be", with
     each sample's two bytes swapped).
     """
-    samples = _waveform_to_int16(bytes_to_waveform(data, encoding))
+    samples = waveform_to_int16(bytes_to_waveform(data, encoding))
     target = str(path) if isinstance(path, Path) else path
     soundfile.write(target, samples, sample_rate, subtype="PCM_16", format="WAV")
