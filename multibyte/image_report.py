@@ -245,7 +245,13 @@ def write_image_report(
         files=files,
         seconds={name: round(value, 1) for name, value in seconds.items()},
     )
-    report = {**asdict(result), "temperature": temperature, "seed": seed, "image_order": fmt.image_order, "image_predictor": fmt.image_predictor}
+    report = {
+        **asdict(result),
+        "temperature": temperature,
+        "seed": seed,
+        "image_order": fmt.image_order,
+        "image_predictor": fmt.image_predictor,
+    }
     report_path = folder / REPORT_FILE
     with open(report_path, "x", encoding="utf-8") as file:
         json.dump(report, file, indent=2)
