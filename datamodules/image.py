@@ -185,7 +185,9 @@ class HorizontalFlips(RandomWindows):
 
     Pixel bytes are mirrored by one index (`horizontal_flip_index`). MED residuals are not a
     permutation of the mirrored image's residuals (the left neighbour becomes the right one), so
-    with a predictor a mirrored draw is decoded to pixels, mirrored and encoded again. Whether draw `DrawKey(seed, epoch, index)` is mirrored is a pure function of the key (a hash
+    with a predictor a mirrored draw is decoded to pixels, mirrored and encoded again.
+
+    Whether draw `DrawKey(seed, epoch, index)` is mirrored is a pure function of the key (a hash
     independent of the one that picks the image), so a resumed run and every rank draw exactly
     what one uninterrupted process would. Windows are whole images (seq_len = alignment = 12,288).
     """
@@ -337,7 +339,8 @@ class ImageNet64DataModule(ByteStreamDataModule):
 
     def _append_rows(self, writer: CacheWriter, planar_rows: np.ndarray, split_ids: np.ndarray) -> None:
         """Official-layout rows (k, 12288) -> one record per image in the chosen byte order."""
-        encoded = image_to_bytes(planar_row_to_hwc(planar_rows), self.order, self.patch_size, self.predictor)  # (k, 12288)
+        images = planar_row_to_hwc(planar_rows)  # (k, 64, 64, 3)
+        encoded = image_to_bytes(images, self.order, self.patch_size, self.predictor)  # (k, 12288)
         for record, split_id in zip(encoded, split_ids):
             writer.append_record(SPLITS[split_id], record)
 
@@ -360,7 +363,8 @@ class ImageNet64DataModule(ByteStreamDataModule):
                     image = load_image_file(path)
                 except ValueError as error:
                     raise DataError(str(error)) from error
-                writer.append_record(SPLITS[split_id], image_to_bytes(image, self.order, self.patch_size, self.predictor))
+                record = image_to_bytes(image, self.order, self.patch_size, self.predictor)
+                writer.append_record(SPLITS[split_id], record)
 
     def _write_official(self, source: Path, train_files: list[Path], test_file: Path, writer: CacheWriter) -> None:
         readers = [NpzImageRows(path) for path in train_files]

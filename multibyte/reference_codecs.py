@@ -141,7 +141,9 @@ def _per_image(
     return CodecResult(name, total, seconds, note)
 
 
-def image_codecs(data: bytes, order: str = "raster", patch_size: int = 12, predictor: str = "none") -> list[CodecResult]:
+def image_codecs(
+    data: bytes, order: str = "raster", patch_size: int = 12, predictor: str = "none"
+) -> list[CodecResult]:
     """PNG (optimised) and WebP lossless, one file per 12,288-byte image record (the pixels it
     encodes, whatever its order and predictor), sizes summed."""
     return [

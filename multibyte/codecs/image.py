@@ -129,7 +129,9 @@ def med_reconstruct(residuals: np.ndarray) -> np.ndarray:
     return pixels.astype(np.uint8)
 
 
-def image_to_bytes(image: np.ndarray, order: str = "raster", patch_size: int = 12, predictor: str = "none") -> np.ndarray:
+def image_to_bytes(
+    image: np.ndarray, order: str = "raster", patch_size: int = 12, predictor: str = "none"
+) -> np.ndarray:
     """Flatten a 64x64x3 uint8 image to its 12,288 bytes in `order`, as pixels or MED residuals.
 
     A batch (..., 64, 64, 3) is accepted too and gives (..., 12288). `patch_size` is only used by
