@@ -161,5 +161,6 @@ class AudioDataModule(ByteStreamDataModule):
                 raise DataError(f"{path}: holds no audio samples")  # an empty record could empty a split
             split = SPLITS[split_id]
             writer.append_record(split, waveform_to_bytes(wave, self.encoding, last_samples[split]))
-            stream_end = np.concatenate([np.asarray(last_samples[split]), waveform_to_int16(wave)[-2:]])
+            # Only the last two samples are needed: convert those, not the whole clip again.
+            stream_end = np.concatenate([last_samples[split], waveform_to_int16(np.clip(wave[-2:], -1.0, 1.0))])
             last_samples[split] = (int(stream_end[-2]), int(stream_end[-1]))
