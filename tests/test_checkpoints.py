@@ -4,7 +4,8 @@ directory works wherever a checkpoint does, and settings given on a resume apply
 
 import dataclasses
 import json
-import os
+import random
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -203,7 +204,10 @@ BAD_FILES = {
     "truncated": lambda good: good[: len(good) // 2],
     "cut-short": lambda good: good[:-100],
     "empty": lambda good: b"",
-    "random": lambda good: os.urandom(4096),
+    # garbage reaches pickle opcodes that fail in many ways (IndexError, TypeError, ...): seeded, so a
+    # failure names the seed that reproduces it
+    **{f"random-{seed}": partial(lambda seed, good: random.Random(seed).randbytes(4096), seed) for seed in range(40)},
+    "good-head-random-tail": lambda good: good[:2000] + random.Random(1).randbytes(4096),
     "text": lambda good: b"model weights, honest\n",
     "a-list": None,  # a valid torch file that is no checkpoint
 }
