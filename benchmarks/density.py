@@ -56,6 +56,7 @@ from multibyte.codecs import (  # noqa: E402
 from multibyte.compression import HEADER_SIZE, compress_bytes, decompress_bytes  # noqa: E402
 from multibyte.config import megabyte  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
+from multibyte.ngram_mixing import NgramConfig  # noqa: E402
 from multibyte.reference_codecs import reference_codecs  # noqa: E402
 from multibyte.training import load_model  # noqa: E402
 
@@ -165,15 +166,23 @@ def recipe_datamodule(modality: str, recipe: Optional[str]):
 
 
 def measure_held_out(
-    modality: str, checkpoint: str, recipe: Optional[str], adapt: AdaptConfig, adapt_batch: int, max_bytes: Optional[int]
+    modality: str,
+    checkpoint: str,
+    recipe: Optional[str],
+    adapt: AdaptConfig,
+    adapt_batch: int,
+    max_bytes: Optional[int],
+    ngram: Optional[NgramConfig] = None,
 ) -> dict:
-    """bench's report for the recipe's test split, without and with adaptation, codecs beside."""
+    """bench's report for the recipe's test split, without and with adaptation (and with `ngram`,
+    the adapted model mixed with a byte n-gram, from the same pass), codecs beside."""
     datamodule = recipe_datamodule(modality, recipe)
     datamodule.prepare_data()
     model = load_model(checkpoint).model.eval()
     plain = run_benchmark(model, datamodule, "test", ("basic",), max_bytes=max_bytes, checkpoint=checkpoint)
     adapted = run_benchmark(
-        model, datamodule, "test", ("basic",), batch_size=adapt_batch, max_bytes=max_bytes, codecs=False, adapt=adapt, checkpoint=checkpoint
+        model, datamodule, "test", ("basic",), batch_size=adapt_batch, max_bytes=max_bytes, codecs=False, adapt=adapt,
+        checkpoint=checkpoint, ngram=ngram,
     )
     rows = plain["results"] + adapted["results"]
     return {
@@ -187,6 +196,7 @@ def measure_held_out(
         "checkpoint": checkpoint,
         "parameters": plain["model"]["parameters"],
         "adapt": adapted["model"]["adapt"],
+        "ngram": adapted["model"]["ngram"],
         "bits": {row["method"]: round(row["bits_per_byte"], 4) for row in rows},
         "model_seconds": {row["method"]: round(row["seconds"], 1) for row in rows if row["kind"] == "model"},
         "codecs_skipped": plain["skipped"],
@@ -217,7 +227,10 @@ def main_full(args, checkpoints: dict[str, str], parser) -> None:
     began = time.perf_counter()
     figures: dict = {"quick": False, "torch": torch.__version__, "threads": torch.get_num_threads()}
     for modality, checkpoint in checkpoints.items():
-        figures[modality] = measure_held_out(modality, checkpoint, recipes.get(modality), adapt, args.adapt_batch, args.max_bytes)
+        ngram = NgramConfig(order=args.ngram_order) if args.ngram_order is not None and modality in args.ngram else None
+        figures[modality] = measure_held_out(
+            modality, checkpoint, recipes.get(modality), adapt, args.adapt_batch, args.max_bytes, ngram
+        )
         print_table(modality, figures[modality])
     figures["seconds"] = round(time.perf_counter() - began, 1)
     figures["load_average"] = [round(value, 2) for value in os.getloadavg()]
@@ -232,6 +245,10 @@ def main() -> None:
     parser.add_argument("--adapt_lr", type=float, default=None, help="full mode: learning rate of dynamic evaluation")
     parser.add_argument("--adapt_batch", type=int, default=8, help="full mode: windows scored between two updates (fewer adapt sooner)")
     parser.add_argument("--max_bytes", type=int, default=None, help="full mode: score only this prefix of each test split")
+    parser.add_argument("--ngram", nargs="*", default=["text"], metavar="MODALITY",
+                        help="full mode: modalities whose adapted model is also mixed with a byte n-gram (default: text)")
+    parser.add_argument("--ngram_order", type=int, default=NgramConfig().order,
+                        help="full mode: the n-gram's longest context in bytes")
     parser.add_argument(
         "--checkpoint",
         action="append",

@@ -59,6 +59,7 @@ from datamodules.windows import (  # noqa: F401
     rank_share,
 )
 from multibyte.adaptation import AdaptConfig, Adapter, adapt_summary, distributed_rank
+from multibyte.ngram_mixing import NgramConfig, mixed_log2_probabilities, ngram_summary
 from multibyte.atomic_files import write_atomically
 from multibyte.compression import ADAPT_HEADER_SIZE, DEFAULT_ADAPT_WINDOWS, HEADER_SIZE
 from multibyte.data_spec import data_spec_of
@@ -82,6 +83,7 @@ class ModelScore:
     positions_computed: int  # symbols fed through the model, context included
     seconds: float
     scored_symbols: int = -1  # bytes or tokens scored; -1 means scored_bytes (a byte model)
+    unmixed_bits: Optional[float] = None  # with n-gram mixing: the model's own bits, from the same pass
 
     def __post_init__(self) -> None:
         if self.scored_symbols < 0:
@@ -143,6 +145,22 @@ def _batch_bits(model: HierarchicalByteModel, tokens: torch.Tensor, mask: torch.
     return float(nll) / LN2
 
 
+def _symbol_log2_probabilities(model: HierarchicalByteModel, tokens: torch.Tensor, precision: str) -> np.ndarray:
+    """(B, L) float64 log2 p of every symbol of `tokens` (B, L) under `model` (fp32 log-softmax)."""
+    with precision_context(precision, tokens.device):
+        logits = model(tokens)  # (B, L, V)
+    log_p = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return (log_p / LN2).double().cpu().numpy()
+
+
+def check_ngram(mode: str, subword: bool) -> None:
+    """Refuse n-gram mixing where it is not defined: sliding or strided windows, token ids."""
+    if mode != "basic":
+        raise ValueError(f"--ngram with {mode} inference: the n-gram mixes over contiguous windows; use basic")
+    if subword:
+        raise ValueError("--ngram counts bytes: a subword model's token ids cannot be mixed with it")
+
+
 @torch.inference_mode()
 def score_bytes(
     model: HierarchicalByteModel,
@@ -154,6 +172,7 @@ def score_bytes(
     token_bytes: Optional[np.ndarray] = None,
     adapt: Optional[AdaptConfig] = None,
     progress: Optional[bool] = False,
+    ngram: Optional[NgramConfig] = None,
 ) -> ModelScore:
     """Bits of every symbol of `data` under `mode`: (N,) bytes (uint8, e.g. a memory-mapped split),
     or with `token_bytes` ((V,) bytes each id decodes to) N token ids, whose scored bytes are the
@@ -162,6 +181,11 @@ def score_bytes(
     With `adapt` (dynamic evaluation, `multibyte.adaptation`): batches of `batch_size` windows are
     scored in file order, each by the weights learned from every batch before it; the model given
     is left as it was. Modes whose windows run in file order only: basic and sliding.
+
+    With `ngram` (`multibyte.ngram_mixing`): every byte's probability is the model's mixed with an
+    adaptive byte n-gram over the bytes before it, groups of `batch_size` windows (compress's
+    lanes) as compress codes them; basic inference over bytes. Under torch.distributed the ranks
+    share the model's per-byte probabilities and each computes the same mixture.
 
     Under torch.distributed every rank must call this with the same arguments: each scores its
     share of the windows (with `adapt`: its share of every batch, then all make the same update)
@@ -180,6 +204,10 @@ def score_bytes(
     P = model.config.alignment
     plan = inference_plan(len(data), seq_len, P, mode)
     rank, world_size = distributed_rank()
+    if ngram is not None:
+        check_ngram(mode, token_bytes is not None)
+    model_log2_p = np.zeros(len(data)) if ngram is not None else None  # (N,) the model's, in file order
+    unmixed_bits = None
     device = model.head.weight.device
     adapter = Adapter(model, adapt) if adapt is not None else None
     scorer = adapter.model if adapter is not None else model
@@ -201,7 +229,12 @@ def score_bytes(
             if mine:
                 tokens, mask, positions, symbol_bytes = _window_batch(mine, data, seq_len, P, token_bytes)
                 tokens, mask = tokens.to(device), mask.to(device)
-                total_bits += _batch_bits(scorer, tokens, mask, precision)
+                if model_log2_p is None:
+                    total_bits += _batch_bits(scorer, tokens, mask, precision)
+                else:
+                    log2_p = _symbol_log2_probabilities(scorer, tokens, precision)  # (B, L)
+                    for row, window in enumerate(mine):
+                        model_log2_p[window.start : window.stop] = log2_p[row, : window.stop - window.start]
                 scored += int(mask.sum())
                 computed += positions
                 scored_bytes += symbol_bytes
@@ -212,6 +245,16 @@ def score_bytes(
     finally:
         bar.close()
         model.train(was_training)
+    if model_log2_p is not None:
+        if world_size > 1:  # each rank filled its windows' bytes (zeros elsewhere): the sum is the file's
+            shared = torch.from_numpy(model_log2_p).to(device)
+            dist.all_reduce(shared)
+            model_log2_p = shared.cpu().numpy()
+        windows = [(window.start, window.stop) for window in plan]
+        unmixed_bits = -float(model_log2_p.sum())
+        total_bits = -float(mixed_log2_probabilities(model_log2_p, data, windows, batch_size, ngram).sum())
+        if rank > 0:  # every rank holds the file's total; the sum over the ranks below counts rank 0's
+            total_bits = 0.0
     if token_bytes is None:
         scored_bytes = scored
     seconds = time.perf_counter() - began
@@ -225,7 +268,7 @@ def score_bytes(
     if scored != len(data):  # the plan tiles the data; anything else is a bug, never a result
         unit = "bytes" if token_bytes is None else "tokens"
         raise RuntimeError(f"{mode} inference scored {scored} {unit} of {len(data)}")
-    return ModelScore(mode, total_bits, scored_bytes, computed, seconds, scored)
+    return ModelScore(mode, total_bits, scored_bytes, computed, seconds, scored, unmixed_bits)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,12 +361,17 @@ def run_benchmark(
     adapt: Optional[AdaptConfig] = None,
     progress: Optional[bool] = False,
     adapt_where_possible: bool = False,
+    ngram: Optional[NgramConfig] = None,
+    ngram_where_possible: bool = False,
 ) -> dict[str, Any]:
     """Score `model` on `split` of `datamodule` in every mode, and the codecs on the same bytes.
     With `adapt`, every mode runs with dynamic evaluation (see `score_bytes`), each from the
     given weights; a strided mode is refused, or with `adapt_where_possible` (adaptation by
     default, not asked for) scored without it. `batch_size` None: the datamodule's
     eval_batch_size, and DEFAULT_ADAPT_WINDOWS (compress's default lanes) for an adapted mode.
+    With `ngram`, the model is mixed with an adaptive byte n-gram (basic mode over bytes in one
+    process, see `score_bytes`); with `ngram_where_possible` (mixing by default, not asked for)
+    the runs it cannot mix are scored without it.
 
     Returns the report as a JSON-ready dict (see `write_report`). Under torch.distributed every
     rank calls this and gets the same report (the scores summed over the ranks' shares of the
@@ -346,17 +394,27 @@ def run_benchmark(
     if len(data.raw) == 0:
         raise ValueError(f"split {split!r} of {datamodule.source} holds no bytes")
     rows: list[dict[str, Any]] = []
+    mixable = data.token_bytes is None
+    if ngram is not None and not ngram_where_possible:  # asked for: refuse before any work is done
+        for mode in modes:
+            check_ngram(mode, data.token_bytes is not None)
+    mixed_any = False
     for mode in modes:
         adapting = adapt if "strided" not in mode else None
+        mixing = ngram if not ngram_where_possible or (mode == "basic" and mixable) else None
+        mixed_any |= mixing is not None
         batch = batch_size or (DEFAULT_ADAPT_WINDOWS if adapting is not None else datamodule.eval_batch_size)
-        score = score_bytes(model, data.symbols, seq_len, mode, batch, precision, data.token_bytes, adapting, progress)
+        score = score_bytes(
+            model, data.symbols, seq_len, mode, batch, precision, data.token_bytes, adapting, progress, mixing
+        )
         if score.scored_bytes != len(data.raw):  # every byte once, counted through the tokens
             raise RuntimeError(f"{mode} inference scored {score.scored_bytes} bytes of {len(data.raw)}")
         row = {
-            "method": MODE_LABELS[mode] + (" + adapt" if adapting is not None else ""),
+            "method": MODE_LABELS[mode] + (" + adapt" if adapting is not None else "") + (" + n-gram" if mixing else ""),
             "kind": "model",
             "mode": mode,
             "adapt": adapting is not None,
+            "ngram": mixing is not None,
             "bits_per_byte": score.bits_per_byte,
             "compressed_bytes": math.ceil(score.bits / 8),  # what arithmetic coding would need
             "scored_bytes": score.scored_bytes,
@@ -366,6 +424,16 @@ def run_benchmark(
         }
         if data.token_bytes is not None:
             row.update(scored_tokens=score.scored_symbols, tokens_per_byte=score.tokens_per_byte)
+        if score.unmixed_bits is not None:  # the model alone, from the same pass, beside the mixture
+            rows.append(
+                {
+                    **row,
+                    "method": MODE_LABELS[mode] + (" + adapt" if adapting is not None else ""),
+                    "ngram": False,
+                    "bits_per_byte": score.unmixed_bits / score.scored_bytes,
+                    "compressed_bytes": math.ceil(score.unmixed_bits / 8),
+                }
+            )
         rows.append(row)
     skipped: list[dict[str, str]] = []
     if codecs:
@@ -409,6 +477,7 @@ def run_benchmark(
             "device": str(model.head.weight.device),
             "tokenizer": tokenizer,
             "adapt": None if adapt is None else {**adapt.to_dict(), "batch_size": batch_size or DEFAULT_ADAPT_WINDOWS},
+            "ngram": ngram.to_dict() if mixed_any else None,
         },
         "results": rows,
         "skipped": skipped,
@@ -463,6 +532,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append(
             f"Adapted while scoring (dynamic evaluation): {adapt_summary(AdaptConfig(**options))}, "
             f"updating after every {every} windows scored."
+        )
+    if model.get("ngram"):
+        lines.append(
+            f"Mixed with an adaptive byte n-gram (multibyte/ngram_mixing.py): "
+            f"{ngram_summary(NgramConfig(**model['ngram']))}."
         )
     lines += [
         "Model sizes are what arithmetic coding under its probabilities needs (`multibyte compress` "

@@ -87,12 +87,17 @@ def resolve_config_path(value: str) -> str:
 
 
 # Switch-style spellings of boolean flags, for the flags users reach for most.
-FLAG_ALIASES = {"--no-adapt": ["--adapt", "false"], "--no_adapt": ["--adapt", "false"]}
+FLAG_ALIASES = {
+    "--no-adapt": ["--adapt", "false"],
+    "--no_adapt": ["--adapt", "false"],
+    "--no-ngram": ["--ngram", "false"],
+    "--no_ngram": ["--ngram", "false"],
+}
 
 
 def resolve_config_arguments(argv: list[str]) -> list[str]:
     """Rewrite every `--config X` / `--config=X` so X points at an existing file, and the
-    FLAG_ALIASES (`--no-adapt` is `--adapt false`)."""
+    FLAG_ALIASES (`--no-adapt` is `--adapt false`, `--no-ngram` is `--ngram false`)."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]

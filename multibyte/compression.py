@@ -30,8 +30,12 @@ the container records the options and the environment (device type, intra-op thr
 PyTorch version), and a decoder under another setting is refused with one clear error instead of
 decoding garbage.
 
-Container (little-endian, HEADER_SIZE = 85 bytes, ADAPT_HEADER_SIZE = 166 with adaptation, then
-the payload), format version 3:
+With an `NgramConfig` (`compress --ngram true`), each byte is coded under the model's distribution
+mixed with an adaptive byte n-gram (`multibyte.ngram_mixing.NgramMixer`): counts of the groups
+already coded and of the lane's own window so far, which the decoder has restored too.
+
+Container (little-endian, HEADER_SIZE = 86 bytes, ADAPT_HEADER_SIZE = 167 with adaptation, 17 more
+with n-gram mixing, then the payload), format version 4:
 
     magic          4s   b"MBAC"
     version        B    FORMAT_VERSION
@@ -47,6 +51,7 @@ the payload), format version 3:
     alphabet_size  I    the model's vocabulary V (256 for bytes)
     tokenizer_hash 16s  first 16 bytes of the tokenizer's fingerprint; zeros for a byte model
     adapt          B    1 = coded with dynamic evaluation: the adapt block follows; 0 = it does not
+    ngram          B    1 = mixed with a byte n-gram: the ngram block follows (after any adapt block)
   the adapt block (81 bytes, only when adapt = 1):
     optimizer      B    index into adaptation.OPTIMIZERS
     parameters     B    index into adaptation.PARAMETER_SETS
@@ -59,11 +64,15 @@ the payload), format version 3:
     device_type    8s   the encoder's device type ("cpu", "cuda"), NUL-padded
     threads        H    the encoder's torch.get_num_threads()
     torch_version  32s  the encoder's torch.__version__, NUL-padded
-    header_crc     I    CRC32 of the header bytes before it (81, or 162 with the adapt block)
+  the ngram block (17 bytes, only when ngram = 1):
+    order          B    longest context in bytes
+    learning_rate  d    the mixture logit's step per group
+    initial_weight d    the model's share before the first group
+    header_crc     I    CRC32 of the header bytes before it
 
 A file coded with adaptation is decoded only under the same device type, thread count and PyTorch
 version (without adaptation a difference there rarely matters, and the data checksum catches it
-when it does). Version 2 files (the fields
+when it does). Version 3 files (no ngram flag: 85 bytes, 166 with the adapt block), version 2 files (the fields
 up to tokenizer_hash, then header_crc; 84 bytes) and version 1 files (byte models only: the
 fields up to payload_crc, then header_crc; 56 bytes) are still read. Decompression checks, in order, magic, version, header checksum, the announced
 length (at most MAX_LENGTH, and no more symbols than the payload can encode: see
@@ -101,6 +110,7 @@ from multibyte.arithmetic_coding import (
 )
 from multibyte.adaptation import ADAPT_PRECISIONS, OPTIMIZERS, PARAMETER_SETS, AdaptConfig, Adapter, adapt_summary
 from multibyte.model import HierarchicalByteModel
+from multibyte.ngram_mixing import NgramConfig, NgramMixer
 from multibyte.progress import progress_bar
 from multibyte.sampling import DecodeState, allocate_decode_state, decode_step, prefill, reset_decode_state
 
@@ -108,8 +118,8 @@ if TYPE_CHECKING:
     from multibyte.bpe import BPETokenizer
 
 MAGIC = b"MBAC"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 PRECISIONS = ("32-true", "bf16-mixed")  # index = the header's precision code
 DEFAULT_LANES = 32  # windows coded side by side without adaptation: more lanes, fewer steps per byte
 # With adaptation the lanes are also the windows coded between two updates (and bench's batch is
@@ -118,12 +128,15 @@ DEFAULT_LANES = 32  # windows coded side by side without adaptation: more lanes,
 DEFAULT_ADAPT_WINDOWS = 8
 _HEADER_V1 = struct.Struct("<4sBBHIQQ16sII")  # version 1: everything up to header_crc
 _HEADER_V2 = struct.Struct("<4sBBHIQQ16sIIQI16s")  # version 2: everything up to header_crc
-_HEADER = struct.Struct("<" + _HEADER_V2.format[1:] + "B")  # version 3: version 2's fields and the adapt flag
-_ADAPT_BLOCK = struct.Struct("<BBBHHdddd8sH32s")  # version 3 with adapt = 1: the options and the environment
+_HEADER_V3 = struct.Struct("<" + _HEADER_V2.format[1:] + "B")  # version 3: version 2's fields and the adapt flag
+_HEADER = struct.Struct("<" + _HEADER_V3.format[1:] + "B")  # version 4: version 3's fields and the ngram flag
+_ADAPT_BLOCK = struct.Struct("<BBBHHdddd8sH32s")  # with adapt = 1: the options and the environment
+_NGRAM_BLOCK = struct.Struct("<Bdd")  # version 4 with ngram = 1: order, learning_rate, initial_weight
 _HEADER_CRC = struct.Struct("<I")
-HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 85: the header of a file coded without adaptation
-ADAPT_HEADER_SIZE = HEADER_SIZE + _ADAPT_BLOCK.size  # 166: with adaptation
-_LAYOUTS = {1: _HEADER_V1, 2: _HEADER_V2, 3: _HEADER}
+HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 86: the header of a file coded without adaptation
+ADAPT_HEADER_SIZE = HEADER_SIZE + _ADAPT_BLOCK.size  # 167: with adaptation
+NGRAM_BLOCK_SIZE = _NGRAM_BLOCK.size  # 17 more with n-gram mixing
+_LAYOUTS = {1: _HEADER_V1, 2: _HEADER_V2, 3: _HEADER_V3, 4: _HEADER}
 _HEADER_SIZES = {version: layout.size + _HEADER_CRC.size for version, layout in _LAYOUTS.items()}  # the shortest
 NO_TOKENIZER = bytes(16)  # the tokenizer_hash of a byte model's file
 # The longest input compressed or restored: both sides hold the whole file in memory.
@@ -174,6 +187,7 @@ class Header:
     threads: int = 0
     torch_version: str = ""
     version: int = FORMAT_VERSION  # of the file read; pack() always writes FORMAT_VERSION
+    ngram: Optional[NgramConfig] = None  # n-gram mixing's options (version 4); None: the model alone
 
     def __post_init__(self) -> None:
         if self.num_symbols < 0:
@@ -181,7 +195,11 @@ class Header:
 
     @property
     def size(self) -> int:
-        return _HEADER_SIZES[self.version] + (_ADAPT_BLOCK.size if self.adapt is not None else 0)
+        return (
+            _HEADER_SIZES[self.version]
+            + (_ADAPT_BLOCK.size if self.adapt is not None else 0)
+            + (_NGRAM_BLOCK.size if self.ngram is not None else 0)
+        )
 
     def pack(self) -> bytes:
         fields = _HEADER.pack(
@@ -199,11 +217,14 @@ class Header:
             self.alphabet_size,
             self.tokenizer_hash,
             int(self.adapt is not None),
+            int(self.ngram is not None),
         )
         if self.adapt is not None:
             fields += _ADAPT_BLOCK.pack(
                 *_adapt_fields(self.adapt), _padded(self.device_type, 8), self.threads, _padded(self.torch_version, 32)
             )
+        if self.ngram is not None:
+            fields += _NGRAM_BLOCK.pack(self.ngram.order, self.ngram.learning_rate, self.ngram.initial_weight)
         return fields + _HEADER_CRC.pack(zlib.crc32(fields))
 
     @classmethod
@@ -223,8 +244,10 @@ class Header:
         if len(blob) < size:
             raise CompressionError(f"{source}: truncated: {len(blob)} bytes, shorter than the {size}-byte header")
         layout = _LAYOUTS[version]
-        adapted = version >= 3 and blob[layout.size - 1] == 1  # checked by the checksum below
-        block = _ADAPT_BLOCK.size if adapted else 0
+        flags = {3: 1, 4: 2}.get(version, 0)  # the adapt (and ngram) flag bytes end the layout
+        adapted = flags >= 1 and blob[layout.size - flags] == 1  # checked by the checksum below
+        mixed = flags >= 2 and blob[layout.size - 1] == 1
+        block = (_ADAPT_BLOCK.size if adapted else 0) + (_NGRAM_BLOCK.size if mixed else 0)
         if len(blob) < size + block:
             raise CompressionError(
                 f"{source}: truncated: {len(blob)} bytes, shorter than the {size + block}-byte header"
@@ -238,11 +261,19 @@ class Header:
         num_symbols, alphabet_size, tokens_of = values[10:13] if version >= 2 else (length, ALPHABET_SIZE, NO_TOKENIZER)
         if version >= 3 and values[13] not in (0, 1):
             raise CompressionError(f"{source}: corrupt header (adapt flag {values[13]})")
-        adapt, device_type, threads, torch_version = None, "", 0, ""
+        if version >= 4 and values[14] not in (0, 1):
+            raise CompressionError(f"{source}: corrupt header (ngram flag {values[14]})")
+        adapt, device_type, threads, torch_version, ngram = None, "", 0, "", None
         if adapted:
-            options = _ADAPT_BLOCK.unpack(fields[layout.size :])
+            options = _ADAPT_BLOCK.unpack(fields[layout.size : layout.size + _ADAPT_BLOCK.size])
             adapt = _parse_adapt_fields(options[:9], source)
             device_type, threads, torch_version = _unpadded(options[9]), options[10], _unpadded(options[11])
+        if mixed:
+            order, learning_rate, initial_weight = _NGRAM_BLOCK.unpack(fields[len(fields) - _NGRAM_BLOCK.size :])
+            try:
+                ngram = NgramConfig(order, learning_rate, initial_weight)
+            except ValueError as error:
+                raise CompressionError(f"{source}: corrupt header ({error})") from None
         if precision >= len(PRECISIONS) or lanes < 1 or seq_len < 1 or not 2 <= alphabet_size <= MAX_ALPHABET_SIZE:
             raise CompressionError(
                 f"{source}: corrupt header (precision {precision}, lanes {lanes}, seq_len {seq_len}, "
@@ -254,6 +285,8 @@ class Header:
                 f"{source}: corrupt header: it announces {length:,} bytes, more than the {MAX_LENGTH:,} "
                 f"this multibyte restores"
             )
+        if ngram is not None and (tokens_of != NO_TOKENIZER or alphabet_size != ALPHABET_SIZE):
+            raise CompressionError(f"{source}: corrupt header: n-gram mixing on a file not coded as bytes")
         most = max_decodable_length(payload_size, alphabet_size)
         if tokens_of == NO_TOKENIZER:
             if length > most:
@@ -275,7 +308,7 @@ class Header:
                 )
         return cls(
             PRECISIONS[precision], lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc,
-            num_symbols, alphabet_size, tokens_of, adapt, device_type, threads, torch_version, version,
+            num_symbols, alphabet_size, tokens_of, adapt, device_type, threads, torch_version, version, ngram,
         )
 
     def environment(self) -> str:
@@ -398,6 +431,13 @@ def _frequencies(logits: torch.Tensor) -> np.ndarray:
     return cumulative_frequencies(np.exp(z - z.max(axis=-1, keepdims=True)), z.shape[-1])
 
 
+def _probabilities(logits: torch.Tensor) -> np.ndarray:
+    """(B, V) logits -> (B, V) float64 probabilities, deterministically (softmax in float64)."""
+    z = logits.double().cpu().numpy()
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def _log2_probabilities(logits: torch.Tensor) -> np.ndarray:
     """(B, V) logits -> (B, V) float64 log2 probabilities (for reporting the ideal code length)."""
     return (torch.log_softmax(logits.double(), dim=-1) / math.log(2)).cpu().numpy()
@@ -470,30 +510,46 @@ def _code_windows(
     adapter: Optional[Adapter] = None,
     symbols: Optional[np.ndarray] = None,
     bar=None,
+    mixer: Optional[NgramMixer] = None,
 ) -> float:
     """Walk the windows of `length` symbols as both sides do: per group a fresh state, then per
     step t the logits of every live lane; `next_symbol(cumulative, start + t)` codes one symbol
     and returns it. With `adapter` (whose model the stepper runs), after every group but the last
-    the model learns from the group's `symbols` (the array being read or filled). `bar` counts
-    the symbols coded. Returns the model's -log2 p of the symbols coded."""
+    the model learns from the group's `symbols` (the array being read or filled). With `mixer`
+    the coded distribution is the model's mixed with its byte n-gram (`multibyte.ngram_mixing`).
+    `bar` counts the symbols coded. Returns the -log2 p of the symbols coded (the mixture's with
+    a mixer)."""
     model_bits = 0.0
     all_groups = window_groups(length, seq_len, lanes)
     for index, group in enumerate(all_groups):
         lengths = [stop - start for start, stop in group]
         longest = max(lengths)
         logits = stepper.start(len(group))
+        if mixer is not None:
+            mixer.start_group(len(group))
         for t in range(longest):
-            cumulative = _frequencies(logits)  # (B, V + 1)
-            log2_p = _log2_probabilities(logits)  # (B, V)
             step = np.zeros(len(group), dtype=np.int64)  # ended lanes are fed 0 on both sides
-            for lane, (start, _) in enumerate(group):
-                if t < lengths[lane]:
-                    step[lane] = symbol = next_symbol(cumulative[lane], start + t)
-                    model_bits -= log2_p[lane, symbol]
+            if mixer is None:
+                cumulative = _frequencies(logits)  # (B, V + 1)
+                log2_p = _log2_probabilities(logits)  # (B, V)
+                for lane, (start, _) in enumerate(group):
+                    if t < lengths[lane]:
+                        step[lane] = symbol = next_symbol(cumulative[lane], start + t)
+                        model_bits -= log2_p[lane, symbol]
+            else:
+                p_model = _probabilities(logits)  # (B, 256)
+                for lane, (start, _) in enumerate(group):
+                    if t < lengths[lane]:
+                        p = mixer.distribution(lane, p_model[lane])  # (256,)
+                        step[lane] = symbol = next_symbol(cumulative_frequencies(p[None])[0], start + t)
+                        model_bits -= math.log2(p[symbol])
+                        mixer.observe(lane, symbol)
             if t + 1 < longest:
                 logits = stepper.feed(torch.from_numpy(step))
             if bar is not None:
                 bar.update(sum(t < n for n in lengths))
+        if mixer is not None:
+            mixer.end_group()
         if adapter is not None and index + 1 < len(all_groups):  # nothing is coded after the last
             tokens = torch.zeros(len(group), seq_len, dtype=torch.long)  # (B, L), right-padded
             mask = torch.zeros(len(group), seq_len, dtype=torch.bool)
@@ -514,18 +570,22 @@ def compress_bytes(
     tokenizer: Optional["BPETokenizer"] = None,
     adapt: Optional[AdaptConfig] = None,
     progress: Optional[bool] = False,
+    ngram: Optional[NgramConfig] = None,
 ) -> tuple[bytes, CompressionStats]:
     """Compress `data` with `model` in windows of `seq_len` symbols; returns (container bytes, stats).
 
     A subword model (vocab_size != 256) needs its `tokenizer`: the data is coded as its token ids.
     `adapt`: learn while coding (dynamic evaluation, after every group of `lanes` windows); the
     model given is not modified. `lanes` None: DEFAULT_ADAPT_WINDOWS with `adapt`, else
-    DEFAULT_LANES. `progress`: a bar on stderr (None: when stderr is a terminal)."""
+    DEFAULT_LANES. `progress`: a bar on stderr (None: when stderr is a terminal). `ngram`: mix the
+    model with an adaptive byte n-gram (`multibyte.ngram_mixing`; a byte model only)."""
     if lanes is None:
         lanes = DEFAULT_ADAPT_WINDOWS if adapt is not None else DEFAULT_LANES
     _check_model(model, seq_len, lanes, precision)
     if len(data) > MAX_LENGTH:
         raise ValueError(f"input of {len(data):,} bytes: at most {MAX_LENGTH:,} can be compressed")
+    if ngram is not None and tokenizer is not None:
+        raise ValueError("--ngram counts bytes: a subword model's token ids cannot be mixed with it")
     began = time.perf_counter()
     data = bytes(data)
     symbols = _symbols(model, data, tokenizer)
@@ -542,7 +602,8 @@ def compress_bytes(
     stepper = _LaneStepper(model if adapter is None else adapter.model, seq_len, precision)
     bar = progress_bar(len(symbols), "compress", "B" if tokenizer is None else "tok", progress)
     try:
-        model_bits = _code_windows(stepper, len(symbols), seq_len, lanes, encode, adapter, symbols, bar)
+        mixer = NgramMixer(ngram) if ngram is not None else None
+        model_bits = _code_windows(stepper, len(symbols), seq_len, lanes, encode, adapter, symbols, bar, mixer)
     finally:
         bar.close()
     payload = encoder.finish()
@@ -563,6 +624,7 @@ def compress_bytes(
         device_type=device_type,
         threads=threads,
         torch_version=torch_version,
+        ngram=ngram,
     ).pack()
     seconds = time.perf_counter() - began
     stats = CompressionStats(len(data), len(header) + len(payload), len(header), model_bits, seconds, len(symbols), adapt is not None)
@@ -651,8 +713,9 @@ def decompress_bytes(
     stepper = _LaneStepper(model if adapter is None else adapter.model, header.seq_len, header.precision)
     bar = progress_bar(header.num_symbols, "decompress", "B" if tokenizer is None else "tok", progress)
     try:
+        mixer = NgramMixer(header.ngram) if header.ngram is not None else None
         model_bits = _code_windows(
-            stepper, header.num_symbols, header.seq_len, header.lanes, decode, adapter, out, bar
+            stepper, header.num_symbols, header.seq_len, header.lanes, decode, adapter, out, bar, mixer
         )
     finally:
         bar.close()
@@ -696,8 +759,11 @@ def compress_file(
     tokenizer: Optional["BPETokenizer"] = None,
     adapt: Optional[AdaptConfig] = None,
     progress: Optional[bool] = False,
+    ngram: Optional[NgramConfig] = None,
 ) -> CompressionStats:
-    blob, stats = compress_bytes(model, _read_input(input_path), seq_len, lanes, precision, tokenizer, adapt, progress)
+    blob, stats = compress_bytes(
+        model, _read_input(input_path), seq_len, lanes, precision, tokenizer, adapt, progress, ngram
+    )
     write_atomically(output_path, blob)
     return stats
 

@@ -21,6 +21,7 @@ from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from multibyte.adaptation import AdaptConfig, adapt_summary
+from multibyte.ngram_mixing import NgramConfig, ngram_summary
 from multibyte.checkpoints import (
     SafeCheckpointIO,
     check_same_tokenizer,
@@ -59,6 +60,18 @@ def adapt_wanted(adapt: Optional[bool], modality: Optional[str]) -> bool:
     if adapt is not None:
         return adapt
     return ADAPT_BY_DEFAULT.get(modality, False) if modality else False
+
+
+# Whether `bench` and `compress` mix the model with a byte n-gram when --ngram is not given: on
+# where it was measured better on validation data (README "Mixing with a byte n-gram": text).
+NGRAM_BY_DEFAULT = {"text": True, "audio": False, "image": False}
+
+
+def ngram_wanted(ngram: Optional[bool], modality: Optional[str]) -> bool:
+    """--ngram as given, or None: the modality's default (off when the modality is unknown)."""
+    if ngram is not None:
+        return ngram
+    return NGRAM_BY_DEFAULT.get(modality, False) if modality else False
 
 
 def _writable(paths: list[Path], overwrite: bool) -> None:
@@ -407,6 +420,8 @@ class MultibyteTrainer(Trainer):
         adapt: Optional[bool] = None,
         adapt_options: AdaptConfig = AdaptConfig(),
         progress: Optional[bool] = None,
+        ngram: Optional[bool] = None,
+        ngram_options: NgramConfig = NgramConfig(),
     ) -> dict[str, Any]:
         """Density benchmark: bits per byte (bits/dim) on a split beside the reference codecs.
 
@@ -439,6 +454,14 @@ class MultibyteTrainer(Trainer):
                 --adapt_options.learning_rate 1e-4. An update follows every --batch_size windows
                 (8 by default: the group its defaults were tuned with; fewer adapt sooner).
             progress: a progress bar on stderr; None shows it when stderr is a terminal.
+            ngram: mix the model with an adaptive byte n-gram of the bytes scored so far
+                (multibyte/ngram_mixing.py; what PPM and cmix count): remembers the file beyond
+                the model's window; the report shows the model alone beside the mixture. Basic
+                inference over bytes, one process (--ngram true otherwise is refused). None
+                means the modality's default (NGRAM_BY_DEFAULT: on for text), where possible;
+                --ngram false (or --no-ngram) turns it off.
+            ngram_options: its order, learning_rate and initial_weight, e.g.
+                --ngram_options.order 5.
         """
         from multibyte.bench import markdown_table, run_benchmark, write_report
 
@@ -470,6 +493,8 @@ class MultibyteTrainer(Trainer):
             adapt=adapt_options if adapting else None,
             progress=progress,
             adapt_where_possible=adapt is None,  # by default: strided modes run without it
+            ngram=ngram_options if ngram_wanted(ngram, data_spec_of(datamodule).modality) else None,
+            ngram_where_possible=ngram is None,  # by default: sliding, strided, subword, DDP run without it
         )
         if not self.is_global_zero:
             return report
@@ -493,6 +518,8 @@ class MultibyteTrainer(Trainer):
         adapt: Optional[bool] = None,
         adapt_options: AdaptConfig = AdaptConfig(),
         progress: Optional[bool] = None,
+        ngram: Optional[bool] = None,
+        ngram_options: NgramConfig = NgramConfig(),
     ) -> None:
         """Compress a file: arithmetic coding under the checkpoint's next-byte probabilities (a
         subword model: next-token probabilities over the file's token ids, from its tokenizer).
@@ -519,6 +546,10 @@ class MultibyteTrainer(Trainer):
                 without --data); --adapt false (or --no-adapt) turns it off.
             adapt_options: how it learns, as for bench (e.g. --adapt_options.learning_rate 1e-4).
             progress: a progress bar on stderr; None shows it when stderr is a terminal.
+            ngram: mix the model with an adaptive byte n-gram, as bench --ngram true (the options
+                are stored in the file; a byte model only). None means the modality of --data's
+                default (NGRAM_BY_DEFAULT: on for text byte models; off without --data).
+            ngram_options: its order, learning_rate and initial_weight, as for bench.
         """
         from multibyte.compression import compress_file
 
@@ -537,7 +568,10 @@ class MultibyteTrainer(Trainer):
         window = seq_len or (data_spec_of(datamodule).seq_len if datamodule is not None else byte_model.config.max_seq_len)
         modality = data_spec_of(datamodule).modality if datamodule is not None else None
         options = adapt_options if adapt_wanted(adapt, modality) else None
-        stats = compress_file(byte_model, input_file, output_file, window, lanes, precision, tokenizer, options, progress)
+        mixing = ngram_options if ngram_wanted(ngram, modality) and (tokenizer is None or ngram) else None
+        stats = compress_file(
+            byte_model, input_file, output_file, window, lanes, precision, tokenizer, options, progress, mixing
+        )
         tokens = "" if tokenizer is None else f", {stats.num_symbols:,} tokens"
         print(
             f"{input_file}: {stats.original_bytes:,} -> {stats.compressed_bytes:,} bytes "
@@ -549,6 +583,7 @@ class MultibyteTrainer(Trainer):
                 if options is not None
                 else ""
             )
+            + (f" (mixed with a byte n-gram: {ngram_summary(mixing)})" if mixing is not None else "")
         )
 
     def decompress(

@@ -17,7 +17,10 @@ from multibyte.adaptation import AdaptConfig, Adapter, adapted_parameter_names
 from multibyte.bench import score_bytes
 from multibyte.cli import main
 from multibyte.compression import (
+    _HEADER,
     _HEADER_V2,
+    _HEADER_V3,
+    FORMAT_VERSION,
     ADAPT_HEADER_SIZE,
     HEADER_SIZE,
     CompressionError,
@@ -74,7 +77,7 @@ def test_adaptive_round_trip_is_exact_on_every_modality(model, load):
     assert restored == data
     assert weights_hash(model) == before  # the adapter trains a copy
     header = Header.unpack(blob, "x.mbac")
-    assert header.adapt == ADAPT and header.version == 3
+    assert header.adapt == ADAPT and header.version == FORMAT_VERSION == 4
     assert header.device_type == "cpu" and header.threads == torch.get_num_threads()
     assert header.torch_version == torch.__version__
 
@@ -189,24 +192,27 @@ def with_field(blob: bytes, offset: int, fmt: str, value) -> bytes:
     return bytes(fields) + struct.pack("<I", zlib.crc32(fields)) + blob[ADAPT_HEADER_SIZE:]
 
 
+BLOCK = _HEADER.size  # where the adapt block starts
+
+
 def test_another_pytorch_or_device_is_refused_and_corrupt_options_too(model):
     blob, _ = compress_bytes(model, text_bytes()[:300], SEQ_LEN, lanes=4, adapt=ADAPT)
-    # Offsets after version 2's 80 bytes: adapt flag 80, then the block: optimizer 81, ..., device 120,
-    # threads 128, torch 130.
+    # Version 4's 82 bytes end with the adapt and ngram flags; the block follows: optimizer 82, ...,
+    # device 121, threads 129, torch 131.
     with pytest.raises(CompressionError, match="on cuda, .*this decoder runs on cpu"):
-        decompress_bytes(model, with_field(blob, _HEADER_V2.size + 40, "8s", b"cuda"), "x.mbac")
+        decompress_bytes(model, with_field(blob, BLOCK + 39, "8s", b"cuda"), "x.mbac")
     with pytest.raises(CompressionError, match="PyTorch 1.0.0; this decoder runs on cpu, .*PyTorch " + re.escape(torch.__version__)):
-        decompress_bytes(model, with_field(blob, _HEADER_V2.size + 50, "32s", b"1.0.0"), "x.mbac")
+        decompress_bytes(model, with_field(blob, BLOCK + 49, "32s", b"1.0.0"), "x.mbac")
     with pytest.raises(CompressionError, match=r"x\.mbac: corrupt header \(adapt optimizer 7"):
-        decompress_bytes(model, with_field(blob, _HEADER_V2.size + 1, "B", 7), "x.mbac")
+        decompress_bytes(model, with_field(blob, BLOCK + 0, "B", 7), "x.mbac")
     with pytest.raises(CompressionError, match=r"x\.mbac: corrupt header \(adapt learning_rate must be a positive"):
-        decompress_bytes(model, with_field(blob, _HEADER_V2.size + 8, "<d", -1.0), "x.mbac")
+        decompress_bytes(model, with_field(blob, BLOCK + 7, "<d", -1.0), "x.mbac")
 
 
 def test_a_file_coded_without_adaptation_decodes_under_another_thread_count(model):
     data = text_bytes()[:300]
     blob, stats = compress_bytes(model, data, SEQ_LEN, lanes=4)
-    assert Header.unpack(blob, "x").adapt is None and stats.header_bytes == HEADER_SIZE == 85
+    assert Header.unpack(blob, "x").adapt is None and stats.header_bytes == HEADER_SIZE == 86
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
@@ -231,6 +237,21 @@ def test_version_2_files_are_still_read(model):
     restored, stats = decompress_bytes(model, version_2, "old.mbac")
     assert restored == data and stats.header_bytes == 84
     assert Header.unpack(version_2, "old.mbac").adapt is None
+
+
+@pytest.mark.parametrize("adapt", [None, ADAPT], ids=["plain", "adapted"])
+def test_version_3_files_are_still_read(model, adapt):
+    """Version 3 ends its fields with the adapt flag (no ngram flag): 85 bytes, 166 with the block."""
+    data = text_bytes()[:600]
+    blob, _ = compress_bytes(model, data, SEQ_LEN, lanes=4, adapt=adapt)
+    header = Header.unpack(blob, "x")
+    fields = bytearray(blob[: _HEADER_V3.size]) + blob[_HEADER.size : header.size - 4]  # drop the ngram flag
+    fields[4] = 3
+    version_3 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[header.size :]
+    restored, stats = decompress_bytes(model, version_3, "old.mbac")
+    assert restored == data and stats.header_bytes == (166 if adapt else 85)
+    old = Header.unpack(version_3, "old.mbac")
+    assert old.version == 3 and old.adapt == adapt and old.ngram is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,7 +285,7 @@ def test_cli_bench_and_compress_adapt(tmp_path, capsys):
     for name, flags in (("on", ["--adapt", "true"]), ("off", ["--no-adapt"])):
         main([
             "bench", *common, *data, "--data.data_path", str(book), "--ckpt_path", str(checkpoint),
-            "--codecs", "false", *flags, "--adapt_options.learning_rate", "0.003",
+            "--codecs", "false", *flags, "--adapt_options.learning_rate", "0.003", "--no-ngram",
             "--output_dir", str(tmp_path / f"bench-{name}"), "--progress", "false",
         ])
     out = capsys.readouterr().out
@@ -276,7 +297,7 @@ def test_cli_bench_and_compress_adapt(tmp_path, capsys):
     assert methods == {"on": ["model + adapt"], "off": ["model"]}
     main([
         "compress", *common, *data, "--ckpt_path", str(checkpoint), "--input_file", str(book), "--lanes", "4",
-        "--adapt", "true", "--adapt_options.learning_rate", "0.003", "--progress", "false",
+        "--adapt", "true", "--adapt_options.learning_rate", "0.003", "--progress", "false", "--no-ngram",
     ])
     assert "adapted while coding: adam lr 0.003" in capsys.readouterr().out
     restored = tmp_path / "restored.txt"

@@ -29,6 +29,7 @@ from multibyte.bpe import ENDOFTEXT, TOKENIZER_FILE, BPETokenizer, train_bpe
 from multibyte.checkpoints import load_checkpoint
 from multibyte.cli import main
 from multibyte.compression import (
+    FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,
     CompressionError,
@@ -344,7 +345,7 @@ MIXED = "café naïve ".encode("latin-1") + b"\xff\xfe\x80 " + ENDOFTEXT.encode(
 @pytest.mark.parametrize("data", [b"", b"a", MIXED], ids=["empty", "one-byte", "mixed"])
 def test_token_compression_round_trips_and_matches_the_bench_prediction(coder, tokenizer, data):
     blob, stats = compress_bytes(coder, data, SEQ_LEN, lanes=3, tokenizer=tokenizer)
-    assert blob[:4] == MAGIC and blob[4] == 3
+    assert blob[:4] == MAGIC and blob[4] == FORMAT_VERSION == 4
     assert stats.num_symbols == len(tokenizer.encode(data, allowed_special="all"))
     restored, _ = decompress_bytes(coder, blob, "x.mbac", tokenizer=tokenizer)
     assert restored == data
@@ -400,7 +401,7 @@ def test_version_1_files_are_still_read_and_unknown_versions_refused():
     version_1 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE:]
     assert decompress_bytes(model, version_1, "old.mbac")[0] == MIXED
     fields[4] = 9
-    with pytest.raises(CompressionError, match="old.mbac: compressed with format version 9; this multibyte reads versions 1, 2, 3"):
+    with pytest.raises(CompressionError, match="old.mbac: compressed with format version 9; this multibyte reads versions 1, 2, 3, 4"):
         decompress_bytes(model, bytes(fields) + blob[52:], "old.mbac")
 
 
