@@ -536,14 +536,15 @@ def _code_windows(
                     if t < lengths[lane]:
                         step[lane] = symbol = next_symbol(cumulative[lane], start + t)
                         model_bits -= log2_p[lane, symbol]
-            else:
+            else:  # a lane's mixture needs no other lane's byte of this step: all first, then code
                 p_model = _probabilities(logits)  # (B, 256)
-                for lane, (start, _) in enumerate(group):
-                    if t < lengths[lane]:
-                        p = mixer.distribution(lane, p_model[lane])  # (256,)
-                        step[lane] = symbol = next_symbol(cumulative_frequencies(p[None])[0], start + t)
-                        model_bits -= math.log2(p[symbol])
-                        mixer.observe(lane, symbol)
+                live = [lane for lane in range(len(group)) if t < lengths[lane]]
+                mixed = np.stack([mixer.distribution(lane, p_model[lane]) for lane in live])  # (live, 256)
+                cumulative = cumulative_frequencies(mixed)
+                for row, lane in enumerate(live):
+                    step[lane] = symbol = next_symbol(cumulative[row], group[lane][0] + t)
+                    model_bits -= math.log2(mixed[row, symbol])
+                    mixer.observe(lane, symbol)
             if t + 1 < longest:
                 logits = stepper.feed(torch.from_numpy(step))
             if bar is not None:
