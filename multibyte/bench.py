@@ -61,7 +61,8 @@ from datamodules.windows import (  # noqa: F401
 from multibyte.adaptation import AdaptConfig, Adapter, adapt_summary, distributed_rank
 from multibyte.ngram_mixing import NgramConfig, mixed_log2_probabilities, ngram_summary
 from multibyte.atomic_files import write_atomically
-from multibyte.compression import ADAPT_HEADER_SIZE, DEFAULT_ADAPT_WINDOWS, HEADER_SIZE
+from multibyte.chunked_loss import head_token_nll
+from multibyte.compression import ADAPT_HEADER_SIZE, DEFAULT_ADAPT_WINDOWS, HEADER_SIZE, NGRAM_BLOCK_SIZE
 from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
 from multibyte.progress import progress_bar
@@ -146,11 +147,11 @@ def _batch_bits(model: HierarchicalByteModel, tokens: torch.Tensor, mask: torch.
 
 
 def _symbol_log2_probabilities(model: HierarchicalByteModel, tokens: torch.Tensor, precision: str) -> np.ndarray:
-    """(B, L) float64 log2 p of every symbol of `tokens` (B, L) under `model` (fp32 log-softmax)."""
+    """(B, L) float64 log2 p of every symbol of `tokens` (B, L) under `model`: the head in chunks
+    of positions with fp32 log-softmax, as `_batch_bits` (never the (B, L, V) fp32 logits)."""
     with precision_context(precision, tokens.device):
-        logits = model(tokens)  # (B, L, V)
-    log_p = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return (log_p / LN2).double().cpu().numpy()
+        nll = head_token_nll(model.hidden_states(tokens), model.head.weight, tokens)  # (B, L) nats
+    return (-nll.double() / LN2).cpu().numpy()
 
 
 def check_ngram(mode: str, subword: bool) -> None:
@@ -369,9 +370,9 @@ def run_benchmark(
     given weights; a strided mode is refused, or with `adapt_where_possible` (adaptation by
     default, not asked for) scored without it. `batch_size` None: the datamodule's
     eval_batch_size, and DEFAULT_ADAPT_WINDOWS (compress's default lanes) for an adapted mode.
-    With `ngram`, the model is mixed with an adaptive byte n-gram (basic mode over bytes in one
-    process, see `score_bytes`); with `ngram_where_possible` (mixing by default, not asked for)
-    the runs it cannot mix are scored without it.
+    With `ngram`, the model is mixed with an adaptive byte n-gram (basic mode over bytes, see
+    `score_bytes`); with `ngram_where_possible` (mixing by default, not asked for) the runs it
+    cannot mix are scored without it.
 
     Returns the report as a JSON-ready dict (see `write_report`). Under torch.distributed every
     rank calls this and gets the same report (the scores summed over the ranks' shares of the
@@ -540,7 +541,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         )
     lines += [
         "Model sizes are what arithmetic coding under its probabilities needs (`multibyte compress` "
-        f"attains them within a few bytes plus a {HEADER_SIZE}-byte header, {ADAPT_HEADER_SIZE} with --adapt).",
+        f"attains them within a few bytes plus a {HEADER_SIZE}-byte header, {ADAPT_HEADER_SIZE} with --adapt, "
+        f"{NGRAM_BLOCK_SIZE} more with --ngram).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -109,10 +109,23 @@ def head_nll(
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _HeadNLL.apply(flat, weight, flat_targets, flat_mask, chunk)
     with torch.no_grad():
-        dtype = _matmul_dtype(flat)
-        w = weight.to(dtype)
-        total = torch.zeros((), dtype=torch.float64, device=flat.device)
-        for s in range(0, flat.shape[0], chunk):
-            _, nll = _chunk_nll(flat[s : s + chunk].to(dtype), w, flat_targets[s : s + chunk])
-            total += (nll * flat_mask[s : s + chunk]).sum(dtype=torch.float64)
-        return total.float()
+        nll = head_token_nll(flat, weight, flat_targets, chunk)  # (N,)
+        return (nll * flat_mask).sum(dtype=torch.float64).float()
+
+
+@torch.no_grad()
+def head_token_nll(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: Optional[int] = None
+) -> torch.Tensor:
+    """NLL (nats, fp32) of every target under logits hidden @ weight^T: hidden (..., D) ->
+    (...), computed `chunk` rows of logits at a time (no gradient; what scoring byte by byte
+    needs, e.g. n-gram mixing in `bench`)."""
+    chunk = default_chunk(weight.shape[0]) if chunk is None else chunk
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    dtype = _matmul_dtype(flat)
+    w = weight.to(dtype)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for s in range(0, flat.shape[0], chunk):
+        out[s : s + chunk] = _chunk_nll(flat[s : s + chunk].to(dtype), w, flat_targets[s : s + chunk])[1]
+    return out.view(targets.shape)

@@ -110,23 +110,28 @@ def _context_keys(data: np.ndarray, order: int, window_starts: np.ndarray) -> np
 
 
 class _CountsBefore:
-    """For integer keys (N,): how many positions s < q hold key[t] (optionally summing weights[s]),
-    for query positions q per t. One sort of (key, position); each query is two binary searches."""
+    """For integer keys (N,): how many positions s < q hold key[t] (or the sum of weights[s] over
+    them), for query positions q per t. One sort of (key, position); each query is a binary search
+    from the key's first entry, found once."""
 
     def __init__(self, keys: np.ndarray) -> None:
         _, dense = np.unique(keys, return_inverse=True)
-        self.n = len(keys)
-        self.base = dense.astype(np.int64).reshape(-1) * (self.n + 1)
-        self.order = np.argsort(self.base + np.arange(self.n), kind="stable")
-        self.sorted = (self.base + np.arange(self.n))[self.order]
+        n = len(keys)
+        self.base = dense.astype(np.int64).reshape(-1) * (n + 1)
+        combined = self.base + np.arange(n)
+        self.order = np.argsort(combined)
+        self.sorted = combined[self.order]
+        self.first = np.searchsorted(self.sorted, self.base)  # (N,) where each key's entries begin
 
-    def __call__(self, query: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-        lo = np.searchsorted(self.sorted, self.base)
-        hi = np.searchsorted(self.sorted, self.base + query)
-        if weights is None:
-            return (hi - lo).astype(np.float64)
-        cumulative = np.concatenate([[0.0], np.cumsum(weights[self.order], dtype=np.float64)])
-        return cumulative[hi] - cumulative[lo]
+    def cumulative(self, weights: np.ndarray) -> np.ndarray:
+        """(N + 1,) running sums of `weights` in (key, position) order, for `__call__`."""
+        return np.concatenate([[0.0], np.cumsum(weights[self.order], dtype=np.float64)])
+
+    def __call__(self, query: np.ndarray, cumulative: np.ndarray | None = None) -> np.ndarray:
+        last = np.searchsorted(self.sorted, self.base + query)
+        if cumulative is None:
+            return (last - self.first).astype(np.float64)
+        return cumulative[last] - cumulative[self.first]
 
 
 def ngram_log2_probabilities(
@@ -154,8 +159,8 @@ def ngram_log2_probabilities(
         n_k = context_count(group_starts) + context_count(positions) - context_count(window_starts)
         c_k = pair_group + pair_now - pair_window
         # distinct followers: pairs first seen before the group, plus pairs new in this window so far
-        first_ever = (pair_now == 0).astype(np.float64)
-        new_here = ((pair_now == pair_window) & (pair_group == 0)).astype(np.float64)
+        first_ever = context_count.cumulative((pair_now == 0).astype(np.float64))
+        new_here = context_count.cumulative(((pair_now == pair_window) & (pair_group == 0)).astype(np.float64))
         u_k = context_count(group_starts, first_ever) + context_count(positions, new_here) - context_count(window_starts, new_here)
         seen = n_k > 0
         p = np.where(seen, (c_k + u_k * p) / np.where(seen, n_k + u_k, 1.0), p)

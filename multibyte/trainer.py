@@ -55,11 +55,16 @@ InferenceMode = Literal["basic", "sliding", "strided", "sliding+strided"]
 ADAPT_BY_DEFAULT = {"text": True, "audio": True, "image": False}
 
 
+def _switch(value: Optional[bool], modality: Optional[str], defaults: dict[str, bool]) -> bool:
+    """A switch as given, or None: the modality's default (off when the modality is unknown)."""
+    if value is not None:
+        return value
+    return defaults.get(modality, False) if modality else False
+
+
 def adapt_wanted(adapt: Optional[bool], modality: Optional[str]) -> bool:
-    """--adapt as given, or None: the modality's default (off when the modality is unknown)."""
-    if adapt is not None:
-        return adapt
-    return ADAPT_BY_DEFAULT.get(modality, False) if modality else False
+    """--adapt as given, or None: the modality's default (ADAPT_BY_DEFAULT)."""
+    return _switch(adapt, modality, ADAPT_BY_DEFAULT)
 
 
 # Whether `bench` and `compress` mix the model with a byte n-gram when --ngram is not given: on
@@ -68,10 +73,8 @@ NGRAM_BY_DEFAULT = {"text": True, "audio": False, "image": False}
 
 
 def ngram_wanted(ngram: Optional[bool], modality: Optional[str]) -> bool:
-    """--ngram as given, or None: the modality's default (off when the modality is unknown)."""
-    if ngram is not None:
-        return ngram
-    return NGRAM_BY_DEFAULT.get(modality, False) if modality else False
+    """--ngram as given, or None: the modality's default (NGRAM_BY_DEFAULT)."""
+    return _switch(ngram, modality, NGRAM_BY_DEFAULT)
 
 
 def _writable(paths: list[Path], overwrite: bool) -> None:
@@ -457,9 +460,10 @@ class MultibyteTrainer(Trainer):
             ngram: mix the model with an adaptive byte n-gram of the bytes scored so far
                 (multibyte/ngram_mixing.py; what PPM and cmix count): remembers the file beyond
                 the model's window; the report shows the model alone beside the mixture. Basic
-                inference over bytes, one process (--ngram true otherwise is refused). None
-                means the modality's default (NGRAM_BY_DEFAULT: on for text), where possible;
-                --ngram false (or --no-ngram) turns it off.
+                inference over bytes (--ngram true otherwise is refused); under DDP the ranks
+                share the model's probabilities. None means the modality's default
+                (NGRAM_BY_DEFAULT: on for text), where possible; --ngram false (or --no-ngram)
+                turns it off.
             ngram_options: its order, learning_rate and initial_weight, e.g.
                 --ngram_options.order 5.
         """
@@ -494,7 +498,7 @@ class MultibyteTrainer(Trainer):
             progress=progress,
             adapt_where_possible=adapt is None,  # by default: strided modes run without it
             ngram=ngram_options if ngram_wanted(ngram, data_spec_of(datamodule).modality) else None,
-            ngram_where_possible=ngram is None,  # by default: sliding, strided, subword, DDP run without it
+            ngram_where_possible=ngram is None,  # by default: sliding, strided and subword run without it
         )
         if not self.is_global_zero:
             return report

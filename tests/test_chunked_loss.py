@@ -241,3 +241,13 @@ def test_reuse_freed_memory_serves_a_second_large_tensor_without_page_faults():
     # The kernel may still take back an idle page now and then (other processes on the machine):
     # the best of five tries must have reused the block.
     assert min(faults_of_a_fresh_64mib_tensor() for _ in range(5)) < 1000
+
+
+def test_head_token_nll_is_cross_entropy_per_position():
+    from multibyte.chunked_loss import head_token_nll
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 50, 8), torch.randn(256, 8)
+    targets = torch.randint(0, 256, (3, 50))
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction="none")
+    torch.testing.assert_close(head_token_nll(hidden, weight, targets, chunk=7), expected.view(3, 50))
