@@ -56,6 +56,8 @@ from multibyte.codecs import (  # noqa: E402
 from multibyte.compression import HEADER_SIZE, compress_bytes, decompress_bytes  # noqa: E402
 from multibyte.config import megabyte  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
+from multibyte.lpc_mixing import LpcConfig  # noqa: E402
+from multibyte.mixing import MixingConfig  # noqa: E402
 from multibyte.ngram_mixing import NgramConfig  # noqa: E402
 from multibyte.reference_codecs import reference_codecs  # noqa: E402
 from multibyte.training import load_model  # noqa: E402
@@ -172,17 +174,17 @@ def measure_held_out(
     adapt: AdaptConfig,
     adapt_batch: int,
     max_bytes: Optional[int],
-    ngram: Optional[NgramConfig] = None,
+    mixing: Optional[MixingConfig] = None,
 ) -> dict:
-    """bench's report for the recipe's test split, without and with adaptation (and with `ngram`,
-    the adapted model mixed with a byte n-gram, from the same pass), codecs beside."""
+    """bench's report for the recipe's test split, without and with adaptation (and with `mixing`,
+    the adapted model mixed with a second predictor, from the same pass), codecs beside."""
     datamodule = recipe_datamodule(modality, recipe)
     datamodule.prepare_data()
     model = load_model(checkpoint).model.eval()
     plain = run_benchmark(model, datamodule, "test", ("basic",), max_bytes=max_bytes, checkpoint=checkpoint)
     adapted = run_benchmark(
         model, datamodule, "test", ("basic",), batch_size=adapt_batch, max_bytes=max_bytes, codecs=False, adapt=adapt,
-        checkpoint=checkpoint, ngram=ngram,
+        checkpoint=checkpoint, mixing=mixing,
     )
     rows = plain["results"] + adapted["results"]
     return {
@@ -196,7 +198,7 @@ def measure_held_out(
         "checkpoint": checkpoint,
         "parameters": plain["model"]["parameters"],
         "adapt": adapted["model"]["adapt"],
-        "ngram": adapted["model"]["ngram"],
+        "mixing": adapted["model"]["mixing"],
         "bits": {row["method"]: round(row["bits_per_byte"], 4) for row in rows},
         "model_seconds": {row["method"]: round(row["seconds"], 1) for row in rows if row["kind"] == "model"},
         "codecs_skipped": plain["skipped"],
@@ -227,9 +229,13 @@ def main_full(args, checkpoints: dict[str, str], parser) -> None:
     began = time.perf_counter()
     figures: dict = {"quick": False, "torch": torch.__version__, "threads": torch.get_num_threads()}
     for modality, checkpoint in checkpoints.items():
-        ngram = NgramConfig(order=args.ngram_order) if args.ngram_order is not None and modality in args.ngram else None
+        mixing = None
+        if modality in args.ngram:
+            mixing = NgramConfig(order=args.ngram_order)
+        elif modality in args.lpc:
+            mixing = LpcConfig()
         figures[modality] = measure_held_out(
-            modality, checkpoint, recipes.get(modality), adapt, args.adapt_batch, args.max_bytes, ngram
+            modality, checkpoint, recipes.get(modality), adapt, args.adapt_batch, args.max_bytes, mixing
         )
         print_table(modality, figures[modality])
     figures["seconds"] = round(time.perf_counter() - began, 1)
@@ -249,6 +255,8 @@ def main() -> None:
                         help="full mode: modalities whose adapted model is also mixed with a byte n-gram (default: text)")
     parser.add_argument("--ngram_order", type=int, default=NgramConfig().order,
                         help="full mode: the n-gram's longest context in bytes")
+    parser.add_argument("--lpc", nargs="*", default=["audio"], metavar="MODALITY",
+                        help="full mode: modalities whose adapted model is also mixed with a linear predictor of samples (default: audio)")
     parser.add_argument(
         "--checkpoint",
         action="append",

@@ -59,10 +59,12 @@ from datamodules.windows import (  # noqa: F401
     rank_share,
 )
 from multibyte.adaptation import AdaptConfig, Adapter, adapt_summary, distributed_rank
-from multibyte.ngram_mixing import NgramConfig, mixed_log2_probabilities, ngram_summary
+from multibyte.mixing import MIXINGS, MixingConfig, kind, mixed_log2_probabilities
+from multibyte.mixing import check as check_mixing
+from multibyte.mixing import describe as describe_mixing
 from multibyte.atomic_files import write_atomically
 from multibyte.chunked_loss import head_token_nll
-from multibyte.compression import ADAPT_HEADER_SIZE, DEFAULT_ADAPT_WINDOWS, HEADER_SIZE, NGRAM_BLOCK_SIZE
+from multibyte.compression import ADAPT_HEADER_SIZE, DEFAULT_ADAPT_WINDOWS, HEADER_SIZE
 from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
 from multibyte.progress import progress_bar
@@ -154,14 +156,6 @@ def _symbol_log2_probabilities(model: HierarchicalByteModel, tokens: torch.Tenso
     return (-nll.double() / LN2).cpu().numpy()
 
 
-def check_ngram(mode: str, subword: bool) -> None:
-    """Refuse n-gram mixing where it is not defined: sliding or strided windows, token ids."""
-    if mode != "basic":
-        raise ValueError(f"--ngram with {mode} inference: the n-gram mixes over contiguous windows; use basic")
-    if subword:
-        raise ValueError("--ngram counts bytes: a subword model's token ids cannot be mixed with it")
-
-
 @torch.inference_mode()
 def score_bytes(
     model: HierarchicalByteModel,
@@ -173,7 +167,7 @@ def score_bytes(
     token_bytes: Optional[np.ndarray] = None,
     adapt: Optional[AdaptConfig] = None,
     progress: Optional[bool] = False,
-    ngram: Optional[NgramConfig] = None,
+    mixing: Optional[MixingConfig] = None,
 ) -> ModelScore:
     """Bits of every symbol of `data` under `mode`: (N,) bytes (uint8, e.g. a memory-mapped split),
     or with `token_bytes` ((V,) bytes each id decodes to) N token ids, whose scored bytes are the
@@ -183,10 +177,11 @@ def score_bytes(
     scored in file order, each by the weights learned from every batch before it; the model given
     is left as it was. Modes whose windows run in file order only: basic and sliding.
 
-    With `ngram` (`multibyte.ngram_mixing`): every byte's probability is the model's mixed with an
-    adaptive byte n-gram over the bytes before it, groups of `batch_size` windows (compress's
-    lanes) as compress codes them; basic inference over bytes. Under torch.distributed the ranks
-    share the model's per-byte probabilities and each computes the same mixture.
+    With `mixing` (`multibyte.mixing`): every byte's probability is the model's mixed with a second
+    predictor's (a byte n-gram, a linear predictor of samples) fed the bytes before it, groups of
+    `batch_size` windows (compress's lanes) as compress codes them; basic inference over bytes.
+    Under torch.distributed the ranks share the model's per-byte probabilities and each computes
+    the same mixture.
 
     Under torch.distributed every rank must call this with the same arguments: each scores its
     share of the windows (with `adapt`: its share of every batch, then all make the same update)
@@ -205,9 +200,9 @@ def score_bytes(
     P = model.config.alignment
     plan = inference_plan(len(data), seq_len, P, mode)
     rank, world_size = distributed_rank()
-    if ngram is not None:
-        check_ngram(mode, token_bytes is not None)
-    model_log2_p = np.zeros(len(data)) if ngram is not None else None  # (N,) the model's, in file order
+    if mixing is not None:
+        check_mixing(mixing, mode, token_bytes is not None, seq_len=seq_len)
+    model_log2_p = np.zeros(len(data)) if mixing is not None else None  # (N,) the model's, in file order
     unmixed_bits = None
     device = model.head.weight.device
     adapter = Adapter(model, adapt) if adapt is not None else None
@@ -253,7 +248,7 @@ def score_bytes(
             model_log2_p = shared.cpu().numpy()
         windows = [(window.start, window.stop) for window in plan]
         unmixed_bits = -float(model_log2_p.sum())
-        total_bits = -float(mixed_log2_probabilities(model_log2_p, data, windows, batch_size, ngram).sum())
+        total_bits = -float(mixed_log2_probabilities(mixing, model_log2_p, data, windows, batch_size).sum())
         if rank > 0:  # every rank holds the file's total; the sum over the ranks below counts rank 0's
             total_bits = 0.0
     if token_bytes is None:
@@ -339,6 +334,15 @@ def describe_patching(config) -> str:
     return ", then ".join(parts) if parts else "none (one stage over bytes)"
 
 
+def _mixable(mixing: MixingConfig, mode: str, token_bytes, encoding: Optional[str], seq_len: int) -> bool:
+    """Whether `mixing` can run on this mode and data (for mixing by default, where possible)."""
+    try:
+        check_mixing(mixing, mode, token_bytes is not None, encoding, seq_len)
+    except ValueError:
+        return False
+    return True
+
+
 def codec_params(datamodule) -> dict[str, Any]:
     """What `reference_codecs` needs to know about how the datamodule laid out its bytes."""
     spec = data_spec_of(datamodule)
@@ -362,16 +366,16 @@ def run_benchmark(
     adapt: Optional[AdaptConfig] = None,
     progress: Optional[bool] = False,
     adapt_where_possible: bool = False,
-    ngram: Optional[NgramConfig] = None,
-    ngram_where_possible: bool = False,
+    mixing: Optional[MixingConfig] = None,
+    mixing_where_possible: bool = False,
 ) -> dict[str, Any]:
     """Score `model` on `split` of `datamodule` in every mode, and the codecs on the same bytes.
     With `adapt`, every mode runs with dynamic evaluation (see `score_bytes`), each from the
     given weights; a strided mode is refused, or with `adapt_where_possible` (adaptation by
     default, not asked for) scored without it. `batch_size` None: the datamodule's
     eval_batch_size, and DEFAULT_ADAPT_WINDOWS (compress's default lanes) for an adapted mode.
-    With `ngram`, the model is mixed with an adaptive byte n-gram (basic mode over bytes, see
-    `score_bytes`); with `ngram_where_possible` (mixing by default, not asked for) the runs it
+    With `mixing`, the model is mixed with a second predictor (basic mode over bytes, see
+    `score_bytes`); with `mixing_where_possible` (mixing by default, not asked for) the runs it
     cannot mix are scored without it.
 
     Returns the report as a JSON-ready dict (see `write_report`). Under torch.distributed every
@@ -395,27 +399,29 @@ def run_benchmark(
     if len(data.raw) == 0:
         raise ValueError(f"split {split!r} of {datamodule.source} holds no bytes")
     rows: list[dict[str, Any]] = []
-    mixable = data.token_bytes is None
-    if ngram is not None and not ngram_where_possible:  # asked for: refuse before any work is done
+    encoding = codec_params(datamodule).get("encoding")
+    if mixing is not None and not mixing_where_possible:  # asked for: refuse before any work is done
         for mode in modes:
-            check_ngram(mode, data.token_bytes is not None)
+            check_mixing(mixing, mode, data.token_bytes is not None, encoding, seq_len)
     mixed_any = False
     for mode in modes:
         adapting = adapt if "strided" not in mode else None
-        mixing = ngram if not ngram_where_possible or (mode == "basic" and mixable) else None
-        mixed_any |= mixing is not None
+        mixes = mixing
+        if mixing is not None and mixing_where_possible and not _mixable(mixing, mode, data.token_bytes, encoding, seq_len):
+            mixes = None  # a default mixing goes without where it cannot run
+        mixed_any |= mixes is not None
         batch = batch_size or (DEFAULT_ADAPT_WINDOWS if adapting is not None else datamodule.eval_batch_size)
         score = score_bytes(
-            model, data.symbols, seq_len, mode, batch, precision, data.token_bytes, adapting, progress, mixing
+            model, data.symbols, seq_len, mode, batch, precision, data.token_bytes, adapting, progress, mixes
         )
         if score.scored_bytes != len(data.raw):  # every byte once, counted through the tokens
             raise RuntimeError(f"{mode} inference scored {score.scored_bytes} bytes of {len(data.raw)}")
         row = {
-            "method": MODE_LABELS[mode] + (" + adapt" if adapting is not None else "") + (" + n-gram" if mixing else ""),
+            "method": MODE_LABELS[mode] + (" + adapt" if adapting is not None else "") + (f" + {kind(mixes).label}" if mixes else ""),
             "kind": "model",
             "mode": mode,
             "adapt": adapting is not None,
-            "ngram": mixing is not None,
+            "mixing": kind(mixes).label if mixes is not None else None,
             "bits_per_byte": score.bits_per_byte,
             "compressed_bytes": math.ceil(score.bits / 8),  # what arithmetic coding would need
             "scored_bytes": score.scored_bytes,
@@ -430,7 +436,7 @@ def run_benchmark(
                 {
                     **row,
                     "method": MODE_LABELS[mode] + (" + adapt" if adapting is not None else ""),
-                    "ngram": False,
+                    "mixing": None,
                     "bits_per_byte": score.unmixed_bits / score.scored_bytes,
                     "compressed_bytes": math.ceil(score.unmixed_bits / 8),
                 }
@@ -478,7 +484,7 @@ def run_benchmark(
             "device": str(model.head.weight.device),
             "tokenizer": tokenizer,
             "adapt": None if adapt is None else {**adapt.to_dict(), "batch_size": batch_size or DEFAULT_ADAPT_WINDOWS},
-            "ngram": ngram.to_dict() if mixed_any else None,
+            "mixing": {"kind": kind(mixing).label, **mixing.to_dict()} if mixed_any else None,
         },
         "results": rows,
         "skipped": skipped,
@@ -534,15 +540,15 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"Adapted while scoring (dynamic evaluation): {adapt_summary(AdaptConfig(**options))}, "
             f"updating after every {every} windows scored."
         )
-    if model.get("ngram"):
-        lines.append(
-            f"Mixed with an adaptive byte n-gram (multibyte/ngram_mixing.py): "
-            f"{ngram_summary(NgramConfig(**model['ngram']))}."
-        )
+    if model.get("mixing"):
+        options = dict(model["mixing"])
+        label = options.pop("kind")
+        (mixing,) = [mixing for mixing in MIXINGS if mixing.label == label]
+        lines.append(f"Mixed with {describe_mixing(mixing.config(**options))} (multibyte/mixing.py).")
     lines += [
         "Model sizes are what arithmetic coding under its probabilities needs (`multibyte compress` "
         f"attains them within a few bytes plus a {HEADER_SIZE}-byte header, {ADAPT_HEADER_SIZE} with --adapt, "
-        f"{NGRAM_BLOCK_SIZE} more with --ngram).",
+        + ", ".join(f"{mixing.block.size} more with {mixing.flag}" for mixing in MIXINGS) + ").",
     ]
     return "\n".join(lines) + "\n"
 

@@ -92,12 +92,14 @@ FLAG_ALIASES = {
     "--no_adapt": ["--adapt", "false"],
     "--no-ngram": ["--ngram", "false"],
     "--no_ngram": ["--ngram", "false"],
+    "--no-lpc": ["--lpc", "false"],
+    "--no_lpc": ["--lpc", "false"],
 }
 
 
 def resolve_config_arguments(argv: list[str]) -> list[str]:
     """Rewrite every `--config X` / `--config=X` so X points at an existing file, and the
-    FLAG_ALIASES (`--no-adapt` is `--adapt false`, `--no-ngram` is `--ngram false`)."""
+    FLAG_ALIASES (`--no-adapt` is `--adapt false`, `--no-ngram` is `--ngram false`, `--no-lpc` is `--lpc false`)."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]

@@ -30,12 +30,13 @@ the container records the options and the environment (device type, intra-op thr
 PyTorch version), and a decoder under another setting is refused with one clear error instead of
 decoding garbage.
 
-With an `NgramConfig` (`compress --ngram true`), each byte is coded under the model's distribution
-mixed with an adaptive byte n-gram (`multibyte.ngram_mixing.NgramMixer`): counts of the groups
-already coded and of the lane's own window so far, which the decoder has restored too.
+With a mixing config (`multibyte.mixing`: `compress --ngram true` or `--lpc true`), each byte is
+coded under the model's distribution mixed with a second predictor's: an adaptive byte n-gram
+(`multibyte.ngram_mixing`) or a linear predictor of 16-bit samples (`multibyte.lpc_mixing`), both
+fed only what the decoder has restored too (the groups already coded, the lane's window so far).
 
-Container (little-endian, HEADER_SIZE = 86 bytes, ADAPT_HEADER_SIZE = 167 with adaptation, 17 more
-with n-gram mixing, then the payload), format version 4:
+Container (little-endian, HEADER_SIZE = 86 bytes, ADAPT_HEADER_SIZE = 167 with adaptation, the
+mixing block's 17 (n-gram) or 48 (LPC) more with mixing, then the payload), format version 5:
 
     magic          4s   b"MBAC"
     version        B    FORMAT_VERSION
@@ -51,7 +52,8 @@ with n-gram mixing, then the payload), format version 4:
     alphabet_size  I    the model's vocabulary V (256 for bytes)
     tokenizer_hash 16s  first 16 bytes of the tokenizer's fingerprint; zeros for a byte model
     adapt          B    1 = coded with dynamic evaluation: the adapt block follows; 0 = it does not
-    ngram          B    1 = mixed with a byte n-gram: the ngram block follows (after any adapt block)
+    mixing         B    0 = the model alone, 1 = mixed with a byte n-gram, 2 = with a linear
+                        predictor: that mixing's block follows (after any adapt block)
   the adapt block (81 bytes, only when adapt = 1):
     optimizer      B    index into adaptation.OPTIMIZERS
     parameters     B    index into adaptation.PARAMETER_SETS
@@ -64,15 +66,13 @@ with n-gram mixing, then the payload), format version 4:
     device_type    8s   the encoder's device type ("cpu", "cuda"), NUL-padded
     threads        H    the encoder's torch.get_num_threads()
     torch_version  32s  the encoder's torch.__version__, NUL-padded
-  the ngram block (17 bytes, only when ngram = 1):
-    order          B    longest context in bytes
-    learning_rate  d    the mixture logit's step per group
-    initial_weight d    the model's share before the first group
+  the n-gram block (17 bytes, mixing = 1): NgramConfig's fields in order, "<Bdd"
+  the LPC block (48 bytes, mixing = 2): LpcConfig's fields in order, "<IIIIdddd"
     header_crc     I    CRC32 of the header bytes before it
 
 A file coded with adaptation is decoded only under the same device type, thread count and PyTorch
 version (without adaptation a difference there rarely matters, and the data checksum catches it
-when it does). Version 3 files (no ngram flag: 85 bytes, 166 with the adapt block), version 2 files (the fields
+when it does). Version 4 files (the same layout; the mixing byte is 0 or 1), version 3 files (no mixing byte: 85 bytes, 166 with the adapt block), version 2 files (the fields
 up to tokenizer_hash, then header_crc; 84 bytes) and version 1 files (byte models only: the
 fields up to payload_crc, then header_crc; 56 bytes) are still read. Decompression checks, in order, magic, version, header checksum, the announced
 length (at most MAX_LENGTH, and no more symbols than the payload can encode: see
@@ -110,7 +110,8 @@ from multibyte.arithmetic_coding import (
 )
 from multibyte.adaptation import ADAPT_PRECISIONS, OPTIMIZERS, PARAMETER_SETS, AdaptConfig, Adapter, adapt_summary
 from multibyte.model import HierarchicalByteModel
-from multibyte.ngram_mixing import NgramConfig, NgramMixer
+from multibyte.mixing import MIXINGS, MixingConfig, by_code, byte_mixer, kind, pack_block, unpack_block
+from multibyte.mixing import check as check_mixing
 from multibyte.progress import progress_bar
 from multibyte.sampling import DecodeState, allocate_decode_state, decode_step, prefill, reset_decode_state
 
@@ -118,8 +119,8 @@ if TYPE_CHECKING:
     from multibyte.bpe import BPETokenizer
 
 MAGIC = b"MBAC"
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PRECISIONS = ("32-true", "bf16-mixed")  # index = the header's precision code
 DEFAULT_LANES = 32  # windows coded side by side without adaptation: more lanes, fewer steps per byte
 # With adaptation the lanes are also the windows coded between two updates (and bench's batch is
@@ -129,14 +130,13 @@ DEFAULT_ADAPT_WINDOWS = 8
 _HEADER_V1 = struct.Struct("<4sBBHIQQ16sII")  # version 1: everything up to header_crc
 _HEADER_V2 = struct.Struct("<4sBBHIQQ16sIIQI16s")  # version 2: everything up to header_crc
 _HEADER_V3 = struct.Struct("<" + _HEADER_V2.format[1:] + "B")  # version 3: version 2's fields and the adapt flag
-_HEADER = struct.Struct("<" + _HEADER_V3.format[1:] + "B")  # version 4: version 3's fields and the ngram flag
+_HEADER = struct.Struct("<" + _HEADER_V3.format[1:] + "B")  # versions 4 and 5: version 3's fields and the mixing byte
 _ADAPT_BLOCK = struct.Struct("<BBBHHdddd8sH32s")  # with adapt = 1: the options and the environment
-_NGRAM_BLOCK = struct.Struct("<Bdd")  # version 4 with ngram = 1: order, learning_rate, initial_weight
 _HEADER_CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 86: the header of a file coded without adaptation
 ADAPT_HEADER_SIZE = HEADER_SIZE + _ADAPT_BLOCK.size  # 167: with adaptation
-NGRAM_BLOCK_SIZE = _NGRAM_BLOCK.size  # 17 more with n-gram mixing
-_LAYOUTS = {1: _HEADER_V1, 2: _HEADER_V2, 3: _HEADER_V3, 4: _HEADER}
+_LAYOUTS = {1: _HEADER_V1, 2: _HEADER_V2, 3: _HEADER_V3, 4: _HEADER, 5: _HEADER}
+_MIXING_CODES = {4: (0, 1), 5: (0, *(mixing.code for mixing in MIXINGS))}  # the mixing byte's values by version
 _HEADER_SIZES = {version: layout.size + _HEADER_CRC.size for version, layout in _LAYOUTS.items()}  # the shortest
 NO_TOKENIZER = bytes(16)  # the tokenizer_hash of a byte model's file
 # The longest input compressed or restored: both sides hold the whole file in memory.
@@ -187,7 +187,7 @@ class Header:
     threads: int = 0
     torch_version: str = ""
     version: int = FORMAT_VERSION  # of the file read; pack() always writes FORMAT_VERSION
-    ngram: Optional[NgramConfig] = None  # n-gram mixing's options (version 4); None: the model alone
+    mixing: Optional[MixingConfig] = None  # the second predictor's options (versions 4, 5); None: the model alone
 
     def __post_init__(self) -> None:
         if self.num_symbols < 0:
@@ -198,7 +198,7 @@ class Header:
         return (
             _HEADER_SIZES[self.version]
             + (_ADAPT_BLOCK.size if self.adapt is not None else 0)
-            + (_NGRAM_BLOCK.size if self.ngram is not None else 0)
+            + (kind(self.mixing).block.size if self.mixing is not None else 0)
         )
 
     def pack(self) -> bytes:
@@ -217,14 +217,14 @@ class Header:
             self.alphabet_size,
             self.tokenizer_hash,
             int(self.adapt is not None),
-            int(self.ngram is not None),
+            0 if self.mixing is None else kind(self.mixing).code,
         )
         if self.adapt is not None:
             fields += _ADAPT_BLOCK.pack(
                 *_adapt_fields(self.adapt), _padded(self.device_type, 8), self.threads, _padded(self.torch_version, 32)
             )
-        if self.ngram is not None:
-            fields += _NGRAM_BLOCK.pack(self.ngram.order, self.ngram.learning_rate, self.ngram.initial_weight)
+        if self.mixing is not None:
+            fields += pack_block(self.mixing)
         return fields + _HEADER_CRC.pack(zlib.crc32(fields))
 
     @classmethod
@@ -244,10 +244,10 @@ class Header:
         if len(blob) < size:
             raise CompressionError(f"{source}: truncated: {len(blob)} bytes, shorter than the {size}-byte header")
         layout = _LAYOUTS[version]
-        flags = {3: 1, 4: 2}.get(version, 0)  # the adapt (and ngram) flag bytes end the layout
+        flags = {3: 1, 4: 2, 5: 2}.get(version, 0)  # the adapt (and mixing) bytes end the layout
         adapted = flags >= 1 and blob[layout.size - flags] == 1  # checked by the checksum below
-        mixed = flags >= 2 and blob[layout.size - 1] == 1
-        block = (_ADAPT_BLOCK.size if adapted else 0) + (_NGRAM_BLOCK.size if mixed else 0)
+        mixed = by_code(blob[layout.size - 1]) if flags >= 2 and blob[layout.size - 1] in _MIXING_CODES[version] else None
+        block = (_ADAPT_BLOCK.size if adapted else 0) + (mixed.block.size if mixed is not None else 0)
         if len(blob) < size + block:
             raise CompressionError(
                 f"{source}: truncated: {len(blob)} bytes, shorter than the {size + block}-byte header"
@@ -261,17 +261,16 @@ class Header:
         num_symbols, alphabet_size, tokens_of = values[10:13] if version >= 2 else (length, ALPHABET_SIZE, NO_TOKENIZER)
         if version >= 3 and values[13] not in (0, 1):
             raise CompressionError(f"{source}: corrupt header (adapt flag {values[13]})")
-        if version >= 4 and values[14] not in (0, 1):
-            raise CompressionError(f"{source}: corrupt header (ngram flag {values[14]})")
-        adapt, device_type, threads, torch_version, ngram = None, "", 0, "", None
+        if version >= 4 and values[14] not in _MIXING_CODES[version]:
+            raise CompressionError(f"{source}: corrupt header (mixing {values[14]})")
+        adapt, device_type, threads, torch_version, mixing = None, "", 0, "", None
         if adapted:
             options = _ADAPT_BLOCK.unpack(fields[layout.size : layout.size + _ADAPT_BLOCK.size])
             adapt = _parse_adapt_fields(options[:9], source)
             device_type, threads, torch_version = _unpadded(options[9]), options[10], _unpadded(options[11])
-        if mixed:
-            order, learning_rate, initial_weight = _NGRAM_BLOCK.unpack(fields[len(fields) - _NGRAM_BLOCK.size :])
+        if mixed is not None:
             try:
-                ngram = NgramConfig(order, learning_rate, initial_weight)
+                mixing = unpack_block(mixed, fields[len(fields) - mixed.block.size :])
             except ValueError as error:
                 raise CompressionError(f"{source}: corrupt header ({error})") from None
         if precision >= len(PRECISIONS) or lanes < 1 or seq_len < 1 or not 2 <= alphabet_size <= MAX_ALPHABET_SIZE:
@@ -285,8 +284,8 @@ class Header:
                 f"{source}: corrupt header: it announces {length:,} bytes, more than the {MAX_LENGTH:,} "
                 f"this multibyte restores"
             )
-        if ngram is not None and (tokens_of != NO_TOKENIZER or alphabet_size != ALPHABET_SIZE):
-            raise CompressionError(f"{source}: corrupt header: n-gram mixing on a file not coded as bytes")
+        if mixing is not None and (tokens_of != NO_TOKENIZER or alphabet_size != ALPHABET_SIZE):
+            raise CompressionError(f"{source}: corrupt header: mixing on a file not coded as bytes")
         most = max_decodable_length(payload_size, alphabet_size)
         if tokens_of == NO_TOKENIZER:
             if length > most:
@@ -308,7 +307,7 @@ class Header:
                 )
         return cls(
             PRECISIONS[precision], lanes, seq_len, length, payload_size, weights_hash, data_crc, payload_crc,
-            num_symbols, alphabet_size, tokens_of, adapt, device_type, threads, torch_version, version, ngram,
+            num_symbols, alphabet_size, tokens_of, adapt, device_type, threads, torch_version, version, mixing,
         )
 
     def environment(self) -> str:
@@ -510,13 +509,13 @@ def _code_windows(
     adapter: Optional[Adapter] = None,
     symbols: Optional[np.ndarray] = None,
     bar=None,
-    mixer: Optional[NgramMixer] = None,
+    mixer=None,
 ) -> float:
     """Walk the windows of `length` symbols as both sides do: per group a fresh state, then per
     step t the logits of every live lane; `next_symbol(cumulative, start + t)` codes one symbol
     and returns it. With `adapter` (whose model the stepper runs), after every group but the last
     the model learns from the group's `symbols` (the array being read or filled). With `mixer`
-    the coded distribution is the model's mixed with its byte n-gram (`multibyte.ngram_mixing`).
+    (`multibyte.mixing.byte_mixer`) the coded distribution is the model's mixed with its predictor's.
     `bar` counts the symbols coded. Returns the -log2 p of the symbols coded (the mixture's with
     a mixer)."""
     model_bits = 0.0
@@ -571,22 +570,22 @@ def compress_bytes(
     tokenizer: Optional["BPETokenizer"] = None,
     adapt: Optional[AdaptConfig] = None,
     progress: Optional[bool] = False,
-    ngram: Optional[NgramConfig] = None,
+    mixing: Optional[MixingConfig] = None,
 ) -> tuple[bytes, CompressionStats]:
     """Compress `data` with `model` in windows of `seq_len` symbols; returns (container bytes, stats).
 
     A subword model (vocab_size != 256) needs its `tokenizer`: the data is coded as its token ids.
     `adapt`: learn while coding (dynamic evaluation, after every group of `lanes` windows); the
     model given is not modified. `lanes` None: DEFAULT_ADAPT_WINDOWS with `adapt`, else
-    DEFAULT_LANES. `progress`: a bar on stderr (None: when stderr is a terminal). `ngram`: mix the
-    model with an adaptive byte n-gram (`multibyte.ngram_mixing`; a byte model only)."""
+    DEFAULT_LANES. `progress`: a bar on stderr (None: when stderr is a terminal). `mixing`: mix the
+    model with a second predictor (`multibyte.mixing`; a byte model only)."""
     if lanes is None:
         lanes = DEFAULT_ADAPT_WINDOWS if adapt is not None else DEFAULT_LANES
     _check_model(model, seq_len, lanes, precision)
     if len(data) > MAX_LENGTH:
         raise ValueError(f"input of {len(data):,} bytes: at most {MAX_LENGTH:,} can be compressed")
-    if ngram is not None and tokenizer is not None:
-        raise ValueError("--ngram counts bytes: a subword model's token ids cannot be mixed with it")
+    if mixing is not None:
+        check_mixing(mixing, "basic", tokenizer is not None, seq_len=seq_len)
     began = time.perf_counter()
     data = bytes(data)
     symbols = _symbols(model, data, tokenizer)
@@ -603,7 +602,7 @@ def compress_bytes(
     stepper = _LaneStepper(model if adapter is None else adapter.model, seq_len, precision)
     bar = progress_bar(len(symbols), "compress", "B" if tokenizer is None else "tok", progress)
     try:
-        mixer = NgramMixer(ngram) if ngram is not None else None
+        mixer = byte_mixer(mixing) if mixing is not None else None
         model_bits = _code_windows(stepper, len(symbols), seq_len, lanes, encode, adapter, symbols, bar, mixer)
     finally:
         bar.close()
@@ -625,7 +624,7 @@ def compress_bytes(
         device_type=device_type,
         threads=threads,
         torch_version=torch_version,
-        ngram=ngram,
+        mixing=mixing,
     ).pack()
     seconds = time.perf_counter() - began
     stats = CompressionStats(len(data), len(header) + len(payload), len(header), model_bits, seconds, len(symbols), adapt is not None)
@@ -714,7 +713,7 @@ def decompress_bytes(
     stepper = _LaneStepper(model if adapter is None else adapter.model, header.seq_len, header.precision)
     bar = progress_bar(header.num_symbols, "decompress", "B" if tokenizer is None else "tok", progress)
     try:
-        mixer = NgramMixer(header.ngram) if header.ngram is not None else None
+        mixer = byte_mixer(header.mixing) if header.mixing is not None else None
         model_bits = _code_windows(
             stepper, header.num_symbols, header.seq_len, header.lanes, decode, adapter, out, bar, mixer
         )
@@ -760,10 +759,10 @@ def compress_file(
     tokenizer: Optional["BPETokenizer"] = None,
     adapt: Optional[AdaptConfig] = None,
     progress: Optional[bool] = False,
-    ngram: Optional[NgramConfig] = None,
+    mixing: Optional[MixingConfig] = None,
 ) -> CompressionStats:
     blob, stats = compress_bytes(
-        model, _read_input(input_path), seq_len, lanes, precision, tokenizer, adapt, progress, ngram
+        model, _read_input(input_path), seq_len, lanes, precision, tokenizer, adapt, progress, mixing
     )
     write_atomically(output_path, blob)
     return stats

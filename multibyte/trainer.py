@@ -21,7 +21,11 @@ from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from multibyte.adaptation import AdaptConfig, adapt_summary
-from multibyte.ngram_mixing import NgramConfig, ngram_summary
+from multibyte.lpc_mixing import LpcConfig
+from multibyte.mixing import MixingConfig
+from multibyte.mixing import check as check_mixing
+from multibyte.mixing import describe as describe_mixing
+from multibyte.ngram_mixing import NgramConfig
 from multibyte.checkpoints import (
     SafeCheckpointIO,
     check_same_tokenizer,
@@ -67,14 +71,33 @@ def adapt_wanted(adapt: Optional[bool], modality: Optional[str]) -> bool:
     return _switch(adapt, modality, ADAPT_BY_DEFAULT)
 
 
-# Whether `bench` and `compress` mix the model with a byte n-gram when --ngram is not given: on
-# where it was measured better on validation data (README "Mixing with a byte n-gram": text).
-NGRAM_BY_DEFAULT = {"text": True, "audio": False, "image": False}
+# Which second predictor `bench` and `compress` mix the model with when neither --ngram nor --lpc
+# is true: the one measured better on validation data (README "Mixing with a byte n-gram" and
+# "Mixing with a linear predictor"): a byte n-gram for text, a linear predictor of samples for
+# audio, none for images.
+MIXING_BY_DEFAULT = {"text": "ngram", "audio": "lpc"}
 
 
-def ngram_wanted(ngram: Optional[bool], modality: Optional[str]) -> bool:
-    """--ngram as given, or None: the modality's default (NGRAM_BY_DEFAULT)."""
-    return _switch(ngram, modality, NGRAM_BY_DEFAULT)
+def mixing_wanted(
+    ngram: Optional[bool],
+    ngram_options: NgramConfig,
+    lpc: Optional[bool],
+    lpc_options: LpcConfig,
+    modality: Optional[str],
+) -> tuple[Optional[MixingConfig], bool]:
+    """The mixing --ngram / --lpc ask for, or the modality's default (MIXING_BY_DEFAULT) unless its
+    switch is false; and whether it was asked for (then refused where it cannot run, while a
+    default one is skipped there)."""
+    if ngram and lpc:
+        raise ValueError("--ngram true and --lpc true: the model is mixed with one second predictor; choose one")
+    if ngram or lpc:
+        return (ngram_options if ngram else lpc_options), True
+    default = MIXING_BY_DEFAULT.get(modality or "")
+    if default == "ngram" and ngram is None:
+        return ngram_options, False
+    if default == "lpc" and lpc is None:
+        return lpc_options, False
+    return None, False
 
 
 def _writable(paths: list[Path], overwrite: bool) -> None:
@@ -425,6 +448,8 @@ class MultibyteTrainer(Trainer):
         progress: Optional[bool] = None,
         ngram: Optional[bool] = None,
         ngram_options: NgramConfig = NgramConfig(),
+        lpc: Optional[bool] = None,
+        lpc_options: LpcConfig = LpcConfig(),
     ) -> dict[str, Any]:
         """Density benchmark: bits per byte (bits/dim) on a split beside the reference codecs.
 
@@ -462,10 +487,17 @@ class MultibyteTrainer(Trainer):
                 the model's window; the report shows the model alone beside the mixture. Basic
                 inference over bytes (--ngram true otherwise is refused); under DDP the ranks
                 share the model's probabilities. None means the modality's default
-                (NGRAM_BY_DEFAULT: on for text), where possible; --ngram false (or --no-ngram)
+                (MIXING_BY_DEFAULT: on for text), where possible; --ngram false (or --no-ngram)
                 turns it off.
             ngram_options: its order, learning_rate and initial_weight, e.g.
                 --ngram_options.order 5.
+            lpc: mix the model with a backward-adaptive linear predictor of 16-bit samples
+                (multibyte/lpc_mixing.py; what FLAC predicts with), one mixture weight per byte
+                of the sample. Audio in pcm16 with basic inference and an even seq_len (--lpc true
+                otherwise is refused). None means the modality's default (MIXING_BY_DEFAULT: on
+                for audio), where possible; --lpc false (or --no-lpc) turns it off.
+            lpc_options: its order, history, refit, scale_window, min_scale, ridge,
+                learning_rate and initial_weight, e.g. --lpc_options.order 32.
         """
         from multibyte.bench import markdown_table, run_benchmark, write_report
 
@@ -479,6 +511,7 @@ class MultibyteTrainer(Trainer):
         stem = f"bench-{data_spec_of(datamodule).modality}-{split}"
         _writable([folder / f"{stem}.{suffix}" for suffix in ("md", "json", "png")], overwrite)
         adapting = adapt_wanted(adapt, data_spec_of(datamodule).modality)
+        mixing, asked = mixing_wanted(ngram, ngram_options, lpc, lpc_options, data_spec_of(datamodule).modality)
         byte_model = self._byte_model(model, ckpt_path)
         self._tokenizer(model, datamodule, ckpt_path, prepare=True)  # refuses data of another tokenizer
         # Under a multi-process strategy (ddp, torchrun, SLURM) every rank scores its share of
@@ -497,8 +530,8 @@ class MultibyteTrainer(Trainer):
             adapt=adapt_options if adapting else None,
             progress=progress,
             adapt_where_possible=adapt is None,  # by default: strided modes run without it
-            ngram=ngram_options if ngram_wanted(ngram, data_spec_of(datamodule).modality) else None,
-            ngram_where_possible=ngram is None,  # by default: sliding, strided and subword run without it
+            mixing=mixing,
+            mixing_where_possible=not asked,  # by default: sliding, strided and subword run without it
         )
         if not self.is_global_zero:
             return report
@@ -524,6 +557,8 @@ class MultibyteTrainer(Trainer):
         progress: Optional[bool] = None,
         ngram: Optional[bool] = None,
         ngram_options: NgramConfig = NgramConfig(),
+        lpc: Optional[bool] = None,
+        lpc_options: LpcConfig = LpcConfig(),
     ) -> None:
         """Compress a file: arithmetic coding under the checkpoint's next-byte probabilities (a
         subword model: next-token probabilities over the file's token ids, from its tokenizer).
@@ -552,8 +587,13 @@ class MultibyteTrainer(Trainer):
             progress: a progress bar on stderr; None shows it when stderr is a terminal.
             ngram: mix the model with an adaptive byte n-gram, as bench --ngram true (the options
                 are stored in the file; a byte model only). None means the modality of --data's
-                default (NGRAM_BY_DEFAULT: on for text byte models; off without --data).
+                default (MIXING_BY_DEFAULT: on for text byte models; off without --data).
             ngram_options: its order, learning_rate and initial_weight, as for bench.
+            lpc: mix the model with a linear predictor of 16-bit samples, as bench --lpc true (the
+                input must be pcm16 bytes, e.g. the audio datamodule's stream; options stored in the
+                file). None means the modality of --data's default (MIXING_BY_DEFAULT: on for
+                pcm16 audio; off without --data).
+            lpc_options: its options, as for bench.
         """
         from multibyte.compression import compress_file
 
@@ -572,7 +612,13 @@ class MultibyteTrainer(Trainer):
         window = seq_len or (data_spec_of(datamodule).seq_len if datamodule is not None else byte_model.config.max_seq_len)
         modality = data_spec_of(datamodule).modality if datamodule is not None else None
         options = adapt_options if adapt_wanted(adapt, modality) else None
-        mixing = ngram_options if ngram_wanted(ngram, modality) and (tokenizer is None or ngram) else None
+        mixing, asked = mixing_wanted(ngram, ngram_options, lpc, lpc_options, modality)
+        if mixing is not None and not asked:  # a default mixing runs only where it can
+            encoding = getattr(data_spec_of(datamodule), "audio_encoding", None) if datamodule is not None else None
+            try:
+                check_mixing(mixing, "basic", tokenizer is not None, encoding, window)
+            except ValueError:
+                mixing = None
         stats = compress_file(
             byte_model, input_file, output_file, window, lanes, precision, tokenizer, options, progress, mixing
         )
@@ -587,7 +633,7 @@ class MultibyteTrainer(Trainer):
                 if options is not None
                 else ""
             )
-            + (f" (mixed with a byte n-gram: {ngram_summary(mixing)})" if mixing is not None else "")
+            + (f" (mixed with {describe_mixing(mixing)})" if mixing is not None else "")
         )
 
     def decompress(

@@ -77,7 +77,7 @@ def test_adaptive_round_trip_is_exact_on_every_modality(model, load):
     assert restored == data
     assert weights_hash(model) == before  # the adapter trains a copy
     header = Header.unpack(blob, "x.mbac")
-    assert header.adapt == ADAPT and header.version == FORMAT_VERSION == 4
+    assert header.adapt == ADAPT and header.version == FORMAT_VERSION == 5
     assert header.device_type == "cpu" and header.threads == torch.get_num_threads()
     assert header.torch_version == torch.__version__
 
@@ -251,7 +251,7 @@ def test_version_3_files_are_still_read(model, adapt):
     restored, stats = decompress_bytes(model, version_3, "old.mbac")
     assert restored == data and stats.header_bytes == (166 if adapt else 85)
     old = Header.unpack(version_3, "old.mbac")
-    assert old.version == 3 and old.adapt == adapt and old.ngram is None
+    assert old.version == 3 and old.adapt == adapt and old.mixing is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -221,7 +221,7 @@ def test_cli_bench(tmp_path, capsys):
     report = json.loads((out / "bench-text-test.json").read_text())
     model_rows = [row for row in report["results"] if row["kind"] == "model"]
     # text mixes with the n-gram by default where it can (basic), the model alone beside it
-    assert [(row["mode"], row["ngram"]) for row in model_rows] == [("basic", False), ("basic", True), ("strided", False)]
+    assert [(row["mode"], row["mixing"]) for row in model_rows] == [("basic", None), ("basic", "n-gram"), ("strided", None)]
     assert all(row["scored_bytes"] == 3000 for row in model_rows)
     assert "| model + strided |" in capsys.readouterr().out
 

@@ -204,7 +204,7 @@ def test_test_and_bench_score_the_checkpoint_without_the_entropy_folder(blt_run,
           "--output_dir", str(tmp_path)])  # fmt: skip
     assert re.search(r"test/bpb\s+\d+\.\d+", capsys.readouterr().out)
     report = json.loads((tmp_path / "bench-text-test.json").read_text())
-    (model,) = [r for r in report["results"] if r["kind"] == "model" and not r["ngram"]]
+    (model,) = [r for r in report["results"] if r["kind"] == "model" and not r["mixing"]]
     assert model["scored_bytes"] == 1024 and 0.0 < model["bits_per_byte"] < 8.5
 
 

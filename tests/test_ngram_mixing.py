@@ -10,14 +10,16 @@ from multibyte.bench import score_bytes
 from multibyte.compression import (
     ADAPT_HEADER_SIZE,
     HEADER_SIZE,
-    NGRAM_BLOCK_SIZE,
     CompressionError,
     Header,
     compress_bytes,
     decompress_bytes,
 )
+from multibyte.mixing import kind
 from multibyte.ngram_mixing import NgramConfig, NgramMixer, mixed_log2_probabilities, ngram_log2_probabilities
 from tests.test_adapt import ADAPT, SEQ_LEN, text_bytes, tiny_model
+
+NGRAM_BLOCK_SIZE = kind(NgramConfig()).block.size  # the container's n-gram block: 17 bytes
 
 A, B = ord("a"), ord("b")
 
@@ -123,7 +125,7 @@ def test_repeats_beyond_the_window_are_cheap():
     line = b"Dynamic evaluation keeps learning from what it has already coded. "
     data = np.frombuffer((line * 60)[:3_840], dtype=np.uint8)
     plain = score_bytes(model, data, SEQ_LEN, "basic", 4)
-    mixed = score_bytes(model, data, SEQ_LEN, "basic", 4, ngram=NgramConfig(order=4))
+    mixed = score_bytes(model, data, SEQ_LEN, "basic", 4, mixing=NgramConfig(order=4))
     assert plain.bits_per_byte > 7.5 and mixed.bits_per_byte < 1.0
     assert mixed.unmixed_bits == pytest.approx(plain.bits, rel=1e-6)  # the model's own bits, same pass
 
@@ -138,9 +140,9 @@ def test_bench_refuses_what_it_cannot_mix():
     model = tiny_model()
     data = np.frombuffer(text_bytes(), dtype=np.uint8)
     with pytest.raises(ValueError, match="--ngram with sliding inference"):
-        score_bytes(model, data, SEQ_LEN, "sliding", 4, ngram=NgramConfig())
+        score_bytes(model, data, SEQ_LEN, "sliding", 4, mixing=NgramConfig())
     with pytest.raises(ValueError, match="subword"):
-        score_bytes(model, data.astype(np.int64), SEQ_LEN, "basic", 4, token_bytes=np.ones(256, np.int64), ngram=NgramConfig())
+        score_bytes(model, data.astype(np.int64), SEQ_LEN, "basic", 4, token_bytes=np.ones(256, np.int64), mixing=NgramConfig())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,14 +155,14 @@ def test_mixed_round_trip_is_exact_and_bench_predicts_it(adapt):
     model = tiny_model()
     data = text_bytes()
     config = NgramConfig(order=5, learning_rate=1.0, initial_weight=0.4)
-    blob, stats = compress_bytes(model, data, SEQ_LEN, lanes=4, adapt=adapt, ngram=config)
+    blob, stats = compress_bytes(model, data, SEQ_LEN, lanes=4, adapt=adapt, mixing=config)
     restored, restored_stats = decompress_bytes(model, blob, "x.mbac")
     assert restored == data
     header = Header.unpack(blob, "x.mbac")
-    assert header.ngram == config and header.version == 4
+    assert header.mixing == config and header.version == 5
     size = (ADAPT_HEADER_SIZE if adapt else HEADER_SIZE) + NGRAM_BLOCK_SIZE
     assert stats.header_bytes == header.size == size
-    score = score_bytes(model, np.frombuffer(data, dtype=np.uint8), SEQ_LEN, "basic", 4, adapt=adapt, ngram=config)
+    score = score_bytes(model, np.frombuffer(data, dtype=np.uint8), SEQ_LEN, "basic", 4, adapt=adapt, mixing=config)
     assert score.bits == pytest.approx(stats.model_bits, rel=1e-6)
     assert restored_stats.model_bits == stats.model_bits
     assert abs(8 * (len(blob) - size) - score.bits) <= 16 + 1e-3 * score.bits
@@ -171,7 +173,7 @@ def test_a_corrupt_ngram_block_is_refused():
     import zlib
 
     model = tiny_model()
-    blob, _ = compress_bytes(model, text_bytes()[:300], SEQ_LEN, lanes=2, ngram=NgramConfig(order=3))
+    blob, _ = compress_bytes(model, text_bytes()[:300], SEQ_LEN, lanes=2, mixing=NgramConfig(order=3))
     fields = bytearray(blob[: HEADER_SIZE + NGRAM_BLOCK_SIZE - 4])
     fields[HEADER_SIZE - 4] = 9  # the order byte: 9 > 6
     crafted = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE + NGRAM_BLOCK_SIZE :]
@@ -182,7 +184,7 @@ def test_a_corrupt_ngram_block_is_refused():
 def test_a_subword_file_cannot_be_mixed():
     model = tiny_model()
     with pytest.raises(ValueError, match="subword"):
-        compress_bytes(model, b"abc", SEQ_LEN, lanes=1, tokenizer=object(), ngram=NgramConfig())  # type: ignore[arg-type]
+        compress_bytes(model, b"abc", SEQ_LEN, lanes=1, tokenizer=object(), mixing=NgramConfig())  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,23 +213,23 @@ def test_cli_bench_compress_and_decompress_with_ngram(tmp_path, capsys):
     ])
     (checkpoint,) = (tmp_path / "run").rglob("last.ckpt")
     bench = ["bench", *common, *data, "--data.data_path", str(book), "--ckpt_path", str(checkpoint), "--codecs", "false"]
-    # Text mixes by default (NGRAM_BY_DEFAULT), where it can: basic inference, not sliding.
+    # Text mixes by default (MIXING_BY_DEFAULT), where it can: basic inference, not sliding.
     main([*bench, "--ngram_options.order", "3", "--output_dir", str(tmp_path / "bench"), "--progress", "false",
           "--inference", "[basic, sliding]"])
     out = capsys.readouterr().out
     assert "| model + adapt + n-gram |" in out and "| model + adapt |" in out
-    assert "Mixed with an adaptive byte n-gram (multibyte/ngram_mixing.py): order 3" in out
+    assert "Mixed with a byte n-gram: order 3" in out
     rows = json.loads((tmp_path / "bench" / "bench-text-test.json").read_text())["results"]
-    assert [(row["method"], row["ngram"]) for row in rows] == [
-        ("model + adapt", False),
-        ("model + adapt + n-gram", True),
-        ("model + sliding window + adapt", False),
+    assert [(row["method"], row["mixing"]) for row in rows] == [
+        ("model + adapt", None),
+        ("model + adapt + n-gram", "n-gram"),
+        ("model + sliding window + adapt", None),
     ]
     main([*bench, "--no-ngram", "--output_dir", str(tmp_path / "off"), "--progress", "false"])
     assert "n-gram" not in capsys.readouterr().out
     with pytest.raises(SystemExit):  # asked for explicitly where it cannot run: one clear error
         main([*bench, "--ngram", "true", "--inference", "[sliding]", "--output_dir", str(tmp_path / "no")])
-    assert "--ngram with sliding inference" in capsys.readouterr().err
+    assert "--ngram with sliding inference: mixing runs over contiguous windows" in capsys.readouterr().err
     main([
         "compress", *common, *data, "--ckpt_path", str(checkpoint), "--input_file", str(book), "--lanes", "4",
         "--ngram", "true", "--ngram_options.order", "3", "--progress", "false",
@@ -237,4 +239,20 @@ def test_cli_bench_compress_and_decompress_with_ngram(tmp_path, capsys):
     main(["decompress", *common, *data, "--ckpt_path", str(checkpoint), "--input_file", f"{book}.mbac",
           "--output_file", str(restored), "--progress", "false"])
     assert restored.read_bytes() == book.read_bytes()
-    assert Header.unpack((tmp_path / "book.txt.mbac").read_bytes(), "x").ngram == NgramConfig(order=3)
+    assert Header.unpack((tmp_path / "book.txt.mbac").read_bytes(), "x").mixing == NgramConfig(order=3)
+
+
+def test_version_4_files_still_decode():
+    """Format 4 wrote the n-gram's files with the layout version 5 keeps (its mixing byte: 0 or 1)."""
+    import struct
+    import zlib
+
+    model = tiny_model()
+    data = text_bytes()[:400]
+    blob, _ = compress_bytes(model, data, SEQ_LEN, lanes=2, mixing=NgramConfig(order=3))
+    size = HEADER_SIZE + NGRAM_BLOCK_SIZE
+    fields = bytearray(blob[: size - 4])
+    fields[4] = 4
+    version_4 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[size:]
+    assert Header.unpack(version_4, "x").version == 4
+    assert decompress_bytes(model, version_4, "x.mbac")[0] == data

@@ -345,7 +345,7 @@ MIXED = "café naïve ".encode("latin-1") + b"\xff\xfe\x80 " + ENDOFTEXT.encode(
 @pytest.mark.parametrize("data", [b"", b"a", MIXED], ids=["empty", "one-byte", "mixed"])
 def test_token_compression_round_trips_and_matches_the_bench_prediction(coder, tokenizer, data):
     blob, stats = compress_bytes(coder, data, SEQ_LEN, lanes=3, tokenizer=tokenizer)
-    assert blob[:4] == MAGIC and blob[4] == FORMAT_VERSION == 4
+    assert blob[:4] == MAGIC and blob[4] == FORMAT_VERSION == 5
     assert stats.num_symbols == len(tokenizer.encode(data, allowed_special="all"))
     restored, _ = decompress_bytes(coder, blob, "x.mbac", tokenizer=tokenizer)
     assert restored == data
