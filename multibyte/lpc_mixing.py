@@ -37,11 +37,12 @@ hold them equal.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+
+from multibyte.ngram_mixing import check_mixture_options, logit, mix_in_groups, mixture_step, sigmoid
 
 ALPHABET = 256
 SAMPLE_BYTES = 2  # pcm16: low byte, then high byte
@@ -78,17 +79,15 @@ class LpcConfig:
             raise ValueError(f"lpc min_scale must be a positive number, got {self.min_scale}")
         if not 0.0 <= self.ridge < float("inf"):
             raise ValueError(f"lpc ridge must be a number >= 0, got {self.ridge}")
-        if not 0.0 <= self.learning_rate < float("inf"):
-            raise ValueError(f"lpc learning_rate must be a number >= 0, got {self.learning_rate}")
-        if not 0.0 < self.initial_weight < 1.0:
-            raise ValueError(f"lpc initial_weight must lie strictly between 0 and 1, got {self.initial_weight}")
+        check_mixture_options("lpc", self.learning_rate, self.initial_weight)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def lpc_summary(config: LpcConfig | None) -> str:
-    """E.g. "order 16 on 128 samples, refit every 32, model weight 0.5 at first, lr 30" (for reports); "off" for None."""
+    """E.g. "order 16 on 128 samples, refit every 32, model weight 0.5 at first, lr 30" (for
+    reports); "off" for None."""
     if config is None:
         return "off"
     return (
@@ -259,23 +258,6 @@ def lpc_log2_probabilities(
 # ------------------------------------------------------------------------------------------------
 
 
-def _logit(weight: float) -> float:
-    return math.log(weight / (1.0 - weight))
-
-
-def _sigmoid(logit: float) -> float:
-    return 1.0 / (1.0 + math.exp(-logit))
-
-
-def _step(logit: float, learning_rate: float, p_model: np.ndarray, p_lpc: np.ndarray) -> float:
-    """One position's logit after a group: mean of d log p / d a = w (1 - w) (p_model - p_lpc) / p."""
-    if learning_rate == 0.0 or len(p_model) == 0:
-        return logit
-    w = _sigmoid(logit)
-    mixed = w * p_model + (1.0 - w) * p_lpc
-    return logit + learning_rate * float(np.mean(w * (1.0 - w) * (p_model - p_lpc) / mixed))
-
-
 def mixed_log2_probabilities(
     model_log2_p: np.ndarray,
     data: np.ndarray,
@@ -284,18 +266,10 @@ def mixed_log2_probabilities(
     config: LpcConfig,
 ) -> np.ndarray:
     """(N,) float64 log2 p of every byte under the mixture, given the model's log2 p of each."""
-    p_model = np.exp2(np.asarray(model_log2_p, dtype=np.float64))
     p_lpc = np.exp2(lpc_log2_probabilities(data, windows, group_size, config))
-    mixed = np.empty(len(p_model))
-    logits = [_logit(config.initial_weight)] * SAMPLE_BYTES
-    for first in range(0, len(windows), group_size):
-        start, stop = windows[first][0], windows[min(first + group_size, len(windows)) - 1][1]
-        for j in range(SAMPLE_BYTES):  # windows start on whole samples: position j is start + j, + 2, ...
-            at = slice(start + j, stop, SAMPLE_BYTES)
-            w = _sigmoid(logits[j])
-            mixed[at] = w * p_model[at] + (1.0 - w) * p_lpc[at]
-            logits[j] = _step(logits[j], config.learning_rate, p_model[at], p_lpc[at])
-    return np.log2(mixed)
+    return mix_in_groups(
+        model_log2_p, p_lpc, windows, group_size, config.initial_weight, config.learning_rate, SAMPLE_BYTES
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,7 +287,7 @@ class LpcMixer:
 
     def __init__(self, config: LpcConfig) -> None:
         self.config = config
-        self.logits = [_logit(config.initial_weight)] * SAMPLE_BYTES
+        self.logits = [logit(config.initial_weight)] * SAMPLE_BYTES
         self.tail = np.zeros(0)  # the file's last history + order samples before the group
         self._lanes: list[_LpcLane] = []
 
@@ -323,14 +297,14 @@ class LpcMixer:
     @property
     def model_weights(self) -> tuple[float, ...]:
         """The model's share for the low and the high byte."""
-        return tuple(_sigmoid(logit) for logit in self.logits)
+        return tuple(sigmoid(value) for value in self.logits)
 
     def distribution(self, lane: int, p_model: np.ndarray) -> np.ndarray:
         """(256,) mixed probabilities of lane `lane`'s next byte; remembers both parts' for the update."""
         state = self._lanes[lane]
         p_lpc = state.lpc_distribution()
         state.pending = (p_model, p_lpc)
-        w = _sigmoid(self.logits[state.position])
+        w = sigmoid(self.logits[state.position])
         return w * p_model + (1.0 - w) * p_lpc
 
     def observe(self, lane: int, byte: int) -> None:
@@ -350,7 +324,7 @@ class LpcMixer:
         for j in range(SAMPLE_BYTES):
             p_model = np.array([p for state in self._lanes for p in state.p_model[j]], dtype=np.float64)
             p_lpc = np.array([p for state in self._lanes for p in state.p_lpc[j]], dtype=np.float64)
-            self.logits[j] = _step(self.logits[j], self.config.learning_rate, p_model, p_lpc)
+            self.logits[j] = mixture_step(self.logits[j], self.config.learning_rate, p_model, p_lpc)
         self._lanes = []
 
 

@@ -57,13 +57,18 @@ class NgramConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.order <= MAX_ORDER:
             raise ValueError(f"ngram order must lie in 0..{MAX_ORDER}, got {self.order}")
-        if not 0.0 <= self.learning_rate < float("inf"):
-            raise ValueError(f"ngram learning_rate must be a number >= 0, got {self.learning_rate}")
-        if not 0.0 < self.initial_weight < 1.0:
-            raise ValueError(f"ngram initial_weight must lie strictly between 0 and 1, got {self.initial_weight}")
+        check_mixture_options("ngram", self.learning_rate, self.initial_weight)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_mixture_options(name: str, learning_rate: float, initial_weight: float) -> None:
+    """The mixture's own options (here and in `lpc_mixing`): a step >= 0, a weight in (0, 1)."""
+    if not 0.0 <= learning_rate < float("inf"):
+        raise ValueError(f"{name} learning_rate must be a number >= 0, got {learning_rate}")
+    if not 0.0 < initial_weight < 1.0:
+        raise ValueError(f"{name} initial_weight must lie strictly between 0 and 1, got {initial_weight}")
 
 
 def ngram_summary(config: NgramConfig | None) -> str:
@@ -73,22 +78,23 @@ def ngram_summary(config: NgramConfig | None) -> str:
     return f"order {config.order}, model weight {config.initial_weight:g} at first, lr {config.learning_rate:g}"
 
 
-def _logit(weight: float) -> float:
+def logit(weight: float) -> float:
     return math.log(weight / (1.0 - weight))
 
 
-def _sigmoid(logit: float) -> float:
-    return 1.0 / (1.0 + math.exp(-logit))
+def sigmoid(value: float) -> float:
+    return 1.0 / (1.0 + math.exp(-value))
 
 
-def _step(logit: float, learning_rate: float, p_model: np.ndarray, p_ngram: np.ndarray) -> float:
-    """The logit after one group: `p_model`, `p_ngram` (n,) are the probabilities each gave the
-    group's bytes. d log p / d a = w (1 - w) (p_model - p_ngram) / p."""
+def mixture_step(logit: float, learning_rate: float, p_model: np.ndarray, p_other: np.ndarray) -> float:
+    """A mixture logit after one group (here and in `lpc_mixing`): `p_model`, `p_other` (n,) are the
+    probabilities the model and the second predictor gave the group's bytes; the step is the mean
+    of d log p / d a = w (1 - w) (p_model - p_other) / p."""
     if learning_rate == 0.0 or len(p_model) == 0:
         return logit
-    w = _sigmoid(logit)
-    mixed = w * p_model + (1.0 - w) * p_ngram
-    gradient = float(np.mean(w * (1.0 - w) * (p_model - p_ngram) / mixed))
+    w = sigmoid(logit)
+    mixed = w * p_model + (1.0 - w) * p_other
+    gradient = float(np.mean(w * (1.0 - w) * (p_model - p_other) / mixed))
     return logit + learning_rate * gradient
 
 
@@ -175,15 +181,32 @@ def mixed_log2_probabilities(
     config: NgramConfig,
 ) -> np.ndarray:
     """(N,) float64 log2 p of every byte under the mixture, given the model's log2 p of each."""
-    p_model = np.exp2(np.asarray(model_log2_p, dtype=np.float64))
     p_ngram = np.exp2(ngram_log2_probabilities(data, windows, group_size, config.order))
+    return mix_in_groups(model_log2_p, p_ngram, windows, group_size, config.initial_weight, config.learning_rate)
+
+
+def mix_in_groups(
+    model_log2_p: np.ndarray,
+    p_other: np.ndarray,
+    windows: Sequence[tuple[int, int]],
+    group_size: int,
+    initial_weight: float,
+    learning_rate: float,
+    period: int = 1,
+) -> np.ndarray:
+    """(N,) float64 log2 of w * p_model + (1 - w) * p_other per byte, with one weight per byte
+    position modulo `period` (windows start at multiples of it), each stepped after every group of
+    `group_size` windows on that position's bytes of the group (here and in `lpc_mixing`)."""
+    p_model = np.exp2(np.asarray(model_log2_p, dtype=np.float64))
     mixed = np.empty(len(p_model))
-    logit = _logit(config.initial_weight)
+    logits = [logit(initial_weight)] * period
     for first in range(0, len(windows), group_size):
         start, stop = windows[first][0], windows[min(first + group_size, len(windows)) - 1][1]
-        w = _sigmoid(logit)
-        mixed[start:stop] = w * p_model[start:stop] + (1.0 - w) * p_ngram[start:stop]
-        logit = _step(logit, config.learning_rate, p_model[start:stop], p_ngram[start:stop])
+        for j in range(period):
+            at = slice(start + j, stop, period)
+            w = sigmoid(logits[j])
+            mixed[at] = w * p_model[at] + (1.0 - w) * p_other[at]
+            logits[j] = mixture_step(logits[j], learning_rate, p_model[at], p_other[at])
     return np.log2(mixed)
 
 
@@ -206,7 +229,7 @@ class NgramMixer:
 
     def __init__(self, config: NgramConfig) -> None:
         self.config = config
-        self.logit = _logit(config.initial_weight)
+        self.logit = logit(config.initial_weight)
         # per order: context key -> [counts (256,), n, u] of the earlier groups
         self.counts: list[dict[int, list]] = [{} for _ in range(config.order + 1)]
         self._lanes: list[_Lane] = []
@@ -216,7 +239,7 @@ class NgramMixer:
 
     @property
     def model_weight(self) -> float:
-        return _sigmoid(self.logit)
+        return sigmoid(self.logit)
 
     def ngram_distribution(self, lane: int) -> np.ndarray:
         """(256,) float64 p_ngram of lane `lane`'s next byte."""
@@ -276,7 +299,7 @@ class NgramMixer:
                     shared[key] = [counts, int(counts.sum()), int(np.count_nonzero(counts))]
         p_model = np.array([p for state in self._lanes for p in state.p_model], dtype=np.float64)
         p_ngram = np.array([p for state in self._lanes for p in state.p_ngram], dtype=np.float64)
-        self.logit = _step(self.logit, self.config.learning_rate, p_model, p_ngram)
+        self.logit = mixture_step(self.logit, self.config.learning_rate, p_model, p_ngram)
         self._lanes = []
 
 

@@ -33,6 +33,7 @@ from multibyte.lpc_mixing import (
 from multibyte.mixing import kind
 from multibyte.trainer import mixing_wanted
 from tests.test_adapt import ADAPT, EMBEDDED, SEQ_LEN, tiny_model
+from tests.test_ngram_mixing import sequential, windows_of
 
 LPC_BLOCK_SIZE = kind(LpcConfig()).block.size
 HALF = 1.0 / math.log(2.0)  # the scale whose decay q = exp(-1/b) is exactly 1/2
@@ -45,27 +46,6 @@ def speech(n_bytes: int = 6_000) -> np.ndarray:
         with wave.open(str(EMBEDDED / name)) as recording:
             frames += recording.readframes(recording.getnframes())
     return np.frombuffer(frames[:n_bytes], dtype=np.uint8).copy()
-
-
-def windows_of(n: int, length: int) -> list[tuple[int, int]]:
-    return [(start, min(start + length, n)) for start in range(0, n, length)]
-
-
-def sequential(data: np.ndarray, p_model: np.ndarray, windows, group_size: int, config: LpcConfig) -> np.ndarray:
-    """log2 p of every byte from LpcMixer, walking the groups as the compressor does."""
-    mixer, out = LpcMixer(config), np.zeros(len(data))
-    for first in range(0, len(windows), group_size):
-        group = windows[first : first + group_size]
-        mixer.start_group(len(group))
-        for t in range(max(stop - start for start, stop in group)):
-            for lane, (start, stop) in enumerate(group):
-                if start + t < stop:
-                    p = mixer.distribution(lane, p_model[start + t])
-                    assert p.sum() == pytest.approx(1.0, abs=1e-12) and (p > 0).all()
-                    out[start + t] = np.log2(p[data[start + t]])
-                    mixer.observe(lane, int(data[start + t]))
-        mixer.end_group()
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +125,7 @@ def test_bench_and_compressor_implementations_agree(length, group_size, n):
     windows = windows_of(len(data), length)
     config = LpcConfig(order=8, history=100, refit=20, learning_rate=10.0, initial_weight=0.3)
     vectorised = mixed_log2_probabilities(np.log2(p_model[np.arange(len(data)), data]), data, windows, group_size, config)
-    np.testing.assert_allclose(sequential(data, p_model, windows, group_size, config), vectorised, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(sequential(data, p_model, windows, group_size, LpcMixer(config)), vectorised, rtol=0, atol=1e-9)
 
 
 def test_a_bytes_probability_depends_only_on_what_a_decoder_holds():

@@ -79,9 +79,10 @@ def windows_of(n: int, length: int) -> list[tuple[int, int]]:
     return [(start, min(start + length, n)) for start in range(0, n, length)]
 
 
-def sequential(data: np.ndarray, p_model: np.ndarray, windows, group_size: int, config: NgramConfig) -> np.ndarray:
-    """log2 p of every byte from NgramMixer, walking the groups as the compressor does."""
-    mixer, out = NgramMixer(config), np.zeros(len(data))
+def sequential(data: np.ndarray, p_model: np.ndarray, windows, group_size: int, mixer) -> np.ndarray:
+    """log2 p of every byte from a byte-by-byte mixer (NgramMixer, LpcMixer), walking the groups
+    as the compressor does."""
+    out = np.zeros(len(data))
     for first in range(0, len(windows), group_size):
         group = windows[first : first + group_size]
         mixer.start_group(len(group))
@@ -104,7 +105,7 @@ def test_bench_and_compressor_implementations_agree(order, length, group_size):
     windows = windows_of(len(data), length)
     config = NgramConfig(order=order, learning_rate=3.0, initial_weight=0.3)
     vectorised = mixed_log2_probabilities(np.log2(p_model[np.arange(len(data)), data]), data, windows, group_size, config)
-    np.testing.assert_allclose(sequential(data, p_model, windows, group_size, config), vectorised, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(sequential(data, p_model, windows, group_size, NgramMixer(config)), vectorised, rtol=0, atol=1e-9)
 
 
 def test_a_bytes_probability_depends_only_on_bytes_before_it():
