@@ -63,7 +63,7 @@ class LpcConfig:
     min_scale: float = 0.5
     """Smallest scale (a residual of 0 every time would otherwise make the law a point)."""
     ridge: float = 1e-4
-    """Ridge term of the fit, times the mean diagonal of the normal equations."""
+    """Ridge term of the fit, times the mean diagonal of the normal equations (at least 1): > 0."""
     learning_rate: float = 30.0
     """Step of each byte position's mixture logit after each group of windows (0: fixed)."""
     initial_weight: float = 0.5
@@ -77,8 +77,8 @@ class LpcConfig:
             raise ValueError(f"lpc history ({self.history}) must be at least its order ({self.order})")
         if not 0.0 < self.min_scale < float("inf"):
             raise ValueError(f"lpc min_scale must be a positive number, got {self.min_scale}")
-        if not 0.0 <= self.ridge < float("inf"):
-            raise ValueError(f"lpc ridge must be a number >= 0, got {self.ridge}")
+        if not 0.0 < self.ridge < float("inf"):  # > 0: a silent stretch (all zeros) must still solve
+            raise ValueError(f"lpc ridge must be a positive number, got {self.ridge}")
         check_mixture_options("lpc", self.learning_rate, self.initial_weight)
 
     def to_dict(self) -> dict:
