@@ -96,6 +96,15 @@ def lpc_summary(config: LpcConfig | None) -> str:
     )
 
 
+def check_stream(audio_encoding: str | None, seq_len: int | None) -> None:
+    """Refuse a stream the predictor cannot read: another audio encoding than pcm16 (when known),
+    windows (`seq_len` bytes) that would split samples."""
+    if audio_encoding is not None and audio_encoding != "pcm16":
+        raise ValueError(f"--lpc predicts 16-bit little-endian samples (audio encoding pcm16), not {audio_encoding}")
+    if seq_len is not None and seq_len % SAMPLE_BYTES:
+        raise ValueError(f"--lpc reads 16-bit samples: windows of {seq_len} bytes would split them; use an even --seq_len")
+
+
 def check_windows(windows: Sequence[tuple[int, int]], total: int) -> None:
     """Windows must tile the stream and start on whole samples."""
     if total and (windows[0][0] != 0 or windows[-1][1] != total):

@@ -37,13 +37,14 @@ class Mixing:
     summary: Callable[[Any], str]
     whole_file: Callable[..., np.ndarray]  # (model_log2_p, data, windows, group_size, config) -> (N,) log2 p
     mixer: Callable[[Any], Any]  # config -> a byte-by-byte mixer (start_group / distribution / observe / end_group)
+    check_stream: Optional[Callable[[Optional[str], Optional[int]], None]] = None  # (audio encoding, seq_len) -> raises
 
 
 MIXINGS = (
     Mixing(1, "--ngram", "n-gram", "a byte n-gram", NgramConfig, struct.Struct("<Bdd"), ngram_summary,
            ngram_mixing.mixed_log2_probabilities, NgramMixer),
     Mixing(2, "--lpc", "LPC", "a linear predictor", LpcConfig, struct.Struct("<IIIIdddd"), lpc_summary,
-           lpc_mixing.mixed_log2_probabilities, LpcMixer),
+           lpc_mixing.mixed_log2_probabilities, LpcMixer, lpc_mixing.check_stream),
 )
 
 
@@ -94,14 +95,13 @@ def unpack_block(mixing: Mixing, blob: bytes) -> MixingConfig:
 def check(
     config: MixingConfig, mode: str, subword: bool, audio_encoding: Optional[str] = None, seq_len: Optional[int] = None
 ) -> None:
-    """Refuse a mixing where it is not defined: sliding or strided windows, token ids, and for LPC a
-    stream that is not 16-bit little-endian PCM (when known) or windows that split samples."""
-    flag = kind(config).flag
+    """Refuse a mixing where it is not defined: sliding or strided windows, token ids, and what the
+    kind itself refuses (LPC: a stream that is not 16-bit little-endian PCM, when known, or
+    windows that split samples)."""
+    mixing = kind(config)
     if mode != "basic":
-        raise ValueError(f"{flag} with {mode} inference: mixing runs over contiguous windows; use basic")
+        raise ValueError(f"{mixing.flag} with {mode} inference: mixing runs over contiguous windows; use basic")
     if subword:
-        raise ValueError(f"{flag} mixes byte probabilities: a subword model's token ids cannot be mixed")
-    if isinstance(config, LpcConfig) and audio_encoding is not None and audio_encoding != "pcm16":
-        raise ValueError(f"--lpc predicts 16-bit little-endian samples (audio encoding pcm16), not {audio_encoding}")
-    if isinstance(config, LpcConfig) and seq_len is not None and seq_len % lpc_mixing.SAMPLE_BYTES:
-        raise ValueError(f"--lpc reads 16-bit samples: windows of {seq_len} bytes would split them; use an even --seq_len")
+        raise ValueError(f"{mixing.flag} mixes byte probabilities: a subword model's token ids cannot be mixed")
+    if mixing.check_stream is not None:
+        mixing.check_stream(audio_encoding, seq_len)
