@@ -224,11 +224,11 @@ def test_a_corrupt_lpc_block_is_refused():
     crafted = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE + LPC_BLOCK_SIZE :]
     with pytest.raises(CompressionError, match="corrupt header.*lpc order must be at least 1"):
         decompress_bytes(model, crafted, "x.mbac")
-    version_4 = bytearray(crafted)
-    version_4[4] = 4  # version 4 knew no predictor but the n-gram
-    version_4[HEADER_SIZE - 5] = 2
-    with pytest.raises(CompressionError, match="corrupt header"):
-        decompress_bytes(model, bytes(version_4), "x.mbac")
+    fields = bytearray(blob[: HEADER_SIZE - 4])  # without the LPC block
+    fields[4] = 4  # version 4 knew no predictor but the n-gram: its mixing byte is 0 or 1
+    version_4 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE + LPC_BLOCK_SIZE :]
+    with pytest.raises(CompressionError, match=r"corrupt header \(mixing 2\)"):
+        decompress_bytes(model, version_4, "x.mbac")
 
 
 def test_what_cannot_be_mixed_is_refused():
