@@ -129,18 +129,28 @@ def _lagged(x: np.ndarray, order: int) -> np.ndarray:
     return np.stack([padded[order - k : order - k + n] for k in range(1, order + 1)], axis=1)
 
 
+def _lag_rows(x: np.ndarray, lo: int, at: int, order: int) -> np.ndarray:
+    """Rows lo..at-1 of `_lagged(x, order)`, from the samples they need only."""
+    base = max(0, lo - order)
+    return _lagged(x[base:at], order)[lo - base :]
+
+
+def _solve(lags: np.ndarray, targets: np.ndarray, config: LpcConfig) -> np.ndarray:
+    """(order,) least-squares coefficients of `targets` on their `lags`, with the relative ridge;
+    zeros when there is nothing to fit."""
+    if len(targets) == 0:
+        return np.zeros(config.order)
+    gram = lags.T @ lags
+    ridge = config.ridge * max(float(np.trace(gram)) / config.order, 1.0)
+    return np.linalg.solve(gram + ridge * np.eye(config.order), lags.T @ targets)
+
+
 def _coefficients(x: np.ndarray, at: int, config: LpcConfig) -> np.ndarray:
     """(order,) coefficients for the samples from `at` on: least squares over the `history`
     samples of the stream `x` (float64) before `at`, each on its `order` predecessors (zeros
-    before the stream's start); zeros when nothing precedes `at`."""
-    if at == 0:
-        return np.zeros(config.order)
+    before the stream's start)."""
     lo = max(0, at - config.history)
-    base = max(0, lo - config.order)
-    lagged = _lagged(x[base:at], config.order)[lo - base :]
-    gram = lagged.T @ lagged
-    ridge = config.ridge * max(float(np.trace(gram)) / config.order, 1.0)
-    return np.linalg.solve(gram + ridge * np.eye(config.order), lagged.T @ x[lo:at])
+    return _solve(_lag_rows(x, lo, at, config.order), x[lo:at], config)
 
 
 def _prediction(lags: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
@@ -152,9 +162,7 @@ def _seed(x: np.ndarray, first: int, coefficients: np.ndarray, config: LpcConfig
     """|residuals| of the last `scale_window` samples before `first` under `coefficients`: what
     the scale of a window's first samples is measured on."""
     lo = max(0, first - config.scale_window)
-    base = max(0, lo - config.order)
-    lags = _lagged(x[base:first], config.order)[lo - base :]
-    return np.abs(x[lo:first] - _prediction(lags, coefficients))
+    return np.abs(x[lo:first] - _prediction(_lag_rows(x, lo, first, config.order), coefficients))
 
 
 def predict(visible: np.ndarray, first: int, config: LpcConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +174,8 @@ def predict(visible: np.ndarray, first: int, config: LpcConfig) -> tuple[np.ndar
     rounded = np.zeros(n, dtype=np.int64)
     for block in range(0, n, config.refit):
         at = first + block
-        coefficients = _coefficients(x, at, config)
+        lo = max(0, at - config.history)
+        coefficients = _solve(lagged[lo:at], x[lo:at], config)  # as `_coefficients`, on rows built once
         if block == 0:
             seed = _seed(x, first, coefficients, config)
         stop = min(n, block + config.refit)
@@ -207,17 +216,18 @@ def _decay(scale: np.ndarray) -> np.ndarray:
     return np.exp(-1.0 / np.asarray(scale, dtype=np.float64))
 
 
+_BYTE_VALUES = np.arange(ALPHABET)
+_HIGH_BYTE_SAMPLES = (_BYTE_VALUES - (_BYTE_VALUES >= 128) * ALPHABET) * ALPHABET  # each high byte's signed sample, low byte 0
+
+
 def low_byte_probabilities(rounded: int, scale: float) -> np.ndarray:
     """(256,) p(low byte) of a sample predicted `rounded` with Laplace scale `scale`."""
-    values = np.arange(ALPHABET)
-    return _class_mass((values - rounded) % ALPHABET, _decay(scale))
+    return _class_mass((_BYTE_VALUES - rounded) % ALPHABET, _decay(scale))
 
 
 def high_byte_probabilities(rounded: int, scale: float, low: int) -> np.ndarray:
     """(256,) p(high byte | low byte `low`): P(e) over the 256 samples ending in `low`."""
-    high = np.arange(ALPHABET)
-    samples = (high - (high >= 128) * ALPHABET) * ALPHABET + low  # the signed sample of each high byte
-    mass = _residual_mass(samples - rounded, _decay(scale))
+    mass = _residual_mass(_HIGH_BYTE_SAMPLES + (low - rounded), _decay(scale))
     return mass / mass.sum()
 
 

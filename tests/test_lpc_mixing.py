@@ -14,7 +14,6 @@ import pytest
 
 from multibyte.bench import score_bytes
 from multibyte.compression import (
-    ADAPT_HEADER_SIZE,
     HEADER_SIZE,
     CompressionError,
     Header,
@@ -33,7 +32,7 @@ from multibyte.lpc_mixing import (
 from multibyte.mixing import kind
 from multibyte.trainer import mixing_wanted
 from tests.test_adapt import ADAPT, EMBEDDED, SEQ_LEN, tiny_model
-from tests.test_ngram_mixing import sequential, windows_of
+from tests.test_ngram_mixing import check_mixed_round_trip, sequential, windows_of
 
 LPC_BLOCK_SIZE = kind(LpcConfig()).block.size
 HALF = 1.0 / math.log(2.0)  # the scale whose decay q = exp(-1/b) is exactly 1/2
@@ -199,21 +198,10 @@ def test_one_second_predictor_at_a_time():
 
 @pytest.mark.parametrize("adapt", [None, ADAPT], ids=["static", "adapted"])
 def test_mixed_round_trip_is_exact_and_bench_predicts_it(adapt):
-    model = tiny_model()
+    assert LPC_BLOCK_SIZE == 48
     data = speech(1_500).tobytes() + b"\x07"  # odd: the last byte is half a sample
-    config = LpcConfig(order=8, history=64, refit=16)
-    blob, stats = compress_bytes(model, data, SEQ_LEN, lanes=4, adapt=adapt, mixing=config)
-    restored, restored_stats = decompress_bytes(model, blob, "x.mbac")
-    assert restored == data
-    header = Header.unpack(blob, "x.mbac")
-    assert header.mixing == config and header.version == 5
-    size = (ADAPT_HEADER_SIZE if adapt else HEADER_SIZE) + LPC_BLOCK_SIZE
-    assert stats.header_bytes == header.size == size
-    score = score_bytes(model, np.frombuffer(data, dtype=np.uint8), SEQ_LEN, "basic", 4, adapt=adapt, mixing=config)
-    assert score.bits == pytest.approx(stats.model_bits, rel=1e-6)
+    score = check_mixed_round_trip(data, LpcConfig(order=8, history=64, refit=16), adapt)
     assert score.bits < score.unmixed_bits  # the untrained model alone is near 8 bits per byte
-    assert restored_stats.model_bits == stats.model_bits
-    assert abs(8 * (len(blob) - size) - score.bits) <= 16 + 1e-3 * score.bits
 
 
 def test_a_corrupt_lpc_block_is_refused():
