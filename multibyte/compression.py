@@ -457,7 +457,9 @@ class _LaneStepper:
     def start(self, batch_size: int) -> torch.Tensor:
         state = self._states.get(batch_size)
         if state is None:
-            state = self._states[batch_size] = allocate_decode_state(self.model, batch_size, self.seq_len)
+            # PyTorch only (native=False): the native kernel is compiled for this CPU, and a file
+            # must decode to the same probabilities wherever the same PyTorch build runs it.
+            state = self._states[batch_size] = allocate_decode_state(self.model, batch_size, self.seq_len, native=False)
         reset_decode_state(state)
         self._state = state
         empty = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from multibyte.chunked_loss import head_nll
 from multibyte.config import ModelConfig, StageConfig
+from multibyte.kernels.attention import NativeAttentionStep
 from multibyte.mixers import build_mixer
 from multibyte.mixers.attention import KVCache
 from multibyte.mixers.rotary import segment_positions
@@ -126,6 +127,15 @@ class Block(nn.Module):
         return x
 
 
+class StackStates(list):
+    """A stack's decoding states, one per block (KVCache or MambaState), and `native`: its
+    one-position step as one native call (`multibyte.kernels.attention.NativeAttentionStep`),
+    bound by `HierarchicalByteModel.allocate_decode_state(native=True)` where it can run; None:
+    every step runs the blocks in PyTorch."""
+
+    native: Optional[Any] = None
+
+
 class Stack(nn.Module):
     """n_layers blocks and a final norm: (B, L, D) -> (B, L, D), causal along L."""
 
@@ -135,9 +145,9 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(stage, dropout, norm_eps) for _ in range(stage.n_layers))
         self.final_norm = RMSNorm(stage.d_model, eps=norm_eps)
 
-    def allocate_states(self, batch_size: int, max_len: int, device, dtype) -> list:
+    def allocate_states(self, batch_size: int, max_len: int, device, dtype) -> StackStates:
         """One decoding state per block (KV cache or recurrent state), allocated once."""
-        return [b.mixer.allocate_state(batch_size, max_len, device, dtype) for b in self.blocks]
+        return StackStates(b.mixer.allocate_state(batch_size, max_len, device, dtype) for b in self.blocks)
 
     def forward(
         self,
@@ -149,6 +159,11 @@ class Stack(nn.Module):
     ) -> torch.Tensor:
         """`segments` (B, L) nondecreasing ids, `window` >= every segment's length: attention
         sees only earlier positions of the same segment (the packed byte stage)."""
+        native = getattr(states, "native", None)
+        if native is not None and run is None and x.shape[1] == 1:
+            y = native(x)  # the same step as the blocks below, in one native call (None: can't)
+            if y is not None:
+                return y
         kw = {} if segments is None else {"segments": segments, "window": window}
         # StageConfig.checkpoint: a training forward keeps each block's input only; the block runs
         # again in backward (with the same dropout masks: the RNG state is replayed).
@@ -386,6 +401,7 @@ class HierarchicalByteModel(nn.Module):
         self.register_buffer(
             "slot_strides", torch.tensor([config.unit_slots(i) for i in range(1, N)], dtype=torch.long), persistent=False
         )
+        self._counter_update_cache: dict = {}  # `_counter_updates`, per (level, device)
         self._init_weights()
 
     # ---------------------------------------------------------------- initialisation
@@ -624,10 +640,14 @@ class HierarchicalByteModel(nn.Module):
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
         static: bool = False,
+        native: bool = False,
     ) -> DecodeState:
         """Caches for `batch_size` rows of up to `max_len` bytes each, allocated once (on the
         model's device and in its dtype unless told otherwise). `static`: fixed shapes and no
-        host synchronisation in `decode_step` (for torch.compile / CUDA graphs)."""
+        host synchronisation in `decode_step` (for torch.compile / CUDA graphs). `native`: every
+        attention stage that the native CPU kernel can run (fp32 on a CPU, dynamic caches) takes
+        its one-position steps there (`StackStates.native`), equal to the PyTorch blocks up to
+        rounding; the others, and every other call, run the PyTorch blocks."""
         config = self.config
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be at least 1, got {batch_size} and {max_len}")
@@ -652,6 +672,9 @@ class HierarchicalByteModel(nn.Module):
             for layer_state in (s for states in stage_states for s in states):
                 if isinstance(layer_state, KVCache):
                     layer_state.make_static()
+        elif native:
+            for stage, states in zip(self.stages, stage_states):
+                states.native = NativeAttentionStep.bind(stage.stack, states)
         w0 = self.stages[0].byte_width
         has_extra = self.position_embedding is not None or self.hash_embedding is not None
         state = DecodeState(
@@ -818,8 +841,55 @@ class HierarchicalByteModel(nn.Module):
         `active` (B,) bool: only these rows consume their byte (the others keep their state and
         get meaningless logits); None: all rows."""
         byte, level, active = self.begin_step(state, byte, active)
-        step = self._decode_byte if state.step_fn is None else state.step_fn
-        return step(state, byte, level, active)
+        if state.step_fn is not None:
+            return state.step_fn(state, byte, level, active)
+        if level is not None and active is None and not state.static:
+            return self._decode_byte_in_step(state, byte, level)
+        return self._decode_byte(state, byte, level, active)
+
+    def _counter_updates(self, level: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N,) keep and add vectors of `coords` and the (N-1,) keep vector of `unit_lengths`
+        (whose add vector is the same) for a step at host `level`: made once per level."""
+        key = (level, device)
+        cached = self._counter_update_cache.get(key)
+        if cached is None:
+            N = self.config.num_stages
+            ids = torch.arange(N, device=device)
+            lengths_keep = (torch.arange(max(N - 1, 1), device=device) < level).long()
+            cached = self._counter_update_cache[key] = ((ids <= level).long(), (ids == level).long(), lengths_keep)
+        return cached
+
+    def _decode_byte_in_step(self, state: DecodeState, byte: torch.Tensor, level: int) -> torch.Tensor:
+        """`_decode_byte` when every row sits at the same position `state.host_position` of fixed
+        units (the common case of sampling): the same state updates and stage runs, with the
+        slot and unit indices known on the host, so each is one indexed write instead of the
+        general per-row gathers, scatters and selects (a batch-1 step is bound by op count)."""
+        config = self.config
+        N = config.num_stages
+        t = state.host_position - 1  # the byte being consumed; the next one is t + 1
+        extra = self._step_extra(state, byte, None)
+        old_coords = None
+        if N > 1:
+            slot = t % config.unit_slots(0)
+            state.unit_tokens[:, slot] = byte
+            state.unit_present[:, slot] = True
+            if state.unit_extra is not None:
+                state.unit_extra[:, slot] = extra.to(state.unit_extra.dtype)
+            if level < N - 1:  # an inner unit ended: its pooling reads the coordinates before the update
+                old_coords = state.coords.clone()
+        # coords: stages after `level` restart at 0, `level` moves on, those before stay;
+        # unit_lengths: stages from `level` on restart, the others grow (as in `_decode_byte`).
+        coords_keep, coords_add, lengths_keep = self._counter_updates(level, state.coords.device)
+        state.coords.mul_(coords_keep).add_(coords_add)
+        if N > 1:
+            state.unit_lengths.mul_(lengths_keep).add_(lengths_keep)
+        state.positions += 1
+        # Unit index of each stage at byte t + 1 inside its parent (what `coords` now holds).
+        inner = [(t + 1) % config.unit_slots(i - 1) // config.unit_slots(i) for i in range(1, N)]
+        logits = self._run_stages(state, byte, level, None, old_coords, first=0, extra=extra, host_coords=[None] + inner)
+        if N > 1 and level == 0:
+            state.unit_present.fill_(False)  # the outermost unit's buffer empties when a new one starts
+        return logits
 
     def _decode_byte(self, state: DecodeState, byte: torch.Tensor, level: Optional[int], active: Optional[torch.Tensor]) -> torch.Tensor:
         """The device work of `decode_step` (no host synchronisation when `state.static`): `level`
@@ -894,10 +964,13 @@ class HierarchicalByteModel(nn.Module):
         old_coords: torch.Tensor,
         first: int,
         extra: Optional[torch.Tensor] = None,
+        host_coords: Optional[list] = None,
     ) -> torch.Tensor:
         """Run one position of every stage from `first` whose unit starts now; return logits.
 
-        byte None: opening (every stage i > `first`... starts a new parent unit, pad inputs)."""
+        byte None: opening (every stage i > `first`... starts a new parent unit, pad inputs).
+        `host_coords`: every row's `coords` of the inner stages as host integers, when the host
+        knows them (`_decode_byte_in_step`)."""
         N = self.config.num_stages
         B = state.batch_size
         host_level = level if isinstance(level, int) else None
@@ -930,12 +1003,15 @@ class HierarchicalByteModel(nn.Module):
                     x = torch.where(new_parent[:, None], stage.pad.to(x.dtype), x)
                 elif new_parent:
                     x = stage.pad.expand(B, -1)
-            if i > 0:
+            if i > 0 and host_coords is not None:
+                x = x.to(state.contexts[i].dtype) + state.contexts[i][:, host_coords[i]]
+            elif i > 0:
                 context = state.contexts[i].gather(1, state.coords[:, i, None, None].expand(-1, 1, state.contexts[i].shape[-1]))
                 x = x.to(context.dtype) + context[:, 0]
             elif stage.lag_proj is not None:
                 x = x + self._lagged_step(state, x if byte is not None else None, run)
-            x = stage.add_position(x, state.coords[:, i])  # this unit's index at the stage's scale
+            if stage.adds_position:
+                x = stage.add_position(x, state.coords[:, i])  # this unit's index at the stage's scale
             # A new parent unit empties this stage's caches (for those rows).
             if isinstance(new_parent, torch.Tensor):
                 reset_rows = new_parent if run is None else new_parent & run
@@ -977,7 +1053,7 @@ class HierarchicalByteModel(nn.Module):
             e = stage.byte_embedding(byte)
             if i == 0 and extra is not None:
                 e = e + extra.to(e.dtype)
-            return stage.pooled(e[:, None], None)
+            return e if stage.pool is None else stage.pooled(e[:, None], None)  # one slot: concat is e
         # Slots of the finished unit of stage i inside the outermost unit's buffer.
         base = (old_coords[:, 1 : i + 1] * self.slot_strides[:i]).sum(1, keepdim=True)  # (B, 1)
         slots = base + torch.arange(stage.slots, device=byte.device)  # (B, U_i)

@@ -56,17 +56,21 @@ def allocate_decode_state(
     dtype: Optional[torch.dtype] = None,
     compile: bool = False,
     static: Optional[bool] = None,
+    native: Optional[bool] = None,
 ) -> DecodeState:
     """Caches for `batch_size` rows of up to `max_len` bytes (see the model's method). With
     `compile=True`, `decode_step` runs a torch.compile'd copy of the model's whole one-byte step
     (`compiled_decode_byte`) on static caches: fixed shapes at every step. `static` defaults to
-    `compile`."""
+    `compile`. `native` (default: when not static) runs attention stages' steps in the native
+    CPU kernel where it can (`multibyte.kernels`): equal to PyTorch up to rounding, so pass
+    False where two runs must agree bit for bit across machines."""
     static = compile if static is None else static
+    native = not static if native is None else native
     if compile and not static:
         raise ValueError("compile=True needs static caches (static=True or None)")
     if compile:
         max_len = compiled_state_length(model, max_len)
-    state = model.allocate_decode_state(batch_size, max_len, device=device, dtype=dtype, static=static)
+    state = model.allocate_decode_state(batch_size, max_len, device=device, dtype=dtype, static=static, native=native)
     if compile:
         state.step_fn = compiled_decode_byte(model)
     return state
@@ -369,6 +373,7 @@ def generate(
     seed: Optional[int] = None,
     on_byte: Optional[Callable[[int], None]] = None,
     compile: bool = False,
+    native: Optional[bool] = None,
 ) -> torch.Tensor:
     """Continue each row of `prompt` ((B, T) or (T,) bytes, T may be 0) by up to `max_new_bytes`.
 
@@ -380,7 +385,9 @@ def generate(
     each step and the draw after it as one torch.compile'd graph (`compiled_decode_and_sample`):
     the first call per model and sampling options compiles (seconds to a minute), later ones
     reuse it. The noise of the draws is the same either way (`NoiseChunks`), so compiled and
-    eager sampling differ only where rounding differences in the logits change a draw.
+    eager sampling differ only where rounding differences in the logits change a draw. `native`
+    (default: when not compiling): attention stages step in the native CPU kernel where it can
+    run (`allocate_decode_state`); False: PyTorch only.
     """
     vocab_size = model.config.vocab_size
     check_sampling_options(temperature, top_k, top_p, vocab_size)
@@ -409,7 +416,7 @@ def generate(
         # allocating one more keeps the arithmetic simple and costs one cache row.
         # Compiled: one graph runs the model's step AND the draw of the next byte, on static caches.
         length = T + max_new_bytes
-        state = allocate_decode_state(model, B, compiled_state_length(model, length) if compile else length, static=compile)
+        state = allocate_decode_state(model, B, compiled_state_length(model, length) if compile else length, static=compile, native=native)
         step = compiled_decode_and_sample(model, temperature, top_k, top_p) if compile else None
         # Compiled, with fixed units and no stop byte: `unit` steps per call (see COMPILED_RUN_BYTES).
         unit = compiled_run_length(model) if compile and model.config.is_fixed and stop_byte is None else 0

@@ -1,0 +1,164 @@
+/* One position of an attention stack on its KV caches, in fp32 on a CPU: the native twin of
+ * `multibyte.model.Stack.forward(x[:, None], states)` for decoding (the reference, in PyTorch,
+ * is what every other path runs; tests/test_native_kernels.py holds the two together).
+ *
+ * Why: a batch-1 decoding step of a small stage is a few hundred thousand multiply-adds spread
+ * over ~20 PyTorch ops per block, and on a CPU each op's fixed cost (dispatch, allocation) is
+ * larger than its arithmetic. Here a whole stack is one call over the weights in place.
+ *
+ * Per row b, with t = lengths[b] positions already cached:
+ *   for each block:  h = rms_norm(x) * w1;  (q, k, v) = qkv(h);  rotate q, k to position t (RoPE);
+ *                    keys/values[b, :, t] = k, v;  a = softmax(q k^T / sqrt(hd)) v over 0..t;
+ *                    x += out_proj(a);  x += down(gelu_tanh(up(rms_norm(x) * w2)))  (if any)
+ *   y = rms_norm(x) * w_final;  every block's lengths[b] += 1.
+ * Linear weights are nn.Linear's (out, in) row-major; caches are (B, H, slots, hd) contiguous.
+ */
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    const float *mixer_norm; /* (D,) */
+    const float *qkv;        /* (3D, D) */
+    const float *out_proj;   /* (D, D) */
+    const float *ff_norm;    /* (D,), NULL when the block has no feed-forward layer */
+    const float *up;         /* (F, D) */
+    const float *down;       /* (D, F) */
+    float *keys;             /* (B, H, slots, hd) */
+    float *values;           /* (B, H, slots, hd) */
+    int64_t *lengths;        /* (B,) positions cached per row */
+} AttentionBlock;
+
+typedef struct {
+    int64_t d_model, n_heads, hidden, n_blocks, slots;
+    float eps;
+    const float *frequencies; /* (hd / 2,) RoPE angular speeds, NULL: no rotary */
+    const float *final_norm;  /* (D,) */
+    const AttentionBlock *blocks;
+} AttentionStack;
+
+static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
+    const float r = 1.f / sqrtf(sum / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+/* Y = X W^T for X (rows, in), W (out, in): four weight rows at a time, each applied to every row
+ * of X while it is in the L1 cache, so the weights are read from memory once per call. */
+static void linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+    int64_t j = 0;
+    for (; j + 4 <= out; j += 4) {
+        const float *r0 = W + j * in, *r1 = r0 + in, *r2 = r1 + in, *r3 = r2 + in;
+        for (int64_t b = 0; b < rows; b++) {
+            const float *x = X + b * in;
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t i = 0; i < in; i++) {
+                a0 += r0[i] * x[i];
+                a1 += r1[i] * x[i];
+                a2 += r2[i] * x[i];
+                a3 += r3[i] * x[i];
+            }
+            float *y = Y + b * out + j;
+            y[0] = a0, y[1] = a1, y[2] = a2, y[3] = a3;
+        }
+    }
+    for (; j < out; j++) {
+        const float *r = W + j * in;
+        for (int64_t b = 0; b < rows; b++) {
+            const float *x = X + b * in;
+            float a = 0.f;
+#pragma omp simd reduction(+ : a)
+            for (int64_t i = 0; i < in; i++) a += r[i] * x[i];
+            Y[b * out + j] = a;
+        }
+    }
+}
+
+/* Channel pair (j, j + hd/2) turned by the angle position * frequencies[j]. */
+static void rotate(float *v, const float *frequencies, int64_t hd, int64_t position) {
+    const int64_t half = hd / 2;
+    for (int64_t j = 0; j < half; j++) {
+        const float angle = (float)position * frequencies[j], c = cosf(angle), s = sinf(angle);
+        const float x1 = v[j], x2 = v[j + half];
+        v[j] = x1 * c - x2 * s;
+        v[j + half] = x2 * c + x1 * s;
+    }
+}
+
+/* One query over the t + 1 cached positions of one head: out = softmax(q K^T * scale) V. */
+static void attend(const float *q, const float *K, const float *V, float *scores, float *out, int64_t t, int64_t hd, float scale) {
+    float top = -INFINITY;
+    for (int64_t p = 0; p <= t; p++) {
+        float a = 0.f;
+#pragma omp simd reduction(+ : a)
+        for (int64_t i = 0; i < hd; i++) a += q[i] * K[p * hd + i];
+        scores[p] = a * scale;
+        top = scores[p] > top ? scores[p] : top;
+    }
+    float total = 0.f;
+    for (int64_t p = 0; p <= t; p++) total += (scores[p] = expf(scores[p] - top));
+    for (int64_t i = 0; i < hd; i++) out[i] = 0.f;
+    for (int64_t p = 0; p <= t; p++) {
+        const float w = scores[p] / total;
+#pragma omp simd
+        for (int64_t i = 0; i < hd; i++) out[i] += w * V[p * hd + i];
+    }
+}
+
+/* Workspace floats `multibyte_attention_step` needs for `rows` rows of a stack. */
+int64_t multibyte_attention_workspace(const AttentionStack *s, int64_t rows) {
+    return rows * (6 * s->d_model + s->hidden) + s->slots;
+}
+
+/* x (B, D) in, y (B, D) out (may not alias x); work: multibyte_attention_workspace(s, B) floats.
+ * Returns 0, or 1 (nothing written) when a row's cache is full. */
+int multibyte_attention_step(const AttentionStack *s, int64_t B, const float *x, float *y, float *work) {
+    const int64_t D = s->d_model, H = s->n_heads, hd = D / H, F = s->hidden, S = s->slots;
+    const float scale = 1.f / sqrtf((float)hd);
+    /* per row: normed input (D), q k v (3D), attention output (D), a D-wide result, hidden (F) */
+    float *h = work, *qkv = h + B * D, *mixed = qkv + 3 * B * D, *r = mixed + B * D, *hidden = r + B * D, *scores = hidden + B * F;
+    for (int64_t l = 0; l < s->n_blocks; l++)
+        for (int64_t b = 0; b < B; b++)
+            if (s->blocks[l].lengths[b] < 0 || s->blocks[l].lengths[b] >= S - 1) return 1;
+    for (int64_t i = 0; i < B * D; i++) y[i] = x[i];
+    /* Block by block, each step over every row (the weights of a block are read once). */
+    for (int64_t l = 0; l < s->n_blocks; l++) {
+        const AttentionBlock *blk = s->blocks + l;
+        for (int64_t b = 0; b < B; b++) rms_norm(y + b * D, blk->mixer_norm, h + b * D, D, s->eps);
+        linear(blk->qkv, h, qkv, B, 3 * D, D);
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t t = blk->lengths[b];
+            for (int64_t head = 0; head < H; head++) {
+                float *q = qkv + b * 3 * D + head * hd, *k = q + D, *v = q + 2 * D;
+                if (s->frequencies) {
+                    rotate(q, s->frequencies, hd, t);
+                    rotate(k, s->frequencies, hd, t);
+                }
+                float *K = blk->keys + (b * H + head) * S * hd, *V = blk->values + (b * H + head) * S * hd;
+                for (int64_t i = 0; i < hd; i++) K[t * hd + i] = k[i], V[t * hd + i] = v[i];
+                attend(q, K, V, scores, mixed + b * D + head * hd, t, hd, scale);
+            }
+        }
+        linear(blk->out_proj, mixed, r, B, D, D);
+        for (int64_t i = 0; i < B * D; i++) y[i] += r[i];
+        if (blk->ff_norm) {
+            for (int64_t b = 0; b < B; b++) rms_norm(y + b * D, blk->ff_norm, h + b * D, D, s->eps);
+            linear(blk->up, h, hidden, B, F, D);
+            for (int64_t i = 0; i < B * F; i++) {
+                const float u = hidden[i];
+                hidden[i] = 0.5f * u * (1.f + tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)));
+            }
+            linear(blk->down, hidden, r, B, D, F);
+            for (int64_t i = 0; i < B * D; i++) y[i] += r[i];
+        }
+    }
+    for (int64_t b = 0; b < B; b++) {
+        rms_norm(y + b * D, s->final_norm, h, D, s->eps);
+        for (int64_t i = 0; i < D; i++) y[b * D + i] = h[i];
+    }
+    for (int64_t l = 0; l < s->n_blocks; l++)
+        for (int64_t b = 0; b < B; b++) s->blocks[l].lengths[b] += 1;
+    return 0;
+}
