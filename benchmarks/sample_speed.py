@@ -29,7 +29,9 @@ P = 12, a 384-wide 4-layer global model and a 128-wide 2-layer local model, rand
 
 `batch1_bytes_per_s` at the top level is the shipped preset itself (configs/image64.yaml with
 configs/cpu/image64.yaml, which may differ from the fixed dims above) generating at batch 1 with
-`sample`'s defaults (eager, fp32); `batch1_compiled` is the same model compiled.
+`sample`'s defaults (eager, fp32, attention stacks in the native CPU kernel of multibyte/kernels
+when it builds here: `native_kernel_available`); `batch1_pytorch_only_bytes_per_s` is the same
+with every op in PyTorch; `batch1_compiled` is the same model compiled.
 
 All baselines run with `--threads` intra-op threads (default 1, as our decoding loop): on the
 shared 2-core machine this was written on, 2 threads made every measured path slower.
@@ -56,6 +58,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from multibyte.codecs import IMAGE_BYTES  # noqa: E402
 from multibyte.config import ModelConfig, StageConfig, megabyte  # noqa: E402
+from multibyte.kernels import attention as native_attention  # noqa: E402
+from multibyte.kernels import load as load_kernel  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
 from multibyte.sampling import (  # noqa: E402
     allocate_decode_state,
@@ -132,6 +136,25 @@ def decode_loop_bytes_per_second(model, batch: int, num_bytes: int, threads: int
                 logits = decode_step(model, state, sample_next_byte(logits, generator=generator))
             sample_next_byte(logits, generator=generator)
     return batch * num_bytes / (time.perf_counter() - start)
+
+
+def native_by_batch(models: dict, num_bytes: int) -> dict:
+    """Bytes/s of `generate` with and without the native attention kernel at batch 1, 4, 16 and
+    32 (the kernel bound at every size here, whatever NATIVE_MAX_BATCH says): where its
+    dot-product-per-output loops stop beating PyTorch's GEMM, which NATIVE_MAX_BATCH follows."""
+    limit = native_attention.NATIVE_MAX_BATCH
+    native_attention.NATIVE_MAX_BATCH = 1 << 30
+    try:
+        figures: dict = {}
+        for name, model in models.items():
+            for batch in (1, 4, 16, 32):
+                figures[f"{name}_batch{batch}"] = {
+                    kind: round(cached_bytes_per_second(model, batch, num_bytes, native=native), 1)
+                    for kind, native in (("native", True), ("pytorch", False))
+                }
+        return figures
+    finally:
+        native_attention.NATIVE_MAX_BATCH = limit
 
 
 def timed_compiled_runs(model, batch: int, num_bytes: int) -> tuple[float, float]:
@@ -353,6 +376,11 @@ def main() -> None:
         "weight_mb_read_per_byte": round(weight_bytes_read_per_byte(preset) / 2**20, 2),
     }
     results["batch1_bytes_per_s"] = round(cached_bytes_per_second(preset, 1, num_bytes), 1)
+    # The same without the native attention kernel (multibyte/kernels): every op in PyTorch.
+    results["batch1_pytorch_only_bytes_per_s"] = round(cached_bytes_per_second(preset, 1, num_bytes, native=False), 1)
+    results["native_kernel_available"] = load_kernel("attention_step") is not None
+    if results["native_kernel_available"]:
+        results["native_by_batch"] = native_by_batch({"preset": preset, "megabyte": megabyte}, 240 if quick else 1200)
 
     mamba_steps = 30 if quick else 200
     results["mambabyte_us_per_byte_at_position"] = {
