@@ -58,8 +58,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from multibyte.codecs import IMAGE_BYTES  # noqa: E402
 from multibyte.config import ModelConfig, StageConfig, megabyte  # noqa: E402
-from multibyte.kernels import attention as native_attention  # noqa: E402
-from multibyte.kernels import load as load_kernel  # noqa: E402
+import multibyte.kernels as native_kernels  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
 from multibyte.sampling import (  # noqa: E402
     allocate_decode_state,
@@ -142,8 +141,8 @@ def native_by_batch(models: dict, num_bytes: int) -> dict:
     """Bytes/s of `generate` with and without the native attention kernel at batch 1, 4, 16 and
     32 (the kernel bound at every size here, whatever NATIVE_MAX_BATCH says): where its
     dot-product-per-output loops stop beating PyTorch's GEMM, which NATIVE_MAX_BATCH follows."""
-    limit = native_attention.NATIVE_MAX_BATCH
-    native_attention.NATIVE_MAX_BATCH = 1 << 30
+    limit = native_kernels.NATIVE_MAX_BATCH
+    native_kernels.NATIVE_MAX_BATCH = 1 << 30
     try:
         figures: dict = {}
         for name, model in models.items():
@@ -154,7 +153,7 @@ def native_by_batch(models: dict, num_bytes: int) -> dict:
                 }
         return figures
     finally:
-        native_attention.NATIVE_MAX_BATCH = limit
+        native_kernels.NATIVE_MAX_BATCH = limit
 
 
 def timed_compiled_runs(model, batch: int, num_bytes: int) -> tuple[float, float]:
@@ -378,7 +377,7 @@ def main() -> None:
     results["batch1_bytes_per_s"] = round(cached_bytes_per_second(preset, 1, num_bytes), 1)
     # The same without the native attention kernel (multibyte/kernels): every op in PyTorch.
     results["batch1_pytorch_only_bytes_per_s"] = round(cached_bytes_per_second(preset, 1, num_bytes, native=False), 1)
-    results["native_kernel_available"] = load_kernel("attention_step") is not None
+    results["native_kernel_available"] = native_kernels.load("attention_step") is not None
     if results["native_kernel_available"]:
         results["native_by_batch"] = native_by_batch({"preset": preset, "megabyte": megabyte}, 240 if quick else 1200)
 

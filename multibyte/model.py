@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from multibyte.chunked_loss import head_nll
 from multibyte.config import ModelConfig, StageConfig
-from multibyte.kernels.attention import NativeAttentionStep
+from multibyte.kernels import bind_stack_step
 from multibyte.mixers import build_mixer
 from multibyte.mixers.attention import KVCache
 from multibyte.mixers.rotary import segment_positions
@@ -129,8 +129,8 @@ class Block(nn.Module):
 
 class StackStates(list):
     """A stack's decoding states, one per block (KVCache or MambaState), and `native`: its
-    one-position step as one native call (`multibyte.kernels.attention.NativeAttentionStep`),
-    bound by `HierarchicalByteModel.allocate_decode_state(native=True)` where it can run; None:
+    one-position step as one native call (`multibyte.kernels.NativeStackStep`), bound by
+    `HierarchicalByteModel.allocate_decode_state(native=True)` where a kernel can run it; None:
     every step runs the blocks in PyTorch."""
 
     native: Optional[Any] = None
@@ -645,9 +645,10 @@ class HierarchicalByteModel(nn.Module):
         """Caches for `batch_size` rows of up to `max_len` bytes each, allocated once (on the
         model's device and in its dtype unless told otherwise). `static`: fixed shapes and no
         host synchronisation in `decode_step` (for torch.compile / CUDA graphs). `native`: every
-        attention stage that the native CPU kernel can run (fp32 on a CPU, dynamic caches) takes
-        its one-position steps there (`StackStates.native`), equal to the PyTorch blocks up to
-        rounding; the others, and every other call, run the PyTorch blocks."""
+        stage that a native CPU kernel can run (attention or Mamba, fp32 on a CPU, dynamic
+        caches, at most `multibyte.kernels.NATIVE_MAX_BATCH` rows) takes its one-position steps
+        there (`StackStates.native`), equal to the PyTorch blocks up to rounding; the others, and
+        every other call, run the PyTorch blocks."""
         config = self.config
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be at least 1, got {batch_size} and {max_len}")
@@ -674,7 +675,7 @@ class HierarchicalByteModel(nn.Module):
                     layer_state.make_static()
         elif native:
             for stage, states in zip(self.stages, stage_states):
-                states.native = NativeAttentionStep.bind(stage.stack, states)
+                states.native = bind_stack_step(stage.stack, states)
         w0 = self.stages[0].byte_width
         has_extra = self.position_embedding is not None or self.hash_embedding is not None
         state = DecodeState(

@@ -2,8 +2,9 @@
 
 `attention_step.c` is one decoding position of an attention stack: it must give the blocks'
 output, write the same keys and values into the caches and advance the same lengths, with and
-without rotary positions, for rows at different positions; it must refuse (and change nothing)
-where it cannot run, so that the reference runs instead; and the library must build, cache and
+without rotary positions, for rows at different positions; `mamba_step.c` the same for a Mamba
+stack and its convolution and state space states. Both must refuse (and change nothing) where
+they cannot run, so that the reference runs instead; and the libraries must build, cache and
 fail the way `multibyte/kernels/__init__.py` says. Skipped only where there is no C compiler.
 """
 
@@ -16,7 +17,9 @@ import torch
 import multibyte.kernels as kernels
 from architectures import ARCHITECTURES, build
 from multibyte.config import ModelConfig, StageConfig
+from multibyte.kernels import bind_stack_step
 from multibyte.kernels.attention import NativeAttentionStep
+from multibyte.kernels.mamba import NativeMambaStep
 from multibyte.model import HierarchicalByteModel, Stack
 from multibyte.sampling import allocate_decode_state, decode_step, generate, prefill
 
@@ -65,6 +68,30 @@ def test_native_step_equals_the_pytorch_blocks(d_model, n_heads, n_layers, posit
         torch.testing.assert_close(new.values[:, :, :25], ref.values[:, :, :25], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("d_model, n_layers, d_state, d_conv, batch", [(32, 2, 4, 4, 1), (24, 3, 8, 3, 3), (16, 1, 16, 2, 2)])
+def test_native_mamba_step_equals_the_pytorch_blocks(d_model, n_layers, d_state, d_conv, batch):
+    torch.manual_seed(2)
+    stack = Stack(StageConfig("mamba", d_model, n_layers, 2, d_state=d_state, d_conv=d_conv), 0.0, 1e-5).eval()
+    with torch.no_grad():
+        for name, parameter in stack.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.5 * torch.randn_like(parameter))
+            elif name.endswith("dt_proj.bias"):
+                parameter.add_(torch.randn_like(parameter))  # step sizes from ~0.05 to ~1
+    reference = stack.allocate_states(batch, 40, "cpu", torch.float32)
+    native_states = stack.allocate_states(batch, 40, "cpu", torch.float32)
+    native = bind_stack_step(stack, native_states)
+    assert isinstance(native, NativeMambaStep)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in range(25):
+            x = torch.randn(batch, 1, d_model, generator=generator) * 2
+            torch.testing.assert_close(native(x), stack(x, reference), rtol=0, atol=2e-5, msg=f"output at position {t}")
+    for ref, new in zip(reference, native_states):
+        torch.testing.assert_close(new.conv, ref.conv, rtol=0, atol=2e-5)
+        torch.testing.assert_close(new.ssm, ref.ssm, rtol=1e-5, atol=2e-5)
+
+
 def test_rows_at_different_positions_attend_over_their_own_lengths():
     # Row 0 holds 7 positions, row 1 holds 3 (as after prompts of different lengths): each row's
     # new entry goes to its own slot, rotary turns it by its own position, and it attends to its own.
@@ -109,12 +136,16 @@ def test_the_kernel_is_not_bound_where_it_cannot_run():
     assert NativeAttentionStep.bind(stack, stack.allocate_states(1, 8, "cpu", torch.bfloat16)) is None
     mamba = Stack(StageConfig("mamba", 16, 1, 2, d_state=4), 0.0, 1e-5)
     assert NativeAttentionStep.bind(mamba, mamba.allocate_states(1, 8, "cpu", torch.float32)) is None
+    assert NativeMambaStep.bind(stack, stack.allocate_states(1, 8, "cpu", torch.float32)) is None
+    assert bind_stack_step(mamba, mamba.allocate_states(1, 8, "cpu", torch.bfloat16)) is None
+    assert bind_stack_step(mamba, mamba.allocate_states(17, 8, "cpu", torch.float32)) is None  # > NATIVE_MAX_BATCH
+    assert bind_stack_step(stack, stack.allocate_states(17, 8, "cpu", torch.float32)) is None
     native = NativeAttentionStep.bind(stack, stack.allocate_states(2, 8, "cpu", torch.float32))
     assert native(torch.randn(2, 1, 16, dtype=torch.bfloat16)) is None  # wrong dtype: the reference runs
     assert native(torch.randn(3, 1, 16)) is None  # wrong batch
 
 
-@pytest.mark.parametrize("name", ["megabyte", "megabyte-3stage", "megabyte-lags", "vanilla", "hybrid", "space"])
+@pytest.mark.parametrize("name", ["megabyte", "megabyte-3stage", "megabyte-lags", "vanilla", "mambabyte", "hybrid", "space", "space-3stage-mamba"])
 def test_decoding_with_the_kernel_gives_the_pytorch_logits(name):
     model = build(name, seed=5)
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))

@@ -10,6 +10,9 @@ callers run their PyTorch reference. Tests hold every kernel to its reference
 
     attention_step.c   one decoding position of an attention stack (`multibyte.model.Stack`),
                        bound by `multibyte.kernels.attention.NativeAttentionStep`
+    mamba_step.c       the same for a Mamba stack (MambaByte), `multibyte.kernels.mamba.NativeMambaStep`
+
+`bind_stack_step` picks the one for a stack; `multibyte.model.StackStates.native` holds it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import threading
 import warnings
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
 SOURCES = Path(__file__).resolve().parent
@@ -102,3 +107,55 @@ def load(name: str) -> Optional[ctypes.CDLL]:
             warnings.warn(f"native kernel {name!r} unavailable, using the PyTorch reference: {error}", RuntimeWarning, stacklevel=2)
         _loaded[name] = library
         return library
+
+
+# Most rows a stack step is bound for. The kernels compute each matrix product as one dot product
+# per output and row (the weights read once per call); from a few dozen rows on, PyTorch's GEMM is
+# the faster (benchmarks/sample_speed.py, `native_by_batch`: the shipped image preset and a 7.9M
+# MEGABYTE at batch 1, 4, 16 and 32).
+NATIVE_MAX_BATCH = 16
+
+
+def usable(t: Optional[torch.Tensor]) -> bool:
+    """A tensor a kernel may read or write in place: contiguous fp32 on the CPU."""
+    return t is not None and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+class NativeStackStep:
+    """A stack's one-position decoding step as one native call, bound to one stack and one set
+    of per-block states (the pointers are read once, at binding: a parameter object replaced
+    afterwards is not seen; values changed in place, as an optimizer step does, are).
+
+    Call with x (B, 1, D) fp32: returns the stack's (B, 1, D) output and advances the states, or
+    None (nothing changed) when it cannot take this call; the caller then runs the reference."""
+
+    def __init__(self, keep: list, batch_size: int, workspace: int) -> None:
+        self._keep, self.batch_size = keep, batch_size  # _keep: what the kernel's pointers point into
+        self._work = torch.empty(workspace)
+        self._work_ptr = self._work.data_ptr()
+
+    def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[0] != self.batch_size or x.shape[1] != 1:
+            return None
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        if not self._step(x.data_ptr(), y.data_ptr()):
+            return None
+        return y
+
+    def _step(self, x_ptr: int, y_ptr: int) -> bool:
+        """Run the kernel from x_ptr into y_ptr; False when it declined (nothing written)."""
+        raise NotImplementedError
+
+
+def bind_stack_step(stack: torch.nn.Module, states: list) -> Optional[NativeStackStep]:
+    """The native one-position step of `stack` (a `multibyte.model.Stack`) on its decoding
+    `states`, or None where no kernel can run it (see each kernel's `bind`)."""
+    from multibyte.kernels.attention import NativeAttentionStep
+    from multibyte.kernels.mamba import NativeMambaStep
+
+    for kernel in (NativeAttentionStep, NativeMambaStep):
+        step = kernel.bind(stack, states)
+        if step is not None:
+            return step
+    return None

@@ -7,10 +7,6 @@ copies), and moves every block's cache lengths on by one; the caller keeps the c
 bookkeeping (`KVCache.bound`). It agrees with the reference to rounding (~1e-6), not bit for
 bit, so it is used where that is enough (sampling) and never where two runs must agree exactly
 (the compressor).
-
-It binds to one stack and one set of decoding states: the pointers are read once, when the
-states are allocated, so a parameter object replaced afterwards is not seen (values changed in
-place, as an optimizer step does, are).
 """
 
 from __future__ import annotations
@@ -20,17 +16,12 @@ from typing import Optional
 
 import torch
 
-from multibyte.kernels import load
+import multibyte.kernels as kernels
+from multibyte.kernels import NativeStackStep, load, usable
 from multibyte.mixers.attention import CausalSelfAttention, KVCache
 from multibyte.mixers.rotary import rotary_frequencies
 
 _pointer = ctypes.c_void_p
-
-# Most rows the kernel is bound for. It computes each matrix product as one dot product per output
-# and row (the weights read once per call); from a few dozen rows on, PyTorch's GEMM is the faster
-# (benchmarks/sample_speed.py, `native_by_batch`: the shipped image preset and a 7.9M MEGABYTE at
-# batch 1, 4, 16 and 32).
-NATIVE_MAX_BATCH = 16
 
 
 class _Block(ctypes.Structure):
@@ -62,20 +53,21 @@ def _library() -> Optional[ctypes.CDLL]:
     return library
 
 
-def _usable(t: Optional[torch.Tensor]) -> bool:
-    return t is not None and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-
-
-class NativeAttentionStep:
-    """Call with x (B, 1, D) fp32: returns the stack's (B, 1, D) output and advances the caches,
-    or None (nothing changed) when it cannot take this call; the caller then runs the reference."""
+class NativeAttentionStep(NativeStackStep):
+    """`attention_step.c` bound to an attention stack and its KV caches."""
 
     def __init__(self, library: ctypes.CDLL, stack: _Stack, keep: list, states: list[KVCache], batch_size: int) -> None:
-        self._step = library.multibyte_attention_step
-        self._stack, self._keep, self.states, self.batch_size = stack, keep, states, batch_size
+        self._kernel = library.multibyte_attention_step
         self._stack_ref = ctypes.byref(stack)
-        self._work = torch.empty(int(library.multibyte_attention_workspace(self._stack_ref, batch_size)))
-        self._work_ptr = self._work.data_ptr()
+        self.states = states
+        super().__init__(keep + [stack], batch_size, int(library.multibyte_attention_workspace(self._stack_ref, batch_size)))
+
+    def _step(self, x_ptr: int, y_ptr: int) -> bool:
+        if self._kernel(self._stack_ref, self.batch_size, x_ptr, y_ptr, self._work_ptr):
+            return False  # a cache is full: the reference raises its error
+        for state in self.states:  # the host's bound on every row's length (lengths moved on in C)
+            state.bound += 1
+        return True
 
     @classmethod
     def bind(cls, stack: torch.nn.Module, states: list) -> Optional["NativeAttentionStep"]:
@@ -86,7 +78,7 @@ class NativeAttentionStep:
         blocks = list(stack.blocks)
         if not blocks or len(states) != len(blocks) or not isinstance(states[0], KVCache):
             return None
-        if states[0].keys.shape[0] > NATIVE_MAX_BATCH:
+        if states[0].keys.shape[0] > kernels.NATIVE_MAX_BATCH:
             return None
         if not all(isinstance(b.mixer, CausalSelfAttention) and isinstance(s, KVCache) and not s.static for b, s in zip(blocks, states)):
             return None
@@ -111,7 +103,7 @@ class NativeAttentionStep:
             tensors = [block.mixer_norm.weight, attention.qkv.weight, attention.out_proj.weight]
             tensors += [block.ff_norm.weight, ff.up.weight, ff.down.weight] if ff is not None else [None] * 3
             tensors += [state.keys, state.values]
-            if any(t is not None and not _usable(t) for t in tensors) or tensors[0] is None:
+            if any(t is not None and not usable(t) for t in tensors) or tensors[0] is None:
                 return None
             if state.lengths.dtype != torch.int64 or not state.lengths.is_contiguous() or state.keys.shape != states[0].keys.shape:
                 return None
@@ -122,7 +114,7 @@ class NativeAttentionStep:
             pointers = [0 if t is None else t.data_ptr() for t in tensors] + [state.lengths.data_ptr()]
             for field, pointer in zip(_Block._fields_, pointers):
                 setattr(c_block, field[0], pointer)
-        if not _usable(stack.final_norm.weight):
+        if not usable(stack.final_norm.weight):
             return None
         library = _library()
         if library is None:
@@ -142,13 +134,3 @@ class NativeAttentionStep:
         keep.append(c_blocks)
         return cls(library, c_stack, keep, list(states), batch_size)
 
-    def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[0] != self.batch_size or x.shape[1] != 1:
-            return None
-        x = x.contiguous()
-        y = torch.empty_like(x)
-        if self._step(self._stack_ref, self.batch_size, x.data_ptr(), y.data_ptr(), self._work_ptr):
-            return None  # a cache is full: the reference raises its error
-        for state in self.states:  # the host's bound on every row's length (lengths moved on in C)
-            state.bound += 1
-        return y

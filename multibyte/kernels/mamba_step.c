@@ -1,0 +1,143 @@
+/* One position of a Mamba stack (MambaByte) on its recurrent states, in fp32 on a CPU: the native
+ * twin of `multibyte.model.Stack.forward(x[:, None], states)` whose blocks are
+ * `multibyte.mixers.mamba.MambaMixer` (its `step` is the reference; tests/test_native_kernels.py
+ * holds the two together).
+ *
+ * Per row, for each block (E = inner width, N = state size, K = convolution taps, R = dt rank):
+ *   h = rms_norm(x) * w;  (x_in, z) = in_proj(h);
+ *   window = (conv state, x_in);  conv state <- window[1:];  s = SiLU(bias + sum_k window[k] * taps[k]);
+ *   (d, B, C) = x_proj(s);  delta = softplus(dt_proj(d) + dt_bias);  A = -exp(A_log);
+ *   state[e, n] = exp(delta[e] A[e, n]) state[e, n] + delta[e] s[e] B[n];
+ *   y[e] = (sum_n C[n] state[e, n] + D[e] s[e]) * SiLU(z[e]);  x += out_proj(y)
+ * then y = rms_norm(x) * w_final. A batch-1 step reads every weight once, so on a CPU it is bound
+ * by memory traffic; this makes it one pass over them instead of ~20 PyTorch ops a block.
+ */
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    const float *norm;        /* (D,) RMSNorm gain before the mixer */
+    const float *in_proj;     /* (2E, D) */
+    const float *conv_weight; /* (E, K) */
+    const float *conv_bias;   /* (E,) */
+    const float *x_proj;      /* (R + 2N, E) */
+    const float *dt_weight;   /* (E, R) */
+    const float *dt_bias;     /* (E,) */
+    const float *A_log;       /* (E, N) */
+    const float *D;           /* (E,) */
+    const float *out_proj;    /* (D, E) */
+    float *conv_state;        /* (B, K - 1, E) */
+    float *ssm_state;         /* (B, E, N) */
+} MambaBlock;
+
+typedef struct {
+    int64_t d_model, d_inner, d_state, d_conv, dt_rank, n_blocks;
+    float eps;
+    const float *final_norm; /* (D,) */
+    const MambaBlock *blocks;
+} MambaStack;
+
+static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
+    const float r = 1.f / sqrtf(sum / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+}
+
+/* Y = X W^T for X (rows, in), W (out, in): four weight rows at a time over every row of X. */
+static void linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+    int64_t j = 0;
+    for (; j + 4 <= out; j += 4) {
+        const float *r0 = W + j * in, *r1 = r0 + in, *r2 = r1 + in, *r3 = r2 + in;
+        for (int64_t b = 0; b < rows; b++) {
+            const float *x = X + b * in;
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t i = 0; i < in; i++) {
+                a0 += r0[i] * x[i];
+                a1 += r1[i] * x[i];
+                a2 += r2[i] * x[i];
+                a3 += r3[i] * x[i];
+            }
+            float *y = Y + b * out + j;
+            y[0] = a0, y[1] = a1, y[2] = a2, y[3] = a3;
+        }
+    }
+    for (; j < out; j++) {
+        const float *r = W + j * in;
+        for (int64_t b = 0; b < rows; b++) {
+            const float *x = X + b * in;
+            float a = 0.f;
+#pragma omp simd reduction(+ : a)
+            for (int64_t i = 0; i < in; i++) a += r[i] * x[i];
+            Y[b * out + j] = a;
+        }
+    }
+}
+
+static float silu(float v) { return v / (1.f + expf(-v)); }
+
+/* torch.nn.functional.softplus with beta 1 and threshold 20. */
+static float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+
+/* Workspace floats `multibyte_mamba_step` needs for `rows` rows of a stack. */
+int64_t multibyte_mamba_workspace(const MambaStack *s, int64_t rows) {
+    const int64_t D = s->d_model, E = s->d_inner;
+    return rows * (2 * D + 4 * E + s->dt_rank + 2 * s->d_state);
+}
+
+/* x (B, D) in, y (B, D) out (may not alias x); work: multibyte_mamba_workspace(s, B) floats.
+ * Updates every block's convolution and state space states. */
+void multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *y, float *work) {
+    const int64_t D = s->d_model, E = s->d_inner, N = s->d_state, K = s->d_conv, R = s->dt_rank, P = R + 2 * N;
+    /* per row: normed input (D), x_in and z (2E), the convolution's output (E), the mixer's
+     * output before out_proj (E), (d, B, C) (P), out_proj's result (D) */
+    float *h = work, *xz = h + B * D, *conv = xz + 2 * B * E, *mixed = conv + B * E, *dbc = mixed + B * E, *r = dbc + B * P;
+    for (int64_t i = 0; i < B * D; i++) y[i] = x[i];
+    for (int64_t l = 0; l < s->n_blocks; l++) {
+        const MambaBlock *blk = s->blocks + l;
+        for (int64_t b = 0; b < B; b++) rms_norm(y + b * D, blk->norm, h + b * D, D, s->eps);
+        linear(blk->in_proj, h, xz, B, 2 * E, D);
+        for (int64_t b = 0; b < B; b++) {
+            const float *x_in = xz + b * 2 * E;
+            float *state = blk->conv_state + b * (K - 1) * E, *c = conv + b * E;
+            for (int64_t e = 0; e < E; e++) {
+                const float *taps = blk->conv_weight + e * K;
+                float acc = 0.f;
+                for (int64_t k = 0; k < K - 1; k++) acc += state[k * E + e] * taps[k];
+                acc += x_in[e] * taps[K - 1];
+                c[e] = silu(acc + blk->conv_bias[e]);
+            }
+            for (int64_t k = 0; k + 1 < K - 1; k++)
+                for (int64_t e = 0; e < E; e++) state[k * E + e] = state[(k + 1) * E + e];
+            if (K > 1)
+                for (int64_t e = 0; e < E; e++) state[(K - 2) * E + e] = x_in[e];
+        }
+        linear(blk->x_proj, conv, dbc, B, P, E);
+        for (int64_t b = 0; b < B; b++) {
+            const float *d = dbc + b * P, *Bn = d + R, *Cn = Bn + N, *c = conv + b * E, *z = xz + b * 2 * E + E;
+            float *ssm = blk->ssm_state + b * E * N, *m = mixed + b * E;
+            for (int64_t e = 0; e < E; e++) {
+                const float *w = blk->dt_weight + e * R;
+                float acc = 0.f;
+                for (int64_t k = 0; k < R; k++) acc += w[k] * d[k];
+                const float delta = softplus(acc + blk->dt_bias[e]), impulse = delta * c[e];
+                const float *A_log = blk->A_log + e * N;
+                float *h_e = ssm + e * N, out = 0.f;
+                for (int64_t n = 0; n < N; n++) {
+                    const float decay = expf(delta * -expf(A_log[n]));
+                    h_e[n] = decay * h_e[n] + impulse * Bn[n];
+                    out += h_e[n] * Cn[n];
+                }
+                m[e] = (out + c[e] * blk->D[e]) * silu(z[e]);
+            }
+        }
+        linear(blk->out_proj, mixed, r, B, D, E);
+        for (int64_t i = 0; i < B * D; i++) y[i] += r[i];
+    }
+    for (int64_t b = 0; b < B; b++) {
+        rms_norm(y + b * D, s->final_norm, h, D, s->eps);
+        for (int64_t i = 0; i < D; i++) y[b * D + i] = h[i];
+    }
+}
