@@ -297,6 +297,7 @@ def sample_to_files(
     seed: int = 0,
     stop_byte: Optional[int] = None,
     compile: bool = False,
+    native: Optional[bool] = None,
     overwrite: bool = False,
     progress: bool = True,
     prefix: str = "sample",
@@ -310,7 +311,7 @@ def sample_to_files(
     With `tokenizer` (a subword model's `multibyte.bpe.BPETokenizer`), `prompt` holds token ids,
     `max_new_bytes` counts new tokens, and each row is decoded to its bytes before it is written;
     ids beyond the tokenizer's vocabulary (a model sized for more ids than training produced) are
-    never drawn."""
+    never drawn. `compile` and `native`: see `multibyte.sampling.generate`."""
     from multibyte.sampling import check_sampling_options, generate
 
     if num_samples < 1 or batch_size < 1:
@@ -349,6 +350,7 @@ def sample_to_files(
                 seed=seed + batch_index,
                 on_byte=lambda n, rows=rows: bar.update(rows),  # called once per generated symbol
                 compile=compile,
+                native=native,
             )
             for row in out.cpu().numpy():
                 if tokenizer is None:
@@ -379,6 +381,7 @@ def sample_to_files(
         "seed": seed,
         "stop_byte": stop_byte,
         "compile": compile,
+        "native": native,
         "seconds": round(seconds, 3),
         "new_bytes": new_bytes,
         "bytes_per_second": round(run.bytes_per_second, 1),

@@ -268,6 +268,7 @@ class MultibyteTrainer(Trainer):
         prompt_rows: int = 32,
         prompt_seconds: Optional[float] = None,
         compile: bool = False,
+        native: bool = True,
         dtype: Optional[Literal["float32", "bfloat16"]] = None,
         overwrite: bool = False,
     ) -> list[str]:
@@ -303,6 +304,10 @@ class MultibyteTrainer(Trainer):
                 (CUDA graphs on a GPU). On a CPU compiling costs tens of seconds up front and
                 then steps ~1.5-2x faster (benchmarks/sample_speed.py, `batch1_compiled`): worth
                 it for several batches of whole images, not for one.
+            native: on a CPU, run each stage's one-position step as one call into the native
+                C kernel (multibyte/kernels, built on first use) where it can: fp32 weights, at
+                most 16 rows. ~2.5x faster at batch 1 (benchmarks/sample_speed.py); equal to
+                PyTorch up to rounding. false: every op in PyTorch.
             dtype: weights and caches while sampling; None picks the fastest measured: on a CPU
                 float32 below batch 16 and bfloat16 from there (with native bf16), on a GPU
                 bfloat16 when the trainer's precision is bf16. Changes the sampled bytes.
@@ -363,6 +368,7 @@ class MultibyteTrainer(Trainer):
                 seed=seed,
                 stop_byte=stop_byte,
                 compile=compile,
+                native=native,
                 overwrite=overwrite,
                 progress=self.progress_bar_callback is not None,
                 info={

@@ -285,6 +285,14 @@ def test_sample_subcommand_writes_text_continuing_the_prompt(text_checkpoint, tm
     sample_cli(text_checkpoint, tmp_path / "b", "--prompt", "The ", "--max_new_bytes", "24", "--num_samples", "3", "--batch_size", "2")
     for path in texts:
         assert (tmp_path / "b" / path.name).read_bytes() == path.read_bytes()
+    # PyTorch only (--native false): recorded, and the same greedy bytes as the default.
+    greedy = ("--prompt", "The ", "--max_new_bytes", "24", "--num_samples", "2", "--temperature", "0")
+    sample_cli(text_checkpoint, tmp_path / "c", *greedy)
+    sample_cli(text_checkpoint, tmp_path / "d", *greedy, "--native", "false")
+    assert json.loads((tmp_path / "c" / "sample_info.json").read_text())["native"] is True
+    assert json.loads((tmp_path / "d" / "sample_info.json").read_text())["native"] is False
+    for name in ("sample_000.txt", "sample_001.txt"):
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
 
 
 def test_sample_subcommand_errors_name_the_file(text_checkpoint, tmp_path):
