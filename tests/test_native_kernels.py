@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import multibyte.kernels as kernels
-from architectures import ARCHITECTURES, build
+from architectures import build
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.kernels import bind_stack_step
 from multibyte.kernels.attention import NativeAttentionStep

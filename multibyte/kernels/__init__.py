@@ -11,6 +11,7 @@ callers run their PyTorch reference. Tests hold every kernel to its reference
     attention_step.c   one decoding position of an attention stack (`multibyte.model.Stack`),
                        bound by `multibyte.kernels.attention.NativeAttentionStep`
     mamba_step.c       the same for a Mamba stack (MambaByte), `multibyte.kernels.mamba.NativeMambaStep`
+    vector_ops.h       what both use: RMSNorm and the row-blocked matrix-vector products
 
 `bind_stack_step` picks the one for a stack; `multibyte.model.StackStates.native` holds it.
 """
@@ -63,12 +64,13 @@ def _compiler() -> Optional[str]:
 
 
 def library_path(name: str) -> Optional[Path]:
-    """Where `name`'s library for this CPU, compiler and source lives (None: no compiler)."""
+    """Where `name`'s library for this CPU, compiler and sources (name.c and the shared
+    headers) lives (None: no compiler)."""
     compiler = _compiler()
     if compiler is None:
         return None
-    source = (SOURCES / f"{name}.c").read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_identity().encode()]))
+    sources = [(SOURCES / f"{name}.c").read_bytes()] + [header.read_bytes() for header in sorted(SOURCES.glob("*.h"))]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), compiler.encode(), _cpu_identity().encode()]))
     return cache_folder() / f"{name}-{key.hexdigest()[:16]}.so"
 
 
@@ -121,17 +123,36 @@ def usable(t: Optional[torch.Tensor]) -> bool:
     return t is not None and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
+def load_stack_step(kind: str, stack_struct: type) -> Optional[ctypes.CDLL]:
+    """`load(f"{kind}_step")` with its two entry points typed, the contract of every stack step
+    kernel: `int multibyte_{kind}_step(const Stack *, int64_t rows, const float *x, float *y,
+    float *work)` (0: done; nonzero: declined, nothing written) and `int64_t
+    multibyte_{kind}_workspace(const Stack *, int64_t rows)` (floats of `work`)."""
+    library = load(f"{kind}_step")
+    if library is not None and not hasattr(library, "_multibyte_typed"):
+        stack = ctypes.POINTER(stack_struct)
+        step, workspace = getattr(library, f"multibyte_{kind}_step"), getattr(library, f"multibyte_{kind}_workspace")
+        step.argtypes, step.restype = [stack, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+        workspace.argtypes, workspace.restype = [stack, ctypes.c_int64], ctypes.c_int64
+        library._multibyte_typed = True
+    return library
+
+
 class NativeStackStep:
-    """A stack's one-position decoding step as one native call, bound to one stack and one set
-    of per-block states (the pointers are read once, at binding: a parameter object replaced
-    afterwards is not seen; values changed in place, as an optimizer step does, are).
+    """A stack's one-position decoding step as one native call (a kernel loaded by
+    `load_stack_step`), bound to one stack and one set of per-block states: the pointers in
+    `stack_struct` are read once, at binding, so a parameter object replaced afterwards is not
+    seen (values changed in place, as an optimizer step does, are).
 
     Call with x (B, 1, D) fp32: returns the stack's (B, 1, D) output and advances the states, or
     None (nothing changed) when it cannot take this call; the caller then runs the reference."""
 
-    def __init__(self, keep: list, batch_size: int, workspace: int) -> None:
-        self._keep, self.batch_size = keep, batch_size  # _keep: what the kernel's pointers point into
-        self._work = torch.empty(workspace)
+    def __init__(self, library: ctypes.CDLL, kind: str, stack_struct: ctypes.Structure, keep: list, batch_size: int) -> None:
+        self._kernel = getattr(library, f"multibyte_{kind}_step")
+        self._stack_ref = ctypes.byref(stack_struct)
+        self._keep = keep + [stack_struct]  # what the kernel's pointers point into
+        self.batch_size = batch_size
+        self._work = torch.empty(int(getattr(library, f"multibyte_{kind}_workspace")(self._stack_ref, batch_size)))
         self._work_ptr = self._work.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -139,13 +160,13 @@ class NativeStackStep:
             return None
         x = x.contiguous()
         y = torch.empty_like(x)
-        if not self._step(x.data_ptr(), y.data_ptr()):
+        if self._kernel(self._stack_ref, self.batch_size, x.data_ptr(), y.data_ptr(), self._work_ptr):
             return None
+        self._advanced()
         return y
 
-    def _step(self, x_ptr: int, y_ptr: int) -> bool:
-        """Run the kernel from x_ptr into y_ptr; False when it declined (nothing written)."""
-        raise NotImplementedError
+    def _advanced(self) -> None:
+        """Host bookkeeping after a step the kernel took (none by default)."""
 
 
 def bind_stack_step(stack: torch.nn.Module, states: list) -> Optional[NativeStackStep]:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 import multibyte.kernels as kernels
-from multibyte.kernels import NativeStackStep, load, usable
+from multibyte.kernels import NativeStackStep, load_stack_step, usable
 from multibyte.mixers.attention import CausalSelfAttention, KVCache
 from multibyte.mixers.rotary import rotary_frequencies
 
@@ -42,32 +42,16 @@ class _Stack(ctypes.Structure):
     ]
 
 
-def _library() -> Optional[ctypes.CDLL]:
-    library = load("attention_step")
-    if library is not None and not hasattr(library, "_multibyte_typed"):
-        library.multibyte_attention_step.argtypes = [ctypes.POINTER(_Stack), ctypes.c_int64, _pointer, _pointer, _pointer]
-        library.multibyte_attention_step.restype = ctypes.c_int
-        library.multibyte_attention_workspace.argtypes = [ctypes.POINTER(_Stack), ctypes.c_int64]
-        library.multibyte_attention_workspace.restype = ctypes.c_int64
-        library._multibyte_typed = True
-    return library
-
-
 class NativeAttentionStep(NativeStackStep):
     """`attention_step.c` bound to an attention stack and its KV caches."""
 
     def __init__(self, library: ctypes.CDLL, stack: _Stack, keep: list, states: list[KVCache], batch_size: int) -> None:
-        self._kernel = library.multibyte_attention_step
-        self._stack_ref = ctypes.byref(stack)
+        super().__init__(library, "attention", stack, keep, batch_size)
         self.states = states
-        super().__init__(keep + [stack], batch_size, int(library.multibyte_attention_workspace(self._stack_ref, batch_size)))
 
-    def _step(self, x_ptr: int, y_ptr: int) -> bool:
-        if self._kernel(self._stack_ref, self.batch_size, x_ptr, y_ptr, self._work_ptr):
-            return False  # a cache is full: the reference raises its error
+    def _advanced(self) -> None:
         for state in self.states:  # the host's bound on every row's length (lengths moved on in C)
             state.bound += 1
-        return True
 
     @classmethod
     def bind(cls, stack: torch.nn.Module, states: list) -> Optional["NativeAttentionStep"]:
@@ -116,7 +100,7 @@ class NativeAttentionStep(NativeStackStep):
                 setattr(c_block, field[0], pointer)
         if not usable(stack.final_norm.weight):
             return None
-        library = _library()
+        library = load_stack_step("attention", _Stack)
         if library is None:
             return None
         batch_size, _, slots, _ = states[0].keys.shape

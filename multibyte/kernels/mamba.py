@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 import multibyte.kernels as kernels
-from multibyte.kernels import NativeStackStep, load, usable
+from multibyte.kernels import NativeStackStep, load_stack_step, usable
 from multibyte.mixers.mamba import MambaMixer, MambaState
 
 _pointer = ctypes.c_void_p
@@ -40,28 +40,8 @@ class _Stack(ctypes.Structure):
     ]
 
 
-def _library() -> Optional[ctypes.CDLL]:
-    library = load("mamba_step")
-    if library is not None and not hasattr(library, "_multibyte_typed"):
-        library.multibyte_mamba_step.argtypes = [ctypes.POINTER(_Stack), ctypes.c_int64, _pointer, _pointer, _pointer]
-        library.multibyte_mamba_step.restype = None
-        library.multibyte_mamba_workspace.argtypes = [ctypes.POINTER(_Stack), ctypes.c_int64]
-        library.multibyte_mamba_workspace.restype = ctypes.c_int64
-        library._multibyte_typed = True
-    return library
-
-
 class NativeMambaStep(NativeStackStep):
     """`mamba_step.c` bound to a Mamba stack and its recurrent states."""
-
-    def __init__(self, library: ctypes.CDLL, stack: _Stack, keep: list, batch_size: int) -> None:
-        self._kernel = library.multibyte_mamba_step
-        self._stack_ref = ctypes.byref(stack)
-        super().__init__(keep + [stack], batch_size, int(library.multibyte_mamba_workspace(self._stack_ref, batch_size)))
-
-    def _step(self, x_ptr: int, y_ptr: int) -> bool:
-        self._kernel(self._stack_ref, self.batch_size, x_ptr, y_ptr, self._work_ptr)
-        return True
 
     @classmethod
     def bind(cls, stack: torch.nn.Module, states: list) -> Optional["NativeMambaStep"]:
@@ -101,9 +81,9 @@ class NativeMambaStep(NativeStackStep):
                 setattr(c_block, name, tensor.data_ptr())
         if not usable(stack.final_norm.weight):
             return None
-        library = _library()
+        library = load_stack_step("mamba", _Stack)
         if library is None:
             return None
         c_stack = _Stack(*dims, n_blocks=len(blocks), eps=eps, final_norm=stack.final_norm.weight.data_ptr(), blocks=c_blocks)
         keep.append(c_blocks)
-        return cls(library, c_stack, keep, batch_size)
+        return cls(library, "mamba", c_stack, keep, batch_size)

@@ -12,8 +12,7 @@
  * then y = rms_norm(x) * w_final. A batch-1 step reads every weight once, so on a CPU it is bound
  * by memory traffic; this makes it one pass over them instead of ~20 PyTorch ops a block.
  */
-#include <math.h>
-#include <stdint.h>
+#include "vector_ops.h"
 
 typedef struct {
     const float *norm;        /* (D,) RMSNorm gain before the mixer */
@@ -37,45 +36,6 @@ typedef struct {
     const MambaBlock *blocks;
 } MambaStack;
 
-static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
-    const float r = 1.f / sqrtf(sum / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
-}
-
-/* Y = X W^T for X (rows, in), W (out, in): four weight rows at a time over every row of X. */
-static void linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
-    int64_t j = 0;
-    for (; j + 4 <= out; j += 4) {
-        const float *r0 = W + j * in, *r1 = r0 + in, *r2 = r1 + in, *r3 = r2 + in;
-        for (int64_t b = 0; b < rows; b++) {
-            const float *x = X + b * in;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int64_t i = 0; i < in; i++) {
-                a0 += r0[i] * x[i];
-                a1 += r1[i] * x[i];
-                a2 += r2[i] * x[i];
-                a3 += r3[i] * x[i];
-            }
-            float *y = Y + b * out + j;
-            y[0] = a0, y[1] = a1, y[2] = a2, y[3] = a3;
-        }
-    }
-    for (; j < out; j++) {
-        const float *r = W + j * in;
-        for (int64_t b = 0; b < rows; b++) {
-            const float *x = X + b * in;
-            float a = 0.f;
-#pragma omp simd reduction(+ : a)
-            for (int64_t i = 0; i < in; i++) a += r[i] * x[i];
-            Y[b * out + j] = a;
-        }
-    }
-}
-
 static float silu(float v) { return v / (1.f + expf(-v)); }
 
 /* torch.nn.functional.softplus with beta 1 and threshold 20. */
@@ -88,8 +48,8 @@ int64_t multibyte_mamba_workspace(const MambaStack *s, int64_t rows) {
 }
 
 /* x (B, D) in, y (B, D) out (may not alias x); work: multibyte_mamba_workspace(s, B) floats.
- * Updates every block's convolution and state space states. */
-void multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *y, float *work) {
+ * Updates every block's convolution and state space states; returns 0. */
+int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *y, float *work) {
     const int64_t D = s->d_model, E = s->d_inner, N = s->d_state, K = s->d_conv, R = s->dt_rank, P = R + 2 * N;
     /* per row: normed input (D), x_in and z (2E), the convolution's output (E), the mixer's
      * output before out_proj (E), (d, B, C) (P), out_proj's result (D) */
@@ -140,4 +100,5 @@ void multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float 
         rms_norm(y + b * D, s->final_norm, h, D, s->eps);
         for (int64_t i = 0; i < D; i++) y[b * D + i] = h[i];
     }
+    return 0;
 }
