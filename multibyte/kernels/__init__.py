@@ -1,9 +1,9 @@
 """Optional native CPU kernels, each the twin of a PyTorch reference that stays the definition.
 
-A kernel is one C file here, compiled on first use with the system C compiler (`$CC`, else `cc`)
-for this CPU (`-O3 -march=native`) into a cache folder (`$MULTIBYTE_KERNEL_CACHE`, default
-`~/.cache/multibyte/kernels`), keyed by a hash of the source, the flags, the compiler and the
-CPU, and loaded with ctypes: no Python headers, no build of the package. Where there is no
+A kernel is one C file here (with the shared headers), compiled on first use with the system C
+compiler (`$CC`, else `cc`) for this CPU (`-O3 -march=native`) into a cache folder
+(`$MULTIBYTE_KERNEL_CACHE`, default `~/.cache/multibyte/kernels`), keyed by a hash of the sources,
+the flags, the compiler and the CPU, and loaded with ctypes: no Python headers, no build of the package. Where there is no
 compiler, the build fails, or `MULTIBYTE_NATIVE=0`, `load` returns None (warning once) and the
 callers run their PyTorch reference. Tests hold every kernel to its reference
 (tests/test_native_kernels.py).
