@@ -18,7 +18,7 @@ import multibyte.kernels as kernels
 from architectures import build
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.kernels import bind_stack_step
-from multibyte.kernels.attention import NativeAttentionStep
+from multibyte.kernels.attention import NativeAttentionStep, NativeByteStep
 from multibyte.kernels.mamba import NativeMambaStep
 from multibyte.model import HierarchicalByteModel, Stack
 from multibyte.sampling import allocate_decode_state, decode_step, generate, prefill
@@ -160,7 +160,7 @@ def test_decoding_with_the_kernel_gives_the_pytorch_logits(name):
             logits = {native: decode_step(model, state, byte) for native, state in states.items()}
 
 
-def test_generate_uses_the_kernel_and_draws_the_same_bytes():
+def test_generate_uses_the_kernels_and_draws_the_same_bytes():
     config = ModelConfig(
         stages=[
             StageConfig("attention", 96, 2, 2, patcher="fixed", patch_size=12, position="grid", grid=[4, 4], lags=[3, 4]),
@@ -172,19 +172,78 @@ def test_generate_uses_the_kernel_and_draws_the_same_bytes():
     torch.manual_seed(0)
     model = HierarchicalByteModel(config).eval()
     state = allocate_decode_state(model, 1, 192)
-    assert all(s.native is not None for s in state.stage_states)  # sampling's default
-    with_kernel = generate(model, torch.zeros(1, 0, dtype=torch.long), 190, seed=3)
-    calls = []
-    original = NativeAttentionStep.__call__
-    NativeAttentionStep.__call__ = lambda self, x: calls.append(1) or None  # refuse: the reference runs
+    assert all(s.native is not None for s in state.stage_states) and state.byte_step is not None  # sampling's default
+    with_kernels = generate(model, torch.zeros(1, 0, dtype=torch.long), 190, seed=3)
+    calls = {"stack": 0, "byte": 0}
+    refuse = {
+        NativeAttentionStep: lambda self, x: calls.__setitem__("stack", calls["stack"] + 1),
+        NativeByteStep: lambda self, byte, slot, index: calls.__setitem__("byte", calls["byte"] + 1),
+    }  # both return None: the PyTorch step runs
+    originals = {kernel: kernel.__call__ for kernel in refuse}
     try:
+        for kernel, replacement in refuse.items():
+            kernel.__call__ = replacement
         without = generate(model, torch.zeros(1, 0, dtype=torch.long), 190, seed=3)
     finally:
-        NativeAttentionStep.__call__ = original
-    assert len(calls) > 190  # every step asked the kernel first
+        for kernel, original in originals.items():
+            kernel.__call__ = original
+    # Every byte inside a patch asked the byte step first, every stage step the stack step.
+    assert calls["byte"] == 189 - 189 // 12 and calls["stack"] > 190
     # Rounding (~1e-6) may move a draw only where two bytes' cumulative probabilities meet the
     # noise within that distance; over 190 draws of random logits none does.
-    assert torch.equal(with_kernel, without)
+    assert torch.equal(with_kernels, without)
+
+
+BYTE_STEP_MODELS = {
+    "megabyte-lags": [
+        StageConfig("attention", 64, 2, 2, patcher="fixed", patch_size=4, lags=[2, 3]),
+        StageConfig("attention", 24, 2, 2, position="rotary"),
+    ],
+    "megabyte-3stage": [
+        StageConfig("attention", 64, 2, 2, patcher="fixed", patch_size=8),
+        StageConfig("attention", 32, 1, 2, patcher="fixed", patch_size=2),
+        StageConfig("attention", 24, 1, 2),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", BYTE_STEP_MODELS)
+def test_the_native_byte_step_updates_the_state_as_pytorch_does(name):
+    # Every counter, the unit's bytes and every cache, after bytes inside and across units.
+    torch.manual_seed(8)
+    model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS[name], max_seq_len=64, position_embedding=False)).eval()
+    prompt = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(9))
+    states = {native: allocate_decode_state(model, 2, 40, native=native) for native in (False, True)}
+    assert states[True].byte_step is not None and states[False].byte_step is None
+    with torch.no_grad():
+        logits = {native: prefill(model, state, prompt) for native, state in states.items()}
+        for t in range(20):
+            byte = logits[False].argmax(-1)
+            logits = {native: decode_step(model, state, byte) for native, state in states.items()}
+            torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-4, msg=f"byte {t}")
+            for field in ("unit_tokens", "unit_present", "coords", "unit_lengths", "positions"):
+                assert torch.equal(getattr(states[True], field), getattr(states[False], field)), (field, t)
+            for ref, new in zip((c for s in states[False].stage_states for c in s), (c for s in states[True].stage_states for c in s)):
+                assert torch.equal(ref.lengths, new.lengths) and ref.bound == new.bound
+
+
+def test_the_byte_step_leaves_a_hooked_head_to_pytorch():
+    # A forward hook on the head (as sample_to_files adds to mask a subword model's unused ids)
+    # must see every call: the byte step then declines and the PyTorch step runs.
+    torch.manual_seed(4)
+    model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS["megabyte-3stage"], max_seq_len=64, position_embedding=False)).eval()
+    state = allocate_decode_state(model, 1, 20)
+    assert state.byte_step is not None
+    seen = []
+    handle = model.head.register_forward_hook(lambda module, inputs, output: seen.append(1))
+    try:
+        with torch.no_grad():
+            logits = prefill(model, state, torch.zeros(1, 0, dtype=torch.long))
+            for _ in range(9):
+                logits = decode_step(model, state, logits.argmax(-1))
+    finally:
+        handle.remove()
+    assert len(seen) == 10
 
 
 def test_switched_off_and_unbuildable_kernels_fall_back_with_one_warning(monkeypatch, tmp_path):

@@ -149,6 +149,7 @@ class NativeStackStep:
 
     def __init__(self, library: ctypes.CDLL, kind: str, stack_struct: ctypes.Structure, keep: list, batch_size: int) -> None:
         self._kernel = getattr(library, f"multibyte_{kind}_step")
+        self.struct = stack_struct
         self._stack_ref = ctypes.byref(stack_struct)
         self._keep = keep + [stack_struct]  # what the kernel's pointers point into
         self.batch_size = batch_size

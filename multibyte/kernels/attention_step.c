@@ -121,3 +121,51 @@ int multibyte_attention_step(const AttentionStack *s, int64_t B, const float *x,
         for (int64_t b = 0; b < B; b++) s->blocks[l].lengths[b] += 1;
     return 0;
 }
+
+/* A whole decoding step of the innermost stage for a byte that ends no unit of an outer stage
+ * (the 11 bytes of every 12 with MEGABYTE's P = 12): the native twin of
+ * `HierarchicalByteModel._decode_byte_in_step` at level N - 1 (see `NativeByteStep`). */
+typedef struct {
+    const AttentionStack *stack; /* the innermost stage's stack */
+    const float *embedding;      /* (V_in, D) its byte embedding */
+    const float *contexts;       /* (B, siblings, D) its slices of the parent's output */
+    const float *head;           /* (V, D) */
+    int64_t vocab_in, siblings, vocab;
+    int64_t *unit_tokens;   /* (B, unit_slots) */
+    uint8_t *unit_present;  /* (B, unit_slots), torch.bool */
+    int64_t *coords;        /* (B, num_stages) */
+    int64_t *unit_lengths;  /* (B, num_stages - 1) */
+    int64_t *positions;     /* (B,) */
+    int64_t unit_slots, num_stages;
+} ByteStep;
+
+/* Workspace floats `multibyte_attention_byte_step` needs for `rows` rows. */
+int64_t multibyte_attention_byte_workspace(const ByteStep *s, int64_t rows) {
+    return 2 * rows * s->stack->d_model + multibyte_attention_workspace(s->stack, rows);
+}
+
+/* Consume bytes (B,) at `slot` of the outermost unit: record them, move the counters on (the
+ * innermost stage's unit index to `context_index`, every outer unit one byte longer), run the
+ * stack on embedding + context, write the head's (B, V) logits. Returns 0, or 1 (nothing
+ * written) when a byte is out of range or a cache is full. */
+int multibyte_attention_byte_step(const ByteStep *s, int64_t B, const int64_t *bytes, int64_t slot, int64_t context_index,
+                                  float *logits, float *work) {
+    const int64_t D = s->stack->d_model, N = s->num_stages;
+    float *x = work, *y = x + B * D;
+    for (int64_t b = 0; b < B; b++)
+        if (bytes[b] < 0 || bytes[b] >= s->vocab_in) return 1;
+    for (int64_t b = 0; b < B; b++) {
+        const float *e = s->embedding + bytes[b] * D, *c = s->contexts + (b * s->siblings + context_index) * D;
+        for (int64_t i = 0; i < D; i++) x[b * D + i] = e[i] + c[i];
+    }
+    if (multibyte_attention_step(s->stack, B, x, y, y + B * D)) return 1;
+    for (int64_t b = 0; b < B; b++) {
+        s->unit_tokens[b * s->unit_slots + slot] = bytes[b];
+        s->unit_present[b * s->unit_slots + slot] = 1;
+        s->coords[b * N + N - 1] += 1;
+        for (int64_t j = 0; j < N - 1; j++) s->unit_lengths[b * (N - 1) + j] += 1;
+        s->positions[b] += 1;
+    }
+    linear(s->head, y, logits, B, s->vocab, D);
+    return 0;
+}
