@@ -33,7 +33,7 @@ positions inside their units. See `DecodeState` for how one byte is decoded.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -405,6 +405,7 @@ class HierarchicalByteModel(nn.Module):
             "slot_strides", torch.tensor([config.unit_slots(i) for i in range(1, N)], dtype=torch.long), persistent=False
         )
         self._counter_update_cache: dict = {}  # `_counter_updates`, per (level, device)
+        self._unit_slots = tuple(config.unit_slots(i) for i in range(N))  # U_i, read on every decoded byte
         self._init_weights()
 
     # ---------------------------------------------------------------- initialisation
@@ -870,17 +871,17 @@ class HierarchicalByteModel(nn.Module):
         units (the common case of sampling): the same state updates and stage runs, with the
         slot and unit indices known on the host, so each is one indexed write instead of the
         general per-row gathers, scatters and selects (a batch-1 step is bound by op count)."""
-        config = self.config
-        N = config.num_stages
+        U = self._unit_slots
+        N = len(U)
         t = state.host_position - 1  # the byte being consumed; the next one is t + 1
         if level == N - 1 and state.byte_step is not None:  # the same step, in one native call
-            logits = state.byte_step(byte, t % config.unit_slots(0), (t + 1) % config.unit_slots(N - 2))
+            logits = state.byte_step(byte, t % U[0], (t + 1) % U[N - 2])
             if logits is not None:
                 return logits
         extra = self._step_extra(state, byte, None)
         old_coords = None
         if N > 1:
-            slot = t % config.unit_slots(0)
+            slot = t % U[0]
             state.unit_tokens[:, slot] = byte
             state.unit_present[:, slot] = True
             if state.unit_extra is not None:
@@ -895,7 +896,7 @@ class HierarchicalByteModel(nn.Module):
             state.unit_lengths.mul_(lengths_keep).add_(lengths_keep)
         state.positions += 1
         # Unit index of each stage at byte t + 1 inside its parent (what `coords` now holds).
-        inner = [(t + 1) % config.unit_slots(i - 1) // config.unit_slots(i) for i in range(1, N)]
+        inner = [(t + 1) % U[i - 1] // U[i] for i in range(1, N)]
         logits = self._run_stages(state, byte, level, None, old_coords, first=0, extra=extra, host_coords=[None] + inner)
         if N > 1 and level == 0:
             state.unit_present.fill_(False)  # the outermost unit's buffer empties when a new one starts

@@ -85,7 +85,7 @@ int multibyte_attention_step(const AttentionStack *s, int64_t B, const float *x,
     /* Block by block, each step over every row (the weights of a block are read once). */
     for (int64_t l = 0; l < s->n_blocks; l++) {
         const AttentionBlock *blk = s->blocks + l;
-        for (int64_t b = 0; b < B; b++) rms_norm(y + b * D, blk->mixer_norm, h + b * D, D, s->eps);
+        rms_norm_rows(y, blk->mixer_norm, h, B, D, s->eps);
         linear(blk->qkv, h, qkv, B, 3 * D, D);
         for (int64_t b = 0; b < B; b++) {
             const int64_t t = blk->lengths[b];
@@ -103,7 +103,7 @@ int multibyte_attention_step(const AttentionStack *s, int64_t B, const float *x,
         linear(blk->out_proj, mixed, r, B, D, D);
         for (int64_t i = 0; i < B * D; i++) y[i] += r[i];
         if (blk->ff_norm) {
-            for (int64_t b = 0; b < B; b++) rms_norm(y + b * D, blk->ff_norm, h + b * D, D, s->eps);
+            rms_norm_rows(y, blk->ff_norm, h, B, D, s->eps);
             linear(blk->up, h, hidden, B, F, D);
             for (int64_t i = 0; i < B * F; i++) {
                 const float u = hidden[i];
@@ -113,10 +113,7 @@ int multibyte_attention_step(const AttentionStack *s, int64_t B, const float *x,
             for (int64_t i = 0; i < B * D; i++) y[i] += r[i];
         }
     }
-    for (int64_t b = 0; b < B; b++) {
-        rms_norm(y + b * D, s->final_norm, h, D, s->eps);
-        for (int64_t i = 0; i < D; i++) y[b * D + i] = h[i];
-    }
+    rms_norm_rows(y, s->final_norm, y, B, D, s->eps);
     for (int64_t l = 0; l < s->n_blocks; l++)
         for (int64_t b = 0; b < B; b++) s->blocks[l].lengths[b] += 1;
     return 0;

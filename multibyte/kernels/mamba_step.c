@@ -57,7 +57,7 @@ int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *
     for (int64_t i = 0; i < B * D; i++) y[i] = x[i];
     for (int64_t l = 0; l < s->n_blocks; l++) {
         const MambaBlock *blk = s->blocks + l;
-        for (int64_t b = 0; b < B; b++) rms_norm(y + b * D, blk->norm, h + b * D, D, s->eps);
+        rms_norm_rows(y, blk->norm, h, B, D, s->eps);
         linear(blk->in_proj, h, xz, B, 2 * E, D);
         for (int64_t b = 0; b < B; b++) {
             const float *x_in = xz + b * 2 * E;
@@ -96,9 +96,6 @@ int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *
         linear(blk->out_proj, mixed, r, B, D, E);
         for (int64_t i = 0; i < B * D; i++) y[i] += r[i];
     }
-    for (int64_t b = 0; b < B; b++) {
-        rms_norm(y + b * D, s->final_norm, h, D, s->eps);
-        for (int64_t i = 0; i < D; i++) y[b * D + i] = h[i];
-    }
+    rms_norm_rows(y, s->final_norm, y, B, D, s->eps);
     return 0;
 }

@@ -5,13 +5,17 @@
 #include <math.h>
 #include <stdint.h>
 
-/* y = x / rms(x) * w over n values (torch.nn.RMSNorm with this eps). */
-static void rms_norm(const float *x, const float *w, float *y, int64_t n, float eps) {
-    float sum = 0.f;
+/* Each of `rows` rows of X (rows, n): y = x / rms(x) * w (torch.nn.RMSNorm with this eps).
+ * Y may be X: a row's sum of squares is taken before any of it is written. */
+static void rms_norm_rows(const float *X, const float *w, float *Y, int64_t rows, int64_t n, float eps) {
+    for (int64_t b = 0; b < rows; b++) {
+        const float *x = X + b * n;
+        float *y = Y + b * n, sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
-    const float r = 1.f / sqrtf(sum / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+        for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
+        const float r = 1.f / sqrtf(sum / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+    }
 }
 
 /* Y = X W^T for X (rows, in), W (out, in): four weight rows at a time, each applied to every row
