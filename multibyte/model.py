@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from multibyte.chunked_loss import head_nll
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.kernels import bind_stack_step
-from multibyte.kernels.attention import NativeByteStep
+from multibyte.kernels.decode_run import NativeDecode
 from multibyte.mixers import build_mixer
 from multibyte.mixers.attention import KVCache
 from multibyte.mixers.rotary import segment_positions
@@ -358,8 +358,8 @@ class DecodeState:
     started: bool = False
     step_fn: Optional[Any] = None  # what runs `decode_step`'s device work, with the signature of
     # HierarchicalByteModel._decode_byte (e.g. its torch.compile'd copy, multibyte.sampling.compiled_decode_byte)
-    byte_step: Optional[Any] = None  # the innermost stage's native whole step for bytes inside a unit
-    # (multibyte.kernels.attention.NativeByteStep), when allocated with native=True and it applies
+    native_decode: Optional[Any] = None  # native whole steps and sampling runs on this state
+    # (multibyte.kernels.decode_run.NativeDecode), when allocated with native=True and they apply
 
     @property
     def batch_size(self) -> int:
@@ -708,7 +708,7 @@ class HierarchicalByteModel(nn.Module):
             host_position=0 if config.is_fixed else None,
         )
         if native and not static:
-            state.byte_step = NativeByteStep.bind(self, state)
+            state.native_decode = NativeDecode.bind(self, state)
         return state
 
     def reset_decode_state(self, state: DecodeState) -> None:
@@ -874,8 +874,8 @@ class HierarchicalByteModel(nn.Module):
         U = self._unit_slots
         N = len(U)
         t = state.host_position - 1  # the byte being consumed; the next one is t + 1
-        if level == N - 1 and state.byte_step is not None:  # the same step, in one native call
-            logits = state.byte_step(byte, t % U[0], (t + 1) % U[N - 2])
+        if state.native_decode is not None:  # the same step, in one native call where it runs
+            logits = state.native_decode.step(byte, t, level)
             if logits is not None:
                 return logits
         extra = self._step_extra(state, byte, None)

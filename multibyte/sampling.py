@@ -361,6 +361,17 @@ class NoiseChunks:
         self.used += k
         return self.buffer[self.used - k : self.used]
 
+    def put_back(self, k: int) -> None:
+        """Return the last k draws' noise taken but not used: the next take starts with it."""
+        if self.enabled:
+            self.used -= k
+
+
+# Bytes a native sampling run (`NativeDecode.run`) takes per call: one NoiseChunks chunk. Long
+# enough that the Python around a call is a small share of it, short enough that `on_byte`
+# progress stays smooth.
+NATIVE_RUN_BYTES = 64
+
 
 @torch.inference_mode()
 def generate(
@@ -389,7 +400,9 @@ def generate(
     reuse it. The noise of the draws is the same either way (`NoiseChunks`), so compiled and
     eager sampling differ only where rounding differences in the logits change a draw. `native`
     (default: when not compiling): attention stages step in the native CPU kernel where it can
-    run (`allocate_decode_state`); False: PyTorch only.
+    run (`allocate_decode_state`), and without top-k, top-p or a stop byte whole runs of steps
+    and draws are native calls (`NativeDecode.run`, the same draws from the same noise); False:
+    PyTorch only.
     """
     vocab_size = model.config.vocab_size
     check_sampling_options(temperature, top_k, top_p, vocab_size)
@@ -423,6 +436,8 @@ def generate(
         # Compiled, with fixed units and no stop byte: `unit` steps per call (see COMPILED_RUN_BYTES).
         unit = compiled_run_length(model) if compile and model.config.is_fixed and stop_byte is None else 0
         unit_step = compiled_decode_and_sample_unit(model, temperature, top_k, top_p) if unit > 1 else None
+        # Native: runs of steps and draws in one call each (draws without top-k / top-p).
+        native_run = state.native_decode if step is None and stop_byte is None and top_k is None and top_p is None else None
         out = torch.empty(B, T + max_new_bytes, dtype=torch.long, device=device)
         out[:, :T] = prompt
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
@@ -445,6 +460,19 @@ def generate(
                 if stop_byte is not None and (i + 1) % stop_check_interval == 0 and bool(stopped.all()):
                     n = i + 1
                     break
+                if native_run is not None:
+                    k = min(max_new_bytes - 1 - i, NATIVE_RUN_BYTES)  # bytes i + 1 .. i + k
+                    drawn = native_run.run(byte, k, noise.take(k) if temperature > 0 else None, temperature)  # (n, B)
+                    done = 0 if drawn is None else drawn.shape[0]
+                    if temperature > 0:
+                        noise.put_back(k - done)
+                    if done:
+                        out[:, T + i + 1 : T + i + done] = drawn[:-1].T
+                        if on_byte is not None:
+                            for n_new in range(i + 2, i + done + 1):
+                                on_byte(n_new)
+                        byte, i = drawn[-1], i + done
+                        continue
                 if step is None:
                     logits = decode_step(model, state, byte)
                     byte = sample_with_noise(logits, noise.next(), temperature, top_k, top_p)

@@ -18,10 +18,11 @@ import multibyte.kernels as kernels
 from architectures import build
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.kernels import bind_stack_step
-from multibyte.kernels.attention import NativeAttentionStep, NativeByteStep
+from multibyte.kernels.attention import NativeAttentionStep
+from multibyte.kernels.decode_run import NativeDecode
 from multibyte.kernels.mamba import NativeMambaStep
 from multibyte.model import HierarchicalByteModel, Stack
-from multibyte.sampling import allocate_decode_state, decode_step, generate, prefill
+from multibyte.sampling import allocate_decode_state, decode_step, exponential_noise, generate, prefill, sample_with_noise
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the native kernels")
 
@@ -172,23 +173,26 @@ def test_generate_uses_the_kernels_and_draws_the_same_bytes():
     torch.manual_seed(0)
     model = HierarchicalByteModel(config).eval()
     state = allocate_decode_state(model, 1, 192)
-    assert all(s.native is not None for s in state.stage_states) and state.byte_step is not None  # sampling's default
+    assert all(s.native is not None for s in state.stage_states)  # sampling's default
+    assert state.native_decode is not None and state.native_decode.has_unit_step
     with_kernels = generate(model, torch.zeros(1, 0, dtype=torch.long), 190, seed=3)
-    calls = {"stack": 0, "byte": 0}
-    refuse = {
-        NativeAttentionStep: lambda self, x: calls.__setitem__("stack", calls["stack"] + 1),
-        NativeByteStep: lambda self, byte, slot, index: calls.__setitem__("byte", calls["byte"] + 1),
-    }  # both return None: the PyTorch step runs
-    originals = {kernel: kernel.__call__ for kernel in refuse}
+    calls = {"stack": 0, "step": 0, "run": 0}
+
+    def count(name):
+        return lambda *args: calls.__setitem__(name, calls[name] + 1)  # returns None: PyTorch runs
+
+    refuse = [(NativeAttentionStep, "__call__", "stack"), (NativeDecode, "step", "step"), (NativeDecode, "run", "run")]
+    originals = [(kernel, method, getattr(kernel, method)) for kernel, method, _ in refuse]
     try:
-        for kernel, replacement in refuse.items():
-            kernel.__call__ = replacement
+        for kernel, method, name in refuse:
+            setattr(kernel, method, count(name))
         without = generate(model, torch.zeros(1, 0, dtype=torch.long), 190, seed=3)
     finally:
-        for kernel, original in originals.items():
-            kernel.__call__ = original
-    # Every byte inside a patch asked the byte step first, every stage step the stack step.
-    assert calls["byte"] == 189 - 189 // 12 and calls["stack"] > 190
+        for kernel, method, original in originals:
+            setattr(kernel, method, original)
+    # Every step asked for a native run first, then for the native whole step, every stage step
+    # the stack step.
+    assert calls["run"] == calls["step"] == 189 and calls["stack"] > 190
     # Rounding (~1e-6) may move a draw only where two bytes' cumulative probabilities meet the
     # noise within that distance; over 190 draws of random logits none does.
     assert torch.equal(with_kernels, without)
@@ -199,6 +203,14 @@ BYTE_STEP_MODELS = {
         StageConfig("attention", 64, 2, 2, patcher="fixed", patch_size=4, lags=[2, 3]),
         StageConfig("attention", 24, 2, 2, position="rotary"),
     ],
+    "megabyte-grid": [
+        StageConfig("attention", 48, 2, 2, patcher="fixed", patch_size=4, position="grid", grid=[2, 3], lags=[1, 3]),
+        StageConfig("attention", 24, 1, 2),
+    ],
+    "megabyte-learned": [
+        StageConfig("attention", 48, 1, 2, patcher="fixed", patch_size=3, position="learned"),
+        StageConfig("attention", 32, 2, 4, position="rotary"),
+    ],
     "megabyte-3stage": [
         StageConfig("attention", 64, 2, 2, patcher="fixed", patch_size=8),
         StageConfig("attention", 32, 1, 2, patcher="fixed", patch_size=2),
@@ -208,32 +220,92 @@ BYTE_STEP_MODELS = {
 
 
 @pytest.mark.parametrize("name", BYTE_STEP_MODELS)
-def test_the_native_byte_step_updates_the_state_as_pytorch_does(name):
-    # Every counter, the unit's bytes and every cache, after bytes inside and across units.
+def test_the_native_whole_steps_update_the_state_as_pytorch_does(name):
+    # Every counter, the unit's bytes, the contexts, the lag ring and every cache, after bytes
+    # inside and across units (a two-stage model's patch ends take the unit step).
     torch.manual_seed(8)
     model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS[name], max_seq_len=64, position_embedding=False)).eval()
     prompt = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(9))
     states = {native: allocate_decode_state(model, 2, 40, native=native) for native in (False, True)}
-    assert states[True].byte_step is not None and states[False].byte_step is None
+    assert states[True].native_decode is not None and states[False].native_decode is None
+    assert states[True].native_decode.has_unit_step == (len(model.stages) == 2)
     with torch.no_grad():
         logits = {native: prefill(model, state, prompt) for native, state in states.items()}
         for t in range(20):
             byte = logits[False].argmax(-1)
             logits = {native: decode_step(model, state, byte) for native, state in states.items()}
             torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-4, msg=f"byte {t}")
-            for field in ("unit_tokens", "unit_present", "coords", "unit_lengths", "positions"):
-                assert torch.equal(getattr(states[True], field), getattr(states[False], field)), (field, t)
-            for ref, new in zip((c for s in states[False].stage_states for c in s), (c for s in states[True].stage_states for c in s)):
-                assert torch.equal(ref.lengths, new.lengths) and ref.bound == new.bound
+            assert_same_decode_state(states[True], states[False], t)
 
 
-def test_the_byte_step_leaves_a_hooked_head_to_pytorch():
+def assert_same_decode_state(new, ref, where) -> None:
+    for field in ("unit_tokens", "unit_present", "coords", "unit_lengths", "positions"):
+        assert torch.equal(getattr(new, field), getattr(ref, field)), (field, where)
+    assert new.host_position == ref.host_position, where
+    for a, b in zip(new.contexts[1:], ref.contexts[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=f"contexts at {where}")
+    if ref.lag_ring is not None:
+        torch.testing.assert_close(new.lag_ring, ref.lag_ring, rtol=0, atol=1e-4, msg=f"lag ring at {where}")
+    for old, cache in zip((c for s in ref.stage_states for c in s), (c for s in new.stage_states for c in s)):
+        assert torch.equal(old.lengths, cache.lengths) and old.bound == cache.bound and old.uniform == cache.uniform, where
+        for rows, length in enumerate(old.lengths.tolist()):
+            torch.testing.assert_close(cache.keys[rows, :, :length], old.keys[rows, :, :length], rtol=0, atol=1e-4)
+            torch.testing.assert_close(cache.values[rows, :, :length], old.values[rows, :, :length], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("name", BYTE_STEP_MODELS)
+def test_a_native_run_draws_and_steps_as_pytorch_does(name, temperature):
+    # Steps and draws in native runs against decode_step + sample_with_noise with the same noise
+    # in PyTorch: the same bytes and the same state after. A two-stage model runs all 29 steps in
+    # one call; a three-stage one stops where a middle unit ends and takes that step elsewhere.
+    torch.manual_seed(3)
+    model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS[name], max_seq_len=64, position_embedding=False)).eval()
+    B, steps = 2, 30
+    prompt = torch.randint(0, 256, (B, 5), generator=torch.Generator().manual_seed(4))
+    noise = exponential_noise((steps, B, 256), torch.device("cpu"), torch.Generator().manual_seed(5))
+    states = {native: allocate_decode_state(model, B, 40, native=native) for native in (False, True)}
+    with torch.no_grad():
+        first = sample_with_noise(prefill(model, states[False], prompt), noise[0], temperature)
+        assert torch.equal(sample_with_noise(prefill(model, states[True], prompt), noise[0], temperature), first)
+        expected, byte = [], first
+        for j in range(1, steps):
+            byte = sample_with_noise(decode_step(model, states[False], byte), noise[j], temperature)
+            expected.append(byte)
+        got, byte, j, runs = [], first, 1, 0
+        while j < steps:
+            drawn = states[True].native_decode.run(byte, steps - j, noise[j:] if temperature > 0 else None, temperature)
+            if drawn is None:  # a step no native run takes
+                drawn = sample_with_noise(decode_step(model, states[True], byte), noise[j], temperature)[None]
+            else:
+                runs += 1
+            got.extend(drawn)
+            byte, j = drawn[-1], j + len(drawn)
+    assert torch.equal(torch.stack(got), torch.stack(expected))
+    assert runs == 1 if len(model.stages) == 2 else runs > 1
+    assert_same_decode_state(states[True], states[False], "the end")
+
+
+def test_a_native_run_stops_at_the_end_of_the_state():
+    torch.manual_seed(6)
+    model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS["megabyte-grid"], max_seq_len=64, position_embedding=False)).eval()
+    state = allocate_decode_state(model, 1, 12)
+    with torch.no_grad():
+        byte = prefill(model, state, torch.tensor([[1, 2, 3]])).argmax(-1)
+        drawn = state.native_decode.run(byte, 100, None, 0.0)
+        assert drawn.shape == (9, 1) and state.host_position == 12  # the state holds 12 bytes
+        assert state.native_decode.run(drawn[-1], 5, None, 0.0) is None
+        with pytest.raises(ValueError, match="decode state is full"):
+            decode_step(model, state, drawn[-1])
+
+
+def test_the_whole_steps_leave_a_hooked_head_to_pytorch():
     # A forward hook on the head (as sample_to_files adds to mask a subword model's unused ids)
     # must see every call: the byte step then declines and the PyTorch step runs.
     torch.manual_seed(4)
     model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS["megabyte-3stage"], max_seq_len=64, position_embedding=False)).eval()
     state = allocate_decode_state(model, 1, 20)
-    assert state.byte_step is not None
+    assert state.native_decode is not None
     seen = []
     handle = model.head.register_forward_hook(lambda module, inputs, output: seen.append(1))
     try:
@@ -241,6 +313,7 @@ def test_the_byte_step_leaves_a_hooked_head_to_pytorch():
             logits = prefill(model, state, torch.zeros(1, 0, dtype=torch.long))
             for _ in range(9):
                 logits = decode_step(model, state, logits.argmax(-1))
+        assert state.native_decode.run(logits.argmax(-1), 4, None, 0.0) is None
     finally:
         handle.remove()
     assert len(seen) == 10

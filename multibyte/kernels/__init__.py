@@ -11,7 +11,10 @@ callers run their PyTorch reference. Tests hold every kernel to its reference
     attention_step.c   one decoding position of an attention stack (`multibyte.model.Stack`),
                        bound by `multibyte.kernels.attention.NativeAttentionStep`
     mamba_step.c       the same for a Mamba stack (MambaByte), `multibyte.kernels.mamba.NativeMambaStep`
-    vector_ops.h       what both use: RMSNorm and the row-blocked matrix-vector products
+    decode_run.c       whole decoding steps of a model with fixed units and runs of them with the
+                       draws (built with attention_step.c), `multibyte.kernels.decode_run.NativeDecode`
+    vector_ops.h       what all use: RMSNorm and the row-blocked matrix-vector products
+    attention_step.h   the attention stack's structures, shared by attention_step and decode_run
 
 `bind_stack_step` picks the one for a stack; `multibyte.model.StackStates.native` holds it.
 """
@@ -34,6 +37,9 @@ import torch
 
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
 SOURCES = Path(__file__).resolve().parent
+
+# The C files of each library (default: the library's name + .c).
+LIBRARY_SOURCES = {"decode_run": ("decode_run.c", "attention_step.c")}
 
 _loaded: dict[str, Optional[ctypes.CDLL]] = {}
 _lock = threading.Lock()
@@ -63,24 +69,28 @@ def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
+def _sources(name: str) -> list[Path]:
+    return [SOURCES / file for file in LIBRARY_SOURCES.get(name, (f"{name}.c",))]
+
+
 def library_path(name: str) -> Optional[Path]:
-    """Where `name`'s library for this CPU, compiler and sources (name.c and the shared
+    """Where `name`'s library for this CPU, compiler and sources (its C files and the shared
     headers) lives (None: no compiler)."""
     compiler = _compiler()
     if compiler is None:
         return None
-    sources = [(SOURCES / f"{name}.c").read_bytes()] + [header.read_bytes() for header in sorted(SOURCES.glob("*.h"))]
+    sources = [path.read_bytes() for path in _sources(name)] + [header.read_bytes() for header in sorted(SOURCES.glob("*.h"))]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), compiler.encode(), _cpu_identity().encode()]))
     return cache_folder() / f"{name}-{key.hexdigest()[:16]}.so"
 
 
 def _build(name: str, target: Path) -> None:
-    """Compile SOURCES/name.c into `target`, atomically (concurrent processes may build too)."""
+    """Compile `name`'s C files into `target`, atomically (concurrent processes may build too)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(handle)
     try:
-        command = [_compiler(), *FLAGS, "-o", temporary, str(SOURCES / f"{name}.c"), "-lm"]
+        command = [_compiler(), *FLAGS, "-o", temporary, *map(str, _sources(name)), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")

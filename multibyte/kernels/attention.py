@@ -12,7 +12,7 @@ bit, so it is used where that is enough (sampling) and never where two runs must
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -117,98 +117,3 @@ class NativeAttentionStep(NativeStackStep):
         )
         keep.append(c_blocks)
         return cls(library, c_stack, keep, list(states), batch_size)
-
-
-
-class _ByteStep(ctypes.Structure):
-    _fields_ = [
-        ("stack", ctypes.POINTER(_Stack)),
-        ("embedding", _pointer),
-        ("contexts", _pointer),
-        ("head", _pointer),
-        ("vocab_in", ctypes.c_int64),
-        ("siblings", ctypes.c_int64),
-        ("vocab", ctypes.c_int64),
-        ("unit_tokens", _pointer),
-        ("unit_present", _pointer),
-        ("coords", _pointer),
-        ("unit_lengths", _pointer),
-        ("positions", _pointer),
-        ("unit_slots", ctypes.c_int64),
-        ("num_stages", ctypes.c_int64),
-    ]
-
-
-class NativeByteStep:
-    """The innermost stage's whole step for a byte that ends no outer unit, as one native call:
-    the twin of `HierarchicalByteModel._decode_byte_in_step` at level N - 1 (record the byte,
-    move the counters on, embedding + parent context through the stack, the head's logits).
-    Bound to a model and one decode state when the innermost stage is an attention stack with a
-    bound `NativeAttentionStep` and nothing else enters its input (no position table, concat
-    pooling, no position or hash embeddings of bytes) and the head is a bias-free fp32 linear."""
-
-    def __init__(self, library: ctypes.CDLL, step: _ByteStep, stack_step: NativeAttentionStep, keep: list, head: torch.nn.Module) -> None:
-        self._kernel = library.multibyte_attention_byte_step
-        self._step_ref = ctypes.byref(step)
-        self._keep = keep + [step]
-        self._stack_step, self._head = stack_step, head
-        self.batch_size, self.vocab = stack_step.batch_size, step.vocab
-        self._work = torch.empty(int(library.multibyte_attention_byte_workspace(self._step_ref, self.batch_size)))
-        self._work_ptr = self._work.data_ptr()
-
-    @classmethod
-    def bind(cls, model: torch.nn.Module, state: Any) -> Optional["NativeByteStep"]:
-        """For `model` (a `HierarchicalByteModel`) and its `state` (a `DecodeState`), or None."""
-        N = model.config.num_stages
-        stack_step = state.stage_states[-1].native if N > 1 else None
-        if not isinstance(stack_step, NativeAttentionStep):
-            return None
-        stage, head = model.stages[-1], model.head
-        if stage.pool is not None or stage.adds_position or state.unit_extra is not None or state.history is not None:
-            return None
-        tensors = [stage.byte_embedding.weight, state.contexts[-1], head.weight]
-        counters = [state.unit_tokens, state.coords, state.unit_lengths, state.positions]
-        if head.bias is not None or not all(usable(t) for t in tensors):
-            return None
-        if not all(t.dtype == torch.int64 and t.is_contiguous() and t.device.type == "cpu" for t in counters):
-            return None
-        if state.unit_present.dtype != torch.bool or not state.unit_present.is_contiguous() or state.unit_lengths.shape[1] != N - 1:
-            return None
-        library = load_stack_step("attention", _Stack)
-        if library is None or not hasattr(library, "multibyte_attention_byte_step"):
-            return None
-        if not hasattr(library, "_multibyte_byte_typed"):
-            fn, workspace = library.multibyte_attention_byte_step, library.multibyte_attention_byte_workspace
-            fn.argtypes = [ctypes.POINTER(_ByteStep), ctypes.c_int64, _pointer, ctypes.c_int64, ctypes.c_int64, _pointer, _pointer]
-            fn.restype = ctypes.c_int
-            workspace.argtypes, workspace.restype = [ctypes.POINTER(_ByteStep), ctypes.c_int64], ctypes.c_int64
-            library._multibyte_byte_typed = True
-        step = _ByteStep(
-            stack=ctypes.pointer(stack_step.struct),
-            embedding=tensors[0].data_ptr(),
-            contexts=tensors[1].data_ptr(),
-            head=tensors[2].data_ptr(),
-            vocab_in=stage.byte_embedding.num_embeddings,
-            siblings=state.contexts[-1].shape[1],
-            vocab=head.out_features,
-            unit_tokens=state.unit_tokens.data_ptr(),
-            unit_present=state.unit_present.data_ptr(),
-            coords=state.coords.data_ptr(),
-            unit_lengths=state.unit_lengths.data_ptr(),
-            positions=state.positions.data_ptr(),
-            unit_slots=state.unit_tokens.shape[1],
-            num_stages=N,
-        )
-        return cls(library, step, stack_step, tensors + counters + [state.unit_present], head)
-
-    def __call__(self, byte: torch.Tensor, slot: int, context_index: int) -> Optional[torch.Tensor]:
-        """byte (B,) int64 -> (B, V) fp32 logits of the next byte, or None (nothing changed):
-        the caller then runs the PyTorch step."""
-        if self._head._forward_hooks or self._head._forward_pre_hooks or byte.dtype != torch.int64 or byte.shape != (self.batch_size,):
-            return None  # a hook on the head (e.g. masking unused ids) must see the PyTorch call
-        byte = byte.contiguous()
-        logits = torch.empty(self.batch_size, self.vocab)
-        if self._kernel(self._step_ref, self.batch_size, byte.data_ptr(), slot, context_index, logits.data_ptr(), self._work_ptr):
-            return None
-        self._stack_step._advanced()
-        return logits

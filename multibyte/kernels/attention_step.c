@@ -13,27 +13,7 @@
  *   y = rms_norm(x) * w_final;  every block's lengths[b] += 1.
  * Linear weights are nn.Linear's (out, in) row-major; caches are (B, H, slots, hd) contiguous.
  */
-#include "vector_ops.h"
-
-typedef struct {
-    const float *mixer_norm; /* (D,) */
-    const float *qkv;        /* (3D, D) */
-    const float *out_proj;   /* (D, D) */
-    const float *ff_norm;    /* (D,), NULL when the block has no feed-forward layer */
-    const float *up;         /* (F, D) */
-    const float *down;       /* (D, F) */
-    float *keys;             /* (B, H, slots, hd) */
-    float *values;           /* (B, H, slots, hd) */
-    int64_t *lengths;        /* (B,) positions cached per row */
-} AttentionBlock;
-
-typedef struct {
-    int64_t d_model, n_heads, hidden, n_blocks, slots;
-    float eps;
-    const float *frequencies; /* (hd / 2,) RoPE angular speeds, NULL: no rotary */
-    const float *final_norm;  /* (D,) */
-    const AttentionBlock *blocks;
-} AttentionStack;
+#include "attention_step.h"
 
 /* Channel pair (j, j + hd/2) turned by the angle position * frequencies[j]. */
 static void rotate(float *v, const float *frequencies, int64_t hd, int64_t position) {
@@ -57,7 +37,8 @@ static void attend(const float *q, const float *K, const float *V, float *scores
         top = scores[p] > top ? scores[p] : top;
     }
     float total = 0.f;
-    for (int64_t p = 0; p <= t; p++) total += (scores[p] = expf(scores[p] - top));
+#pragma omp simd reduction(+ : total)
+    for (int64_t p = 0; p <= t; p++) total += (scores[p] = exp_vectorizable(scores[p] - top));
     for (int64_t i = 0; i < hd; i++) out[i] = 0.f;
     for (int64_t p = 0; p <= t; p++) {
         const float w = scores[p] / total;
@@ -66,21 +47,23 @@ static void attend(const float *q, const float *K, const float *V, float *scores
     }
 }
 
-/* Workspace floats `multibyte_attention_step` needs for `rows` rows of a stack. */
 int64_t multibyte_attention_workspace(const AttentionStack *s, int64_t rows) {
     return rows * (6 * s->d_model + s->hidden) + s->slots;
 }
 
-/* x (B, D) in, y (B, D) out (may not alias x); work: multibyte_attention_workspace(s, B) floats.
- * Returns 0, or 1 (nothing written) when a row's cache is full. */
+int multibyte_attention_full(const AttentionStack *s, int64_t rows) {
+    for (int64_t l = 0; l < s->n_blocks; l++)
+        for (int64_t b = 0; b < rows; b++)
+            if (s->blocks[l].lengths[b] < 0 || s->blocks[l].lengths[b] >= s->slots - 1) return 1;
+    return 0;
+}
+
 int multibyte_attention_step(const AttentionStack *s, int64_t B, const float *x, float *y, float *work) {
     const int64_t D = s->d_model, H = s->n_heads, hd = D / H, F = s->hidden, S = s->slots;
     const float scale = 1.f / sqrtf((float)hd);
     /* per row: normed input (D), q k v (3D), attention output (D), a D-wide result, hidden (F) */
     float *h = work, *qkv = h + B * D, *mixed = qkv + 3 * B * D, *r = mixed + B * D, *hidden = r + B * D, *scores = hidden + B * F;
-    for (int64_t l = 0; l < s->n_blocks; l++)
-        for (int64_t b = 0; b < B; b++)
-            if (s->blocks[l].lengths[b] < 0 || s->blocks[l].lengths[b] >= S - 1) return 1;
+    if (multibyte_attention_full(s, B)) return 1;
     for (int64_t i = 0; i < B * D; i++) y[i] = x[i];
     /* Block by block, each step over every row (the weights of a block are read once). */
     for (int64_t l = 0; l < s->n_blocks; l++) {
@@ -105,10 +88,7 @@ int multibyte_attention_step(const AttentionStack *s, int64_t B, const float *x,
         if (blk->ff_norm) {
             rms_norm_rows(y, blk->ff_norm, h, B, D, s->eps);
             linear(blk->up, h, hidden, B, F, D);
-            for (int64_t i = 0; i < B * F; i++) {
-                const float u = hidden[i];
-                hidden[i] = 0.5f * u * (1.f + tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)));
-            }
+            gelu_tanh(hidden, B * F);
             linear(blk->down, hidden, r, B, D, F);
             for (int64_t i = 0; i < B * D; i++) y[i] += r[i];
         }
@@ -116,53 +96,5 @@ int multibyte_attention_step(const AttentionStack *s, int64_t B, const float *x,
     rms_norm_rows(y, s->final_norm, y, B, D, s->eps);
     for (int64_t l = 0; l < s->n_blocks; l++)
         for (int64_t b = 0; b < B; b++) s->blocks[l].lengths[b] += 1;
-    return 0;
-}
-
-/* A whole decoding step of the innermost stage for a byte that ends no unit of an outer stage
- * (the 11 bytes of every 12 with MEGABYTE's P = 12): the native twin of
- * `HierarchicalByteModel._decode_byte_in_step` at level N - 1 (see `NativeByteStep`). */
-typedef struct {
-    const AttentionStack *stack; /* the innermost stage's stack */
-    const float *embedding;      /* (V_in, D) its byte embedding */
-    const float *contexts;       /* (B, siblings, D) its slices of the parent's output */
-    const float *head;           /* (V, D) */
-    int64_t vocab_in, siblings, vocab;
-    int64_t *unit_tokens;   /* (B, unit_slots) */
-    uint8_t *unit_present;  /* (B, unit_slots), torch.bool */
-    int64_t *coords;        /* (B, num_stages) */
-    int64_t *unit_lengths;  /* (B, num_stages - 1) */
-    int64_t *positions;     /* (B,) */
-    int64_t unit_slots, num_stages;
-} ByteStep;
-
-/* Workspace floats `multibyte_attention_byte_step` needs for `rows` rows. */
-int64_t multibyte_attention_byte_workspace(const ByteStep *s, int64_t rows) {
-    return 2 * rows * s->stack->d_model + multibyte_attention_workspace(s->stack, rows);
-}
-
-/* Consume bytes (B,) at `slot` of the outermost unit: record them, move the counters on (the
- * innermost stage's unit index to `context_index`, every outer unit one byte longer), run the
- * stack on embedding + context, write the head's (B, V) logits. Returns 0, or 1 (nothing
- * written) when a byte is out of range or a cache is full. */
-int multibyte_attention_byte_step(const ByteStep *s, int64_t B, const int64_t *bytes, int64_t slot, int64_t context_index,
-                                  float *logits, float *work) {
-    const int64_t D = s->stack->d_model, N = s->num_stages;
-    float *x = work, *y = x + B * D;
-    for (int64_t b = 0; b < B; b++)
-        if (bytes[b] < 0 || bytes[b] >= s->vocab_in) return 1;
-    for (int64_t b = 0; b < B; b++) {
-        const float *e = s->embedding + bytes[b] * D, *c = s->contexts + (b * s->siblings + context_index) * D;
-        for (int64_t i = 0; i < D; i++) x[b * D + i] = e[i] + c[i];
-    }
-    if (multibyte_attention_step(s->stack, B, x, y, y + B * D)) return 1;
-    for (int64_t b = 0; b < B; b++) {
-        s->unit_tokens[b * s->unit_slots + slot] = bytes[b];
-        s->unit_present[b * s->unit_slots + slot] = 1;
-        s->coords[b * N + N - 1] += 1;
-        for (int64_t j = 0; j < N - 1; j++) s->unit_lengths[b * (N - 1) + j] += 1;
-        s->positions[b] += 1;
-    }
-    linear(s->head, y, logits, B, s->vocab, D);
     return 0;
 }

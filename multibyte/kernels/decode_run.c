@@ -1,0 +1,219 @@
+/* Whole decoding steps of a hierarchical byte model with fixed units, and runs of them with the
+ * draw of every next byte, in fp32 on a CPU: the native twin of
+ * `multibyte.model.HierarchicalByteModel._decode_byte_in_step` followed by
+ * `multibyte.sampling.sample_with_noise` (see `multibyte.kernels.decode_run.NativeDecode`).
+ *
+ * Two steps, chosen by the byte's position t (the next byte is t + 1):
+ *   - the byte step, when t + 1 starts no unit of an outer stage (11 of 12 bytes with P = 12):
+ *     record the byte, move the counters on, run the innermost stack on
+ *     embedding(byte) + context[(t + 1) % P_inner], the head;
+ *   - the unit step of a two-stage (MEGABYTE-shaped) model, when t + 1 starts a patch: record
+ *     the byte, pool the patch (its bytes' vectors side by side), add the lagged patches'
+ *     projection and the patch's position, run the outer stack, project its output into the
+ *     local model's P contexts, restart the local model from its pad + context 0, the head.
+ * A run feeds one byte, draws the next from the logits with the caller's Exp(1) noise (the
+ * exponential race: argmax softmax(logits / T) / noise; T = 0: argmax logits) and feeds it, k
+ * times, so a whole patch costs one call from Python instead of a dozen.
+ */
+#include "attention_step.h"
+
+typedef struct {
+    const AttentionStack *stack; /* the innermost stage's stack */
+    const float *embedding;      /* (V_in, D) its byte embedding */
+    float *contexts;             /* (B, siblings, D) its slices of the parent's output */
+    const float *head;           /* (V, D) */
+    int64_t vocab_in, siblings, vocab;
+    int64_t *unit_tokens;  /* (B, unit_slots) */
+    uint8_t *unit_present; /* (B, unit_slots), torch.bool */
+    int64_t *coords;       /* (B, num_stages) */
+    int64_t *unit_lengths; /* (B, num_stages - 1) */
+    int64_t *positions;    /* (B,) */
+    int64_t unit_slots, num_stages;
+} ByteStep;
+
+typedef struct {
+    const ByteStep *inner;          /* the local (innermost) stage, the head and the counters */
+    const AttentionStack *stack;    /* the global (outer) stage's stack */
+    const float *embedding;         /* (V_in, width): a patch is its bytes' vectors side by side */
+    int64_t width;                  /* D_0 / unit_slots */
+    const float *lag_proj;          /* (D_0, n_lags * D_0), NULL without lags */
+    float *lag_ring;                /* (B, ring, D_0): patch k at slot k % ring */
+    const int64_t *lags;            /* (n_lags,) */
+    int64_t n_lags, ring;
+    const float *unit_position;     /* (position_rows, D_0) learned positions, or NULL */
+    int64_t position_rows;
+    const float *grid_rows;         /* (grid_r, D_0) or NULL */
+    const float *grid_cols;         /* (grid_c, D_0) */
+    int64_t grid_r, grid_c;
+    const float *from_parent;       /* (D_1, D_0 / siblings) */
+    const float *pad;               /* (D_1,) the local stage's pad */
+} UnitStep;
+
+int64_t multibyte_byte_step_workspace(const ByteStep *s, int64_t rows) {
+    return 2 * rows * s->stack->d_model + multibyte_attention_workspace(s->stack, rows);
+}
+
+/* Consume bytes (B,) at `slot` of the outermost unit when the next byte starts no outer unit:
+ * record them, move the counters on (the innermost stage's unit index to `context_index`, every
+ * outer unit one byte longer), run the stack on embedding + context, write the head's (B, V)
+ * logits. Returns 0, or 1 (nothing written) when a byte is out of range or a cache is full. */
+int multibyte_byte_step(const ByteStep *s, int64_t B, const int64_t *bytes, int64_t slot, int64_t context_index,
+                        float *logits, float *work) {
+    const int64_t D = s->stack->d_model, N = s->num_stages;
+    float *x = work, *y = x + B * D;
+    for (int64_t b = 0; b < B; b++)
+        if (bytes[b] < 0 || bytes[b] >= s->vocab_in) return 1;
+    for (int64_t b = 0; b < B; b++) {
+        const float *e = s->embedding + bytes[b] * D, *c = s->contexts + (b * s->siblings + context_index) * D;
+        for (int64_t i = 0; i < D; i++) x[b * D + i] = e[i] + c[i];
+    }
+    if (multibyte_attention_step(s->stack, B, x, y, y + B * D)) return 1;
+    for (int64_t b = 0; b < B; b++) {
+        s->unit_tokens[b * s->unit_slots + slot] = bytes[b];
+        s->unit_present[b * s->unit_slots + slot] = 1;
+        s->coords[b * N + N - 1] += 1;
+        for (int64_t j = 0; j < N - 1; j++) s->unit_lengths[b * (N - 1) + j] += 1;
+        s->positions[b] += 1;
+    }
+    linear(s->head, y, logits, B, s->vocab, D);
+    return 0;
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+int64_t multibyte_unit_step_workspace(const UnitStep *u, int64_t rows) {
+    const int64_t D0 = u->stack->d_model, D1 = u->inner->stack->d_model;
+    const int64_t stacks = max64(multibyte_attention_workspace(u->stack, rows), multibyte_attention_workspace(u->inner->stack, rows));
+    return rows * (2 * D0 + u->n_lags * D0 + D0 + 2 * D1) + stacks;
+}
+
+/* Consume bytes (B,) at the last `slot` of a patch (the next byte starts a patch) of a
+ * two-stage model; the (B, V) logits of the next byte. Returns 0, or 1 (nothing written) when a
+ * byte or the patch's position is out of range or a cache is full. */
+int multibyte_unit_step(const UnitStep *u, int64_t B, const int64_t *bytes, int64_t slot, float *logits, float *work) {
+    const ByteStep *s = u->inner;
+    const int64_t D0 = u->stack->d_model, D1 = s->stack->d_model, U = s->unit_slots, S = s->siblings;
+    const int64_t w = u->width, piece = D0 / S, L = u->n_lags;
+    float *x = work, *h = x + B * D0, *lagged = h + B * D0, *projected = lagged + B * L * D0;
+    float *x1 = projected + B * D0, *h1 = x1 + B * D1, *rest = h1 + B * D1;
+    for (int64_t b = 0; b < B; b++) {
+        if (bytes[b] < 0 || bytes[b] >= s->vocab_in) return 1;
+        if (u->unit_position && s->coords[b * 2] + 1 >= u->position_rows) return 1;
+    }
+    if (multibyte_attention_full(u->stack, B) || s->stack->slots < 2) return 1;
+    /* Record the byte; the patch k = coords[b, 0] + 1 starts at the next byte. */
+    for (int64_t b = 0; b < B; b++) {
+        s->unit_tokens[b * U + slot] = bytes[b];
+        s->unit_present[b * U + slot] = 1;
+        s->coords[b * 2] += 1;
+        s->coords[b * 2 + 1] = 0;
+        s->unit_lengths[b] = 0;
+        s->positions[b] += 1;
+    }
+    /* The finished patch: its present bytes' vectors side by side (absent slots are zeros). */
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < U; j++) {
+            const float *e = u->embedding + s->unit_tokens[b * U + j] * w;
+            const int present = s->unit_present[b * U + j];
+            for (int64_t i = 0; i < w; i++) x[b * D0 + j * w + i] = present ? e[i] : 0.f;
+        }
+    if (u->lag_proj) { /* patch k - 1 into the ring, then patches k - lag back out (zeros before 0) */
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t k = s->coords[b * 2];
+            float *ring = u->lag_ring + b * u->ring * D0;
+            const int64_t written = ((k - 1) % u->ring + u->ring) % u->ring;
+            for (int64_t i = 0; i < D0; i++) ring[written * D0 + i] = x[b * D0 + i];
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t back = k - u->lags[l];
+                const float *v = ring + ((back % u->ring + u->ring) % u->ring) * D0;
+                float *out = lagged + (b * L + l) * D0;
+                for (int64_t i = 0; i < D0; i++) out[i] = back >= 0 ? v[i] : 0.f;
+            }
+        }
+        linear(u->lag_proj, lagged, projected, B, D0, L * D0);
+        for (int64_t i = 0; i < B * D0; i++) x[i] += projected[i];
+    }
+    for (int64_t b = 0; b < B; b++) { /* the patch's position at the global scale */
+        const int64_t k = s->coords[b * 2];
+        float *xb = x + b * D0;
+        if (u->unit_position) {
+            const float *p = u->unit_position + k * D0;
+            for (int64_t i = 0; i < D0; i++) xb[i] += p[i];
+        } else if (u->grid_rows) {
+            const int64_t cell = k % (u->grid_r * u->grid_c);
+            const float *r = u->grid_rows + (cell / u->grid_c) * D0, *c = u->grid_cols + (cell % u->grid_c) * D0;
+            for (int64_t i = 0; i < D0; i++) xb[i] += r[i] + c[i];
+        }
+    }
+    multibyte_attention_step(u->stack, B, x, h, rest); /* room checked above */
+    /* The local model's contexts: slice j of the global output, projected, for byte j. */
+    for (int64_t b = 0; b < B; b++)
+        linear(u->from_parent, h + b * D0, s->contexts + b * S * D1, S, D1, piece);
+    /* The local model restarts: empty caches, input pad + context 0. */
+    for (int64_t l = 0; l < s->stack->n_blocks; l++)
+        for (int64_t b = 0; b < B; b++) s->stack->blocks[l].lengths[b] = 0;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < D1; i++) x1[b * D1 + i] = u->pad[i] + s->contexts[b * S * D1 + i];
+    multibyte_attention_step(s->stack, B, x1, h1, rest);
+    for (int64_t i = 0; i < B * U; i++) s->unit_present[i] = 0; /* the next patch starts empty */
+    linear(s->head, h1, logits, B, s->vocab, D1);
+    return 0;
+}
+
+/* The byte `sample_with_noise` draws from one row of logits (V,) with its Exp(1) noise (V,):
+ * argmax_v softmax(logits / T)_v / noise_v, the first on ties; T = 0 (or no noise): argmax. */
+static int64_t draw(const float *logits, const float *noise, float temperature, int64_t V, float *p) {
+    int64_t best = 0;
+    if (temperature == 0.f || !noise) {
+        for (int64_t v = 1; v < V; v++)
+            if (logits[v] > logits[best]) best = v;
+        return best;
+    }
+    float top = -INFINITY, total = 0.f;
+    for (int64_t v = 0; v < V; v++) {
+        p[v] = logits[v] / temperature;
+        top = p[v] > top ? p[v] : top;
+    }
+    for (int64_t v = 0; v < V; v++) total += (p[v] = expf(p[v] - top));
+    float best_score = -INFINITY;
+    for (int64_t v = 0; v < V; v++) {
+        const float score = p[v] / total / noise[v];
+        if (score > best_score) best_score = score, best = v;
+    }
+    return best;
+}
+
+int64_t multibyte_decode_run_workspace(const ByteStep *s, const UnitStep *u, int64_t rows) {
+    const int64_t steps = u ? max64(multibyte_byte_step_workspace(s, rows), multibyte_unit_step_workspace(u, rows))
+                            : multibyte_byte_step_workspace(s, rows);
+    return rows * s->vocab + s->vocab + steps;
+}
+
+/* Up to k steps from position t0: feed `first` (B,) at t0, draw the byte after it from
+ * noise[0] (k, B, V) (NULL: greedy) into out[0] (k, B), feed that at t0 + 1, ... A step at a
+ * position that starts an outer unit needs the unit step (`u`, two stages only); `inner_period`
+ * is the innermost stage's parent unit in bytes. Returns the steps done: fewer than k where the
+ * next one cannot run here (no unit step, a cache full, a byte out of range), nothing of it
+ * written. */
+int64_t multibyte_decode_run(const ByteStep *s, const UnitStep *u, int64_t B, int64_t t0, int64_t inner_period,
+                             const int64_t *first, int64_t k, const float *noise, float temperature, int64_t *out,
+                             float *work) {
+    const int64_t V = s->vocab, U = s->unit_slots;
+    float *logits = work, *p = logits + B * V, *rest = p + V;
+    const int64_t *feed = first;
+    for (int64_t j = 0; j < k; j++) {
+        const int64_t t = t0 + j, next = t + 1;
+        int failed;
+        if (next % inner_period)
+            failed = multibyte_byte_step(s, B, feed, t % U, next % inner_period, logits, rest);
+        else if (u && next % U == 0)
+            failed = multibyte_unit_step(u, B, feed, t % U, logits, rest);
+        else
+            failed = 1;
+        if (failed) return j;
+        for (int64_t b = 0; b < B; b++)
+            out[j * B + b] = draw(logits + b * V, noise ? noise + (j * B + b) * V : 0, temperature, V, p);
+        feed = out + j * B;
+    }
+    return k;
+}
