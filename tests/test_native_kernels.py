@@ -216,7 +216,22 @@ BYTE_STEP_MODELS = {
         StageConfig("attention", 32, 1, 2, patcher="fixed", patch_size=2),
         StageConfig("attention", 24, 1, 2),
     ],
+    # Byte positions (the text and audio presets): recorded per byte for the global pooling.
+    "megabyte-byte-positions": [
+        StageConfig("attention", 64, 2, 2, patcher="fixed", patch_size=4),
+        StageConfig("attention", 32, 2, 2),
+    ],
+    "megabyte-3stage-byte-positions": [
+        StageConfig("attention", 64, 1, 2, patcher="fixed", patch_size=4),
+        StageConfig("attention", 32, 1, 2, patcher="fixed", patch_size=2),
+        StageConfig("attention", 24, 1, 2),
+    ],
 }
+
+
+def byte_step_model(name: str) -> HierarchicalByteModel:
+    config = ModelConfig(stages=BYTE_STEP_MODELS[name], max_seq_len=64, position_embedding=name.endswith("byte-positions"))
+    return HierarchicalByteModel(config).eval()
 
 
 @pytest.mark.parametrize("name", BYTE_STEP_MODELS)
@@ -224,7 +239,7 @@ def test_the_native_whole_steps_update_the_state_as_pytorch_does(name):
     # Every counter, the unit's bytes, the contexts, the lag ring and every cache, after bytes
     # inside and across units (a two-stage model's patch ends take the unit step).
     torch.manual_seed(8)
-    model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS[name], max_seq_len=64, position_embedding=False)).eval()
+    model = byte_step_model(name)
     prompt = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(9))
     states = {native: allocate_decode_state(model, 2, 40, native=native) for native in (False, True)}
     assert states[True].native_decode is not None and states[False].native_decode is None
@@ -242,6 +257,8 @@ def assert_same_decode_state(new, ref, where) -> None:
     for field in ("unit_tokens", "unit_present", "coords", "unit_lengths", "positions"):
         assert torch.equal(getattr(new, field), getattr(ref, field)), (field, where)
     assert new.host_position == ref.host_position, where
+    if ref.unit_extra is not None:  # byte positions' vectors, copied from the table
+        assert torch.equal(new.unit_extra, ref.unit_extra), where
     for a, b in zip(new.contexts[1:], ref.contexts[1:]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=f"contexts at {where}")
     if ref.lag_ring is not None:
@@ -260,7 +277,7 @@ def test_a_native_run_draws_and_steps_as_pytorch_does(name, temperature):
     # in PyTorch: the same bytes and the same state after. A two-stage model runs all 29 steps in
     # one call; a three-stage one stops where a middle unit ends and takes that step elsewhere.
     torch.manual_seed(3)
-    model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS[name], max_seq_len=64, position_embedding=False)).eval()
+    model = byte_step_model(name)
     B, steps = 2, 30
     prompt = torch.randint(0, 256, (B, 5), generator=torch.Generator().manual_seed(4))
     noise = exponential_noise((steps, B, 256), torch.device("cpu"), torch.Generator().manual_seed(5))
@@ -288,7 +305,7 @@ def test_a_native_run_draws_and_steps_as_pytorch_does(name, temperature):
 
 def test_a_native_run_stops_at_the_end_of_the_state():
     torch.manual_seed(6)
-    model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS["megabyte-grid"], max_seq_len=64, position_embedding=False)).eval()
+    model = byte_step_model("megabyte-grid")
     state = allocate_decode_state(model, 1, 12)
     with torch.no_grad():
         byte = prefill(model, state, torch.tensor([[1, 2, 3]])).argmax(-1)
@@ -303,7 +320,7 @@ def test_the_whole_steps_leave_a_hooked_head_to_pytorch():
     # A forward hook on the head (as sample_to_files adds to mask a subword model's unused ids)
     # must see every call: the byte step then declines and the PyTorch step runs.
     torch.manual_seed(4)
-    model = HierarchicalByteModel(ModelConfig(stages=BYTE_STEP_MODELS["megabyte-3stage"], max_seq_len=64, position_embedding=False)).eval()
+    model = byte_step_model("megabyte-3stage")
     state = allocate_decode_state(model, 1, 20)
     assert state.native_decode is not None
     seen = []

@@ -5,7 +5,8 @@
  *
  * Two steps, chosen by the byte's position t (the next byte is t + 1):
  *   - the byte step, when t + 1 starts no unit of an outer stage (11 of 12 bytes with P = 12):
- *     record the byte, move the counters on, run the innermost stack on
+ *     record the byte (and its position's vector, when the model has byte positions), move the
+ *     counters on, run the innermost stack on
  *     embedding(byte) + context[(t + 1) % P_inner], the head;
  *   - the unit step of a two-stage (MEGABYTE-shaped) model, when t + 1 starts a patch: record
  *     the byte, pool the patch (its bytes' vectors side by side), add the lagged patches'
@@ -29,6 +30,9 @@ typedef struct {
     int64_t *unit_lengths; /* (B, num_stages - 1) */
     int64_t *positions;    /* (B,) */
     int64_t unit_slots, num_stages;
+    const float *position_table; /* (position_rows, extra_width) byte positions, or NULL */
+    int64_t position_rows, extra_width;
+    float *unit_extra; /* (B, unit_slots, extra_width): the unit's bytes' positions, for the outer pooling */
 } ByteStep;
 
 typedef struct {
@@ -53,6 +57,23 @@ int64_t multibyte_byte_step_workspace(const ByteStep *s, int64_t rows) {
     return 2 * rows * s->stack->d_model + multibyte_attention_workspace(s->stack, rows);
 }
 
+/* Record bytes (B,) at `slot` of the outermost unit (with their positions' vectors, for the
+ * outermost stage's pooling) and move the common counters on by one byte. */
+static void record(const ByteStep *s, int64_t B, const int64_t *bytes, int64_t slot) {
+    const int64_t U = s->unit_slots, w = s->extra_width;
+    for (int64_t b = 0; b < B; b++) {
+        if (s->position_table) {
+            const int64_t row = s->positions[b] < s->position_rows - 1 ? s->positions[b] : s->position_rows - 1;
+            const float *p = s->position_table + row * w;
+            float *extra = s->unit_extra + (b * U + slot) * w;
+            for (int64_t i = 0; i < w; i++) extra[i] = p[i];
+        }
+        s->unit_tokens[b * U + slot] = bytes[b];
+        s->unit_present[b * U + slot] = 1;
+        s->positions[b] += 1;
+    }
+}
+
 /* Consume bytes (B,) at `slot` of the outermost unit when the next byte starts no outer unit:
  * record them, move the counters on (the innermost stage's unit index to `context_index`, every
  * outer unit one byte longer), run the stack on embedding + context, write the head's (B, V)
@@ -68,12 +89,10 @@ int multibyte_byte_step(const ByteStep *s, int64_t B, const int64_t *bytes, int6
         for (int64_t i = 0; i < D; i++) x[b * D + i] = e[i] + c[i];
     }
     if (multibyte_attention_step(s->stack, B, x, y, y + B * D)) return 1;
+    record(s, B, bytes, slot);
     for (int64_t b = 0; b < B; b++) {
-        s->unit_tokens[b * s->unit_slots + slot] = bytes[b];
-        s->unit_present[b * s->unit_slots + slot] = 1;
         s->coords[b * N + N - 1] += 1;
         for (int64_t j = 0; j < N - 1; j++) s->unit_lengths[b * (N - 1) + j] += 1;
-        s->positions[b] += 1;
     }
     linear(s->head, y, logits, B, s->vocab, D);
     return 0;
@@ -102,20 +121,25 @@ int multibyte_unit_step(const UnitStep *u, int64_t B, const int64_t *bytes, int6
     }
     if (multibyte_attention_full(u->stack, B) || s->stack->slots < 2) return 1;
     /* Record the byte; the patch k = coords[b, 0] + 1 starts at the next byte. */
+    record(s, B, bytes, slot);
     for (int64_t b = 0; b < B; b++) {
-        s->unit_tokens[b * U + slot] = bytes[b];
-        s->unit_present[b * U + slot] = 1;
         s->coords[b * 2] += 1;
         s->coords[b * 2 + 1] = 0;
         s->unit_lengths[b] = 0;
-        s->positions[b] += 1;
     }
-    /* The finished patch: its present bytes' vectors side by side (absent slots are zeros). */
+    /* The finished patch: its present bytes' vectors (+ their positions') side by side, absent
+     * slots zeros. */
     for (int64_t b = 0; b < B; b++)
         for (int64_t j = 0; j < U; j++) {
             const float *e = u->embedding + s->unit_tokens[b * U + j] * w;
             const int present = s->unit_present[b * U + j];
-            for (int64_t i = 0; i < w; i++) x[b * D0 + j * w + i] = present ? e[i] : 0.f;
+            float *xj = x + b * D0 + j * w;
+            if (s->position_table) {
+                const float *extra = s->unit_extra + (b * U + j) * w;
+                for (int64_t i = 0; i < w; i++) xj[i] = present ? e[i] + extra[i] : 0.f;
+            } else {
+                for (int64_t i = 0; i < w; i++) xj[i] = present ? e[i] : 0.f;
+            }
         }
     if (u->lag_proj) { /* patch k - 1 into the ring, then patches k - lag back out (zeros before 0) */
         for (int64_t b = 0; b < B; b++) {

@@ -5,8 +5,8 @@ The references are `multibyte.model.HierarchicalByteModel._decode_byte_in_step` 
 row at the same position of fixed units) and `multibyte.sampling.sample_with_noise` (one draw
 from logits and Exp(1) noise). Two steps are native:
   - the byte step, for a byte after which no outer unit starts (11 of 12 with P = 12), when the
-    innermost stage is attention and nothing but its byte embedding and the parent's context
-    enters its input (no byte positions or hash embeddings);
+    innermost stage is attention over its byte embedding and the parent's context (byte
+    positions, which only the outermost pooling reads, are recorded; not hashed n-grams);
   - the unit step, for the last byte of a patch of a two-stage (MEGABYTE-shaped) model whose
     global stage is attention over concatenated byte vectors (lags and learned or grid patch
     positions included).
@@ -45,6 +45,10 @@ class _ByteStep(ctypes.Structure):
         ("positions", _pointer),
         ("unit_slots", ctypes.c_int64),
         ("num_stages", ctypes.c_int64),
+        ("position_table", _pointer),
+        ("position_rows", ctypes.c_int64),
+        ("extra_width", ctypes.c_int64),
+        ("unit_extra", _pointer),
     ]
 
 
@@ -115,7 +119,8 @@ class NativeDecode:
         """For `model` (a `HierarchicalByteModel` with fixed units and at least two stages) and
         its `state` (a `DecodeState` whose innermost stack has a bound `NativeAttentionStep`), or
         None where the byte step cannot run: something besides the byte embedding and the
-        context enters the innermost input, the head has a bias or weights are not fp32."""
+        context enters the innermost input, hashed n-gram embeddings, a head with a bias,
+        weights not fp32."""
         config = model.config
         N = config.num_stages
         if N < 2 or not config.is_fixed or state.static:
@@ -124,7 +129,10 @@ class NativeDecode:
         if not isinstance(inner_step, NativeAttentionStep):
             return None
         stage, head = model.stages[-1], model.head
-        if stage.pool is not None or stage.adds_position or state.unit_extra is not None or state.history is not None:
+        if stage.pool is not None or stage.adds_position or state.history is not None:
+            return None  # (hashed n-grams need the history)
+        positions = model.position_embedding.weight if model.position_embedding is not None else None
+        if (positions is None) != (state.unit_extra is None) or not (positions is None or usable(positions) and usable(state.unit_extra)):
             return None
         tensors = [stage.byte_embedding.weight, state.contexts[-1], head.weight]
         counters = [state.unit_tokens, state.coords, state.unit_lengths, state.positions]
@@ -152,8 +160,12 @@ class NativeDecode:
             positions=state.positions.data_ptr(),
             unit_slots=state.unit_tokens.shape[1],
             num_stages=N,
+            position_table=_pointer_of(positions),
+            position_rows=0 if positions is None else positions.shape[0],
+            extra_width=0 if positions is None else positions.shape[1],
+            unit_extra=_pointer_of(state.unit_extra),
         )
-        keep = tensors + counters + [state.unit_present, inner_step]
+        keep = tensors + counters + [state.unit_present, inner_step, positions, state.unit_extra]
         unit_step = cls._bind_unit_step(model, state, byte_step, keep) if N == 2 else None
         return cls(library, byte_step, unit_step, keep, model, state)
 

@@ -85,8 +85,9 @@ int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *
                 const float delta = softplus(acc + blk->dt_bias[e]), impulse = delta * c[e];
                 const float *A_log = blk->A_log + e * N;
                 float *h_e = ssm + e * N, out = 0.f;
+#pragma omp simd reduction(+ : out)
                 for (int64_t n = 0; n < N; n++) {
-                    const float decay = expf(delta * -expf(A_log[n]));
+                    const float decay = exp_vectorizable(delta * -exp_vectorizable(A_log[n]));
                     h_e[n] = decay * h_e[n] + impulse * Bn[n];
                     out += h_e[n] * Cn[n];
                 }
