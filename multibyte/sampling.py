@@ -288,12 +288,10 @@ def _as_prompt(prompt: torch.Tensor, device: torch.device, vocab_size: int = 256
 # batch 1 and at batch 16 while other processes used the cores.
 CPU_DECODE_THREADS = 1
 # Smallest batch from which bf16 weights decode faster than fp32 on a CPU with native bf16
-# (AVX512-BF16 or AMX). Measured twice with the CPU image preset's dims, bytes/s fp32 vs bf16:
-# batch 1: 1822 vs 1640 and 1959 vs 889; batch 8: 8837 vs 9826 and 9403 vs 9023 (a draw);
-# batch 16: 12699 vs 14149 and 12421 vs 15310; batch 32: 16583 vs 20867. With the native stack
-# steps (fp32 only, multibyte/kernels), once, 600 bytes: batch 1 2025 vs 666, 8 6211 vs 4159, 16
-# 8690 vs 8271 (within the run-to-run spread: kept at 16, where PyTorch's GEMM starts to win too).
-CPU_BF16_MIN_BATCH = 16
+# (AVX512-BF16 or AMX): below it fp32 with the native kernels (multibyte/kernels, fp32 only) is
+# the faster, bf16 PyTorch overtakes them between 32 and 64 rows (benchmarks/sample_speed.py,
+# `cpu_defaults`, and README "Speed on a CPU").
+CPU_BF16_MIN_BATCH = 32
 
 
 def fastest_decode_dtype(device: torch.device, batch_size: int, gpu_bf16: bool = True) -> torch.dtype:

@@ -302,14 +302,15 @@ class MultibyteTrainer(Trainer):
             prompt_seconds: keep only the first seconds of the prompt audio (audio only).
             compile: torch.compile each step together with its draw, a few bytes per call
                 (CUDA graphs on a GPU). On a CPU compiling costs tens of seconds up front and
-                then steps ~1.5-2x faster (benchmarks/sample_speed.py, `batch1_compiled`): worth
-                it for several batches of whole images, not for one.
-            native: on a CPU, run each stage's one-position step as one call into the native
-                C kernel (multibyte/kernels, built on first use) where it can: fp32 weights, at
-                most 16 rows. ~2.5x faster at batch 1 (benchmarks/sample_speed.py); equal to
-                PyTorch up to rounding. false: every op in PyTorch.
+                its steps are slower than the native kernels' (benchmarks/sample_speed.py,
+                `batch1_compiled`): for GPUs, or CPUs where the kernels cannot be built.
+            native: on a CPU, run the model's steps as native C kernels (multibyte/kernels, built
+                on first use) where they can: fp32 weights, at most 32 rows; without top_k,
+                top_p or stop_byte, whole runs of steps and draws are one call. Several times
+                faster at batch 1 (benchmarks/sample_speed.py); equal to PyTorch up to rounding.
+                false: every op in PyTorch.
             dtype: weights and caches while sampling; None picks the fastest measured: on a CPU
-                float32 below batch 16 and bfloat16 from there (with native bf16), on a GPU
+                float32 below batch 32 and bfloat16 from there (with native bf16), on a GPU
                 bfloat16 when the trainer's precision is bf16. Changes the sampled bytes.
             overwrite: replace existing files in output_dir.
         """

@@ -139,8 +139,9 @@ def test_the_kernel_is_not_bound_where_it_cannot_run():
     assert NativeAttentionStep.bind(mamba, mamba.allocate_states(1, 8, "cpu", torch.float32)) is None
     assert NativeMambaStep.bind(stack, stack.allocate_states(1, 8, "cpu", torch.float32)) is None
     assert bind_stack_step(mamba, mamba.allocate_states(1, 8, "cpu", torch.bfloat16)) is None
-    assert bind_stack_step(mamba, mamba.allocate_states(17, 8, "cpu", torch.float32)) is None  # > NATIVE_MAX_BATCH
-    assert bind_stack_step(stack, stack.allocate_states(17, 8, "cpu", torch.float32)) is None
+    too_many = kernels.NATIVE_MAX_BATCH + 1
+    assert bind_stack_step(mamba, mamba.allocate_states(too_many, 8, "cpu", torch.float32)) is None
+    assert bind_stack_step(stack, stack.allocate_states(too_many, 8, "cpu", torch.float32)) is None
     native = NativeAttentionStep.bind(stack, stack.allocate_states(2, 8, "cpu", torch.float32))
     assert native(torch.randn(2, 1, 16, dtype=torch.bfloat16)) is None  # wrong dtype: the reference runs
     assert native(torch.randn(3, 1, 16)) is None  # wrong batch

@@ -122,10 +122,11 @@ def load(name: str) -> Optional[ctypes.CDLL]:
 
 
 # Most rows a stack step is bound for. The kernels compute each matrix product as one dot product
-# per output and row (the weights read once per call); from a few dozen rows on, PyTorch's GEMM is
-# the faster (benchmarks/sample_speed.py, `native_by_batch`: the shipped image preset and a 7.9M
-# MEGABYTE at batch 1, 4, 16 and 32).
-NATIVE_MAX_BATCH = 16
+# per output and row (the weights read once per call); with more rows PyTorch's GEMM catches up
+# (benchmarks/sample_speed.py, `native_by_batch`: the shipped image preset and a 7.9M MEGABYTE at
+# batch 1 to 64), and from sampling.CPU_BF16_MIN_BATCH rows sampling decodes in bf16, which the
+# fp32 kernels do not run.
+NATIVE_MAX_BATCH = 32
 
 
 def usable(t: Optional[torch.Tensor]) -> bool:
