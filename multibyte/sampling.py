@@ -398,9 +398,8 @@ def generate(
     reuse it. The noise of the draws is the same either way (`NoiseChunks`), so compiled and
     eager sampling differ only where rounding differences in the logits change a draw. `native`
     (default: when not compiling): attention stages step in the native CPU kernel where it can
-    run (`allocate_decode_state`), and without top-k, top-p or a stop byte whole runs of steps
-    and draws are native calls (`NativeDecode.run`, the same draws from the same noise); False:
-    PyTorch only.
+    run (`allocate_decode_state`), and whole runs of steps and draws are native calls
+    (`NativeDecode.run`, the same draws from the same noise); False: PyTorch only.
     """
     vocab_size = model.config.vocab_size
     check_sampling_options(temperature, top_k, top_p, vocab_size)
@@ -434,8 +433,8 @@ def generate(
         # Compiled, with fixed units and no stop byte: `unit` steps per call (see COMPILED_RUN_BYTES).
         unit = compiled_run_length(model) if compile and model.config.is_fixed and stop_byte is None else 0
         unit_step = compiled_decode_and_sample_unit(model, temperature, top_k, top_p) if unit > 1 else None
-        # Native: runs of steps and draws in one call each (draws without top-k / top-p).
-        native_run = state.native_decode if step is None and stop_byte is None and top_k is None and top_p is None else None
+        # Native: runs of steps and draws in one call each.
+        native_run = state.native_decode if step is None else None
         out = torch.empty(B, T + max_new_bytes, dtype=torch.long, device=device)
         out[:, :T] = prompt
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
@@ -460,7 +459,7 @@ def generate(
                     break
                 if native_run is not None:
                     k = min(max_new_bytes - 1 - i, NATIVE_RUN_BYTES)  # bytes i + 1 .. i + k
-                    drawn = native_run.run(byte, k, noise.take(k) if temperature > 0 else None, temperature)  # (n, B)
+                    drawn = native_run.run(byte, k, noise.take(k) if temperature > 0 else None, temperature, top_k, top_p, stop_byte, stopped)  # (n, B)
                     done = 0 if drawn is None else drawn.shape[0]
                     if temperature > 0:
                         noise.put_back(k - done)

@@ -304,6 +304,62 @@ def test_a_native_run_draws_and_steps_as_pytorch_does(name, temperature):
     assert_same_decode_state(states[True], states[False], "the end")
 
 
+DRAW_OPTIONS = {
+    "top-k": dict(temperature=0.9, top_k=5),
+    "top-p": dict(temperature=0.7, top_p=0.8),
+    "top-k-and-p": dict(temperature=1.0, top_k=40, top_p=0.6),
+}
+
+
+@pytest.mark.parametrize("options", DRAW_OPTIONS.values(), ids=list(DRAW_OPTIONS))
+def test_a_native_run_masks_as_sample_with_noise_does(options):
+    # Spread logits (a scaled head), so that the top-k and top-p masks cut real candidates.
+    torch.manual_seed(7)
+    model = byte_step_model("megabyte-grid")
+    with torch.no_grad():
+        model.head.weight.mul_(40)
+    B, steps = 3, 40
+    noise = exponential_noise((steps, B, 256), torch.device("cpu"), torch.Generator().manual_seed(8))
+    states = {native: allocate_decode_state(model, B, 48, native=native) for native in (False, True)}
+    with torch.no_grad():
+        logits = prefill(model, states[False], torch.zeros(B, 0, dtype=torch.long))
+        prefill(model, states[True], torch.zeros(B, 0, dtype=torch.long))
+        first = byte = sample_with_noise(logits, noise[0], **options)
+        expected, unmasked = [], 0
+        for j in range(1, steps):
+            logits = decode_step(model, states[False], byte)
+            byte = sample_with_noise(logits, noise[j], **options)
+            expected.append(byte)
+            unmasked += int((sample_with_noise(logits, noise[j], options["temperature"]) != byte).sum())
+        drawn = states[True].native_decode.run(first, steps - 1, noise[1:], **options)
+    assert torch.equal(drawn, torch.stack(expected))
+    assert unmasked > 0  # the masks changed draws: they were exercised
+
+
+def test_generate_with_a_stop_byte_runs_natively_and_stops_where_pytorch_does():
+    torch.manual_seed(9)
+    model = byte_step_model("megabyte-lags")
+    prompt = torch.randint(0, 256, (3, 2), generator=torch.Generator().manual_seed(10))
+    reference = generate(model, prompt, 60, seed=11, native=False)
+    stop = int(reference[1, 12])  # row 1 draws it by its 11th new byte; the other rows may not
+    expected = generate(model, prompt, 60, seed=11, stop_byte=stop, top_p=0.99, native=False)
+    calls = []
+    original = NativeDecode.run
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[1])
+        return original(self, *args, **kwargs)
+
+    NativeDecode.run = counted
+    try:
+        got = generate(model, prompt, 60, seed=11, stop_byte=stop, top_p=0.99)
+    finally:
+        NativeDecode.run = original
+    assert torch.equal(got, expected) and calls
+    first = int((got[1, 2:] == stop).nonzero()[0]) + 2
+    assert (got[1, first:] == stop).all()  # a stopped row keeps the stop byte
+
+
 def test_a_native_run_stops_at_the_end_of_the_state():
     torch.manual_seed(6)
     model = byte_step_model("megabyte-grid")

@@ -13,9 +13,12 @@
  *     projection and the patch's position, run the outer stack, project its output into the
  *     local model's P contexts, restart the local model from its pad + context 0, the head.
  * A run feeds one byte, draws the next from the logits with the caller's Exp(1) noise (the
- * exponential race: argmax softmax(logits / T) / noise; T = 0: argmax logits) and feeds it, k
- * times, so a whole patch costs one call from Python instead of a dozen.
+ * exponential race: argmax softmax(logits / T) / noise after the top-k and top-p masks; T = 0:
+ * argmax logits) and feeds it, k times, so a whole patch costs one call from Python instead of
+ * a dozen.
  */
+#include <stdlib.h>
+
 #include "attention_step.h"
 
 typedef struct {
@@ -184,24 +187,62 @@ int multibyte_unit_step(const UnitStep *u, int64_t B, const int64_t *bytes, int6
     return 0;
 }
 
+/* How the next byte is drawn: `sample_with_noise`'s options and generate's stop byte. */
+typedef struct {
+    float temperature; /* 0: greedy (argmax of the logits; the rest is ignored) */
+    int64_t top_k;     /* keep the top_k likeliest (ties with the k-th kept); 0: all */
+    float top_p;       /* then the likeliest whose probabilities add up to top_p; >= 1: all */
+    int64_t stop;      /* once a row draws this byte it keeps drawing it; -1: none */
+} DrawRule;
+
+static _Thread_local const float *sort_values; /* what qsort's comparator compares (per thread) */
+
+static int by_value_descending(const void *a, const void *b) {
+    const float x = sort_values[*(const int32_t *)a], y = sort_values[*(const int32_t *)b];
+    return x < y ? 1 : (x > y ? -1 : (*(const int32_t *)a > *(const int32_t *)b) - (*(const int32_t *)a < *(const int32_t *)b));
+}
+
+/* The order of z (V,) from the largest down, into order (V,). */
+static void sort_descending(const float *z, int32_t *order, int64_t V) {
+    for (int64_t v = 0; v < V; v++) order[v] = (int32_t)v;
+    sort_values = z;
+    qsort(order, (size_t)V, sizeof *order, by_value_descending);
+}
+
 /* The byte `sample_with_noise` draws from one row of logits (V,) with its Exp(1) noise (V,):
- * argmax_v softmax(logits / T)_v / noise_v, the first on ties; T = 0 (or no noise): argmax. */
-static int64_t draw(const float *logits, const float *noise, float temperature, int64_t V, float *p) {
+ * z = logits / T, top-k and top-p masks (-inf), then argmax_v softmax(z)_v / noise_v, the
+ * first on ties; T = 0 (or no noise): argmax of the logits. z: V floats of scratch, order: V. */
+static int64_t draw(const float *logits, const float *noise, const DrawRule *rule, int64_t V, float *z, int32_t *order) {
     int64_t best = 0;
-    if (temperature == 0.f || !noise) {
+    if (rule->temperature == 0.f || !noise) {
         for (int64_t v = 1; v < V; v++)
             if (logits[v] > logits[best]) best = v;
         return best;
     }
-    float top = -INFINITY, total = 0.f;
-    for (int64_t v = 0; v < V; v++) {
-        p[v] = logits[v] / temperature;
-        top = p[v] > top ? p[v] : top;
+    for (int64_t v = 0; v < V; v++) z[v] = logits[v] / rule->temperature;
+    const int masks = (rule->top_k > 0 && rule->top_k < V) || rule->top_p < 1.f;
+    if (masks) sort_descending(z, order, V);
+    if (rule->top_k > 0 && rule->top_k < V) {
+        const float kth = z[order[rule->top_k - 1]];
+        for (int64_t v = 0; v < V; v++)
+            if (z[v] < kth) z[v] = -INFINITY;
     }
-    for (int64_t v = 0; v < V; v++) total += (p[v] = expf(p[v] - top));
+    if (rule->top_p < 1.f) { /* the mass of the likelier bytes before each, in sorted order */
+        const float top = z[order[0]];
+        float total = 0.f, before = 0.f;
+        for (int64_t r = 0; r < V; r++) total += expf(z[order[r]] - top);
+        for (int64_t r = 0; r < V; r++) {
+            const float p = expf(z[order[r]] - top) / total;
+            if (before >= rule->top_p) z[order[r]] = -INFINITY;
+            before += p;
+        }
+    }
+    float top = -INFINITY, total = 0.f;
+    for (int64_t v = 0; v < V; v++) top = z[v] > top ? z[v] : top;
+    for (int64_t v = 0; v < V; v++) total += (z[v] = expf(z[v] - top)); /* expf(-inf) = 0 */
     float best_score = -INFINITY;
     for (int64_t v = 0; v < V; v++) {
-        const float score = p[v] / total / noise[v];
+        const float score = z[v] / total / noise[v];
         if (score > best_score) best_score = score, best = v;
     }
     return best;
@@ -210,20 +251,22 @@ static int64_t draw(const float *logits, const float *noise, float temperature, 
 int64_t multibyte_decode_run_workspace(const ByteStep *s, const UnitStep *u, int64_t rows) {
     const int64_t steps = u ? max64(multibyte_byte_step_workspace(s, rows), multibyte_unit_step_workspace(u, rows))
                             : multibyte_byte_step_workspace(s, rows);
-    return rows * s->vocab + s->vocab + steps;
+    return rows * s->vocab + 2 * s->vocab + steps; /* logits, z, order (int32) */
 }
 
 /* Up to k steps from position t0: feed `first` (B,) at t0, draw the byte after it from
- * noise[0] (k, B, V) (NULL: greedy) into out[0] (k, B), feed that at t0 + 1, ... A step at a
- * position that starts an outer unit needs the unit step (`u`, two stages only); `inner_period`
- * is the innermost stage's parent unit in bytes. Returns the steps done: fewer than k where the
- * next one cannot run here (no unit step, a cache full, a byte out of range), nothing of it
- * written. */
+ * noise[0] (k, B, V) (NULL: greedy) by `rule` into out[0] (k, B), feed that at t0 + 1, ... With
+ * a stop byte, `stopped` (B,) marks the rows that drew it (they draw it from then on) and the run
+ * ends once every row has. A step at a position that starts an outer unit needs the unit step
+ * (`u`, two stages only); `inner_period` is the innermost stage's parent unit in bytes. Returns
+ * the steps done: fewer than k where every row stopped or the next step cannot run here (no unit
+ * step, a cache full, a byte out of range; nothing of that step written). */
 int64_t multibyte_decode_run(const ByteStep *s, const UnitStep *u, int64_t B, int64_t t0, int64_t inner_period,
-                             const int64_t *first, int64_t k, const float *noise, float temperature, int64_t *out,
-                             float *work) {
+                             const int64_t *first, int64_t k, const float *noise, const DrawRule *rule, uint8_t *stopped,
+                             int64_t *out, float *work) {
     const int64_t V = s->vocab, U = s->unit_slots;
-    float *logits = work, *p = logits + B * V, *rest = p + V;
+    float *logits = work, *z = logits + B * V, *rest = z + 2 * V;
+    int32_t *order = (int32_t *)(z + V);
     const int64_t *feed = first;
     for (int64_t j = 0; j < k; j++) {
         const int64_t t = t0 + j, next = t + 1;
@@ -235,9 +278,18 @@ int64_t multibyte_decode_run(const ByteStep *s, const UnitStep *u, int64_t B, in
         else
             failed = 1;
         if (failed) return j;
-        for (int64_t b = 0; b < B; b++)
-            out[j * B + b] = draw(logits + b * V, noise ? noise + (j * B + b) * V : 0, temperature, V, p);
+        int64_t running = 0;
+        for (int64_t b = 0; b < B; b++) {
+            int64_t byte = draw(logits + b * V, noise ? noise + (j * B + b) * V : 0, rule, V, z, order);
+            if (rule->stop >= 0) {
+                if (stopped[b]) byte = rule->stop;
+                stopped[b] |= byte == rule->stop;
+                running += !stopped[b];
+            }
+            out[j * B + b] = byte;
+        }
         feed = out + j * B;
+        if (rule->stop >= 0 && !running) return j + 1;
     }
     return k;
 }

@@ -74,14 +74,21 @@ class _UnitStep(ctypes.Structure):
     ]
 
 
+class _DrawRule(ctypes.Structure):
+    _fields_ = [("temperature", ctypes.c_float), ("top_k", ctypes.c_int64), ("top_p", ctypes.c_float), ("stop", ctypes.c_int64)]
+
+
 def _library() -> Optional[ctypes.CDLL]:
     library = load("decode_run")
     if library is not None and not hasattr(library, "_multibyte_decode_typed"):
-        byte, unit, i64, f32 = ctypes.POINTER(_ByteStep), ctypes.POINTER(_UnitStep), ctypes.c_int64, ctypes.c_float
+        byte, unit, i64 = ctypes.POINTER(_ByteStep), ctypes.POINTER(_UnitStep), ctypes.c_int64
         signatures = {
             "multibyte_byte_step": ([byte, i64, _pointer, i64, i64, _pointer, _pointer], ctypes.c_int),
             "multibyte_unit_step": ([unit, i64, _pointer, i64, _pointer, _pointer], ctypes.c_int),
-            "multibyte_decode_run": ([byte, unit, i64, i64, i64, _pointer, i64, _pointer, f32, _pointer, _pointer], i64),
+            "multibyte_decode_run": (
+                [byte, unit, i64, i64, i64, _pointer, i64, _pointer, ctypes.POINTER(_DrawRule), _pointer, _pointer, _pointer],
+                i64,
+            ),
             "multibyte_decode_run_workspace": ([byte, unit, i64], i64),
         }
         for name, (arguments, result) in signatures.items():
@@ -251,13 +258,25 @@ class NativeDecode:
         self._advance_caches(level)
         return logits
 
-    def run(self, byte: torch.Tensor, k: int, noise: Optional[torch.Tensor], temperature: float) -> Optional[torch.Tensor]:
+    def run(
+        self,
+        byte: torch.Tensor,
+        k: int,
+        noise: Optional[torch.Tensor],
+        temperature: float,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        stop_byte: Optional[int] = None,
+        stopped: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
         """Feed `byte` (B,), draw the next byte from its logits and noise[0] ((k, B, V) Exp(1),
-        None when greedy), feed that, ... for up to k steps: (n, B) int64, the n >= 1 bytes
-        drawn, with the state moved on by n steps; None (nothing changed) when no step runs
-        here. n < k where the step after cannot run natively (a unit boundary without the unit
-        step, a full cache): the caller takes that one in PyTorch. The draws are
-        `sample_with_noise`'s without top-k or top-p."""
+        None when greedy) as `sample_with_noise(logits, noise[0], temperature, top_k, top_p)`
+        does, feed that, ... for up to k steps: (n, B) int64, the n >= 1 bytes drawn, with the
+        state moved on by n steps; None (nothing changed) when no step runs here. With
+        `stop_byte`, `stopped` ((B,) bool, updated in place) marks the rows that drew it, which
+        draw it from then on, and the run ends once every row has. n < k also where the step
+        after cannot run natively (a unit boundary without the unit step, a full cache): the
+        caller takes that one in PyTorch."""
         state = self._state
         if self._declines(byte) or not state.started or state.host_position is None:
             return None
@@ -266,11 +285,19 @@ class NativeDecode:
             return None
         if noise is not None and (noise.shape != (k, self.batch_size, self.vocab) or not usable(noise)):
             return None
+        if stop_byte is not None and (stopped is None or stopped.dtype != torch.bool or stopped.shape != (self.batch_size,) or not stopped.is_contiguous()):
+            return None
+        rule = _DrawRule(
+            temperature=temperature if noise is not None else 0.0,
+            top_k=top_k or 0,
+            top_p=1.0 if top_p is None else top_p,
+            stop=-1 if stop_byte is None else stop_byte,
+        )
         byte = byte.contiguous()
         out = torch.empty(k, self.batch_size, dtype=torch.long)
         done = self._library.multibyte_decode_run(
             self._byte_ref, self._unit_ref, self.batch_size, state.host_position, self._inner_period, byte.data_ptr(), k,
-            _pointer_of(noise), temperature if noise is not None else 0.0, out.data_ptr(), self._work_ptr,
+            _pointer_of(noise), ctypes.byref(rule), _pointer_of(stopped if stop_byte is not None else None), out.data_ptr(), self._work_ptr,
         )
         for _ in range(done):
             state.host_position += 1
