@@ -305,9 +305,9 @@ class MultibyteTrainer(Trainer):
                 its steps are slower than the native kernels' (benchmarks/sample_speed.py,
                 `batch1_compiled`): for GPUs, or CPUs where the kernels cannot be built.
             native: on a CPU, run the model's steps as native C kernels (multibyte/kernels, built
-                on first use) where they can: fp32 weights, at most 32 rows; without top_k,
-                top_p or stop_byte, whole runs of steps and draws are one call. Several times
-                faster at batch 1 (benchmarks/sample_speed.py); equal to PyTorch up to rounding.
+                on first use) where they can: fp32 weights, at most 32 rows; whole runs of
+                steps and draws are one call. Several times faster at batch 1
+                (benchmarks/sample_speed.py); equal to PyTorch up to rounding.
                 false: every op in PyTorch.
             dtype: weights and caches while sampling; None picks the fastest measured: on a CPU
                 float32 below batch 32 and bfloat16 from there (with native bf16), on a GPU
