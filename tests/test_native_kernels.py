@@ -424,3 +424,20 @@ def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_loaded", {})
     assert kernels.load("attention_step") is not None
     assert path.stat().st_mtime_ns == built  # reused, not rebuilt
+
+
+def test_a_decode_state_with_native_steps_is_freed_without_the_cycle_collector():
+    # Its caches are the largest tensors of sampling: dropping the state must free them at once.
+    import gc
+    import weakref
+
+    model = byte_step_model("megabyte-grid")
+    gc.disable()
+    try:
+        state = allocate_decode_state(model, 2, 24)
+        assert state.native_decode is not None and all(s.native is not None for s in state.stage_states)
+        freed = weakref.ref(state.stage_states[0][0].keys)
+        del state
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -18,6 +18,7 @@ bit (a draw can move only where two bytes' scores meet within that rounding).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -112,7 +113,8 @@ class NativeDecode:
         self._byte_ref = ctypes.byref(byte_step)
         self._unit_ref = None if unit_step is None else ctypes.byref(unit_step)
         self._keep = keep + [byte_step, unit_step]  # what the kernel's pointers point into
-        self._head, self._state = model.head, state
+        self._head = model.head
+        self._state_ref = weakref.ref(state)  # the state holds this object: no reference cycle
         self._patch_sizes = [s.patch_size for s in model.config.stages[:-1]]
         self._unit_slots = int(byte_step.unit_slots)
         self._inner_period = self._patch_sizes[-1]  # the innermost stage's parent unit, in bytes
@@ -229,8 +231,9 @@ class NativeDecode:
     def _advance_caches(self, level: int) -> None:
         """The caches' host bookkeeping (`KVCache.bound`) after a native step at `level`:
         stages inside a new parent unit restart, every stage from `level` on holds one more."""
-        for i in range(level, len(self._state.stage_states)):
-            for cache in self._state.stage_states[i]:
+        stage_states = self._state_ref().stage_states
+        for i in range(level, len(stage_states)):
+            for cache in stage_states[i]:
                 if isinstance(cache, KVCache):
                     if i > level:
                         cache.bound, cache.uniform = 0, True
@@ -277,7 +280,7 @@ class NativeDecode:
         draw it from then on, and the run ends once every row has. n < k also where the step
         after cannot run natively (a unit boundary without the unit step, a full cache): the
         caller takes that one in PyTorch."""
-        state = self._state
+        state = self._state_ref()
         if self._declines(byte) or not state.started or state.host_position is None:
             return None
         k = min(k, state.max_len - state.host_position)
