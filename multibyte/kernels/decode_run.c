@@ -17,8 +17,6 @@
  * argmax logits) and feeds it, k times, so a whole patch costs one call from Python instead of
  * a dozen.
  */
-#include <stdlib.h>
-
 #include "attention_step.h"
 
 typedef struct {
@@ -195,23 +193,28 @@ typedef struct {
     int64_t stop;      /* once a row draws this byte it keeps drawing it; -1: none */
 } DrawRule;
 
-static _Thread_local const float *sort_values; /* what qsort's comparator compares (per thread) */
-
-static int by_value_descending(const void *a, const void *b) {
-    const float x = sort_values[*(const int32_t *)a], y = sort_values[*(const int32_t *)b];
-    return x < y ? 1 : (x > y ? -1 : (*(const int32_t *)a > *(const int32_t *)b) - (*(const int32_t *)a < *(const int32_t *)b));
-}
-
-/* The order of z (V,) from the largest down, into order (V,). */
-static void sort_descending(const float *z, int32_t *order, int64_t V) {
+/* order (V,) := 0..V-1 by z descending, ties by index ascending: a stable bottom-up merge sort
+ * (scratch: V more indices). */
+static void sort_descending(const float *z, int32_t *order, int32_t *scratch, int64_t V) {
+    int32_t *from = order, *to = scratch;
     for (int64_t v = 0; v < V; v++) order[v] = (int32_t)v;
-    sort_values = z;
-    qsort(order, (size_t)V, sizeof *order, by_value_descending);
+    for (int64_t width = 1; width < V; width *= 2) {
+        for (int64_t lo = 0; lo < V; lo += 2 * width) {
+            const int64_t mid = lo + width < V ? lo + width : V, hi = lo + 2 * width < V ? lo + 2 * width : V;
+            int64_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) to[k++] = z[from[j]] > z[from[i]] ? from[j++] : from[i++];
+            while (i < mid) to[k++] = from[i++];
+            while (j < hi) to[k++] = from[j++];
+        }
+        int32_t *swap = from;
+        from = to, to = swap;
+    }
+    if (from != order) memcpy(order, from, (size_t)V * sizeof *order);
 }
 
 /* The byte `sample_with_noise` draws from one row of logits (V,) with its Exp(1) noise (V,):
  * z = logits / T, top-k and top-p masks (-inf), then argmax_v softmax(z)_v / noise_v, the
- * first on ties; T = 0 (or no noise): argmax of the logits. z: V floats of scratch, order: V. */
+ * first on ties; T = 0 (or no noise): argmax of the logits. z: V floats of scratch, order: 2V. */
 static int64_t draw(const float *logits, const float *noise, const DrawRule *rule, int64_t V, float *z, int32_t *order) {
     int64_t best = 0;
     if (rule->temperature == 0.f || !noise) {
@@ -221,7 +224,7 @@ static int64_t draw(const float *logits, const float *noise, const DrawRule *rul
     }
     for (int64_t v = 0; v < V; v++) z[v] = logits[v] / rule->temperature;
     const int masks = (rule->top_k > 0 && rule->top_k < V) || rule->top_p < 1.f;
-    if (masks) sort_descending(z, order, V);
+    if (masks) sort_descending(z, order, order + V, V);
     if (rule->top_k > 0 && rule->top_k < V) {
         const float kth = z[order[rule->top_k - 1]];
         for (int64_t v = 0; v < V; v++)
@@ -251,7 +254,7 @@ static int64_t draw(const float *logits, const float *noise, const DrawRule *rul
 int64_t multibyte_decode_run_workspace(const ByteStep *s, const UnitStep *u, int64_t rows) {
     const int64_t steps = u ? max64(multibyte_byte_step_workspace(s, rows), multibyte_unit_step_workspace(u, rows))
                             : multibyte_byte_step_workspace(s, rows);
-    return rows * s->vocab + 2 * s->vocab + steps; /* logits, z, order (int32) */
+    return rows * s->vocab + 3 * s->vocab + steps; /* logits, z, order and its scratch (int32) */
 }
 
 /* Up to k steps from position t0: feed `first` (B,) at t0, draw the byte after it from
@@ -265,7 +268,7 @@ int64_t multibyte_decode_run(const ByteStep *s, const UnitStep *u, int64_t B, in
                              const int64_t *first, int64_t k, const float *noise, const DrawRule *rule, uint8_t *stopped,
                              int64_t *out, float *work) {
     const int64_t V = s->vocab, U = s->unit_slots;
-    float *logits = work, *z = logits + B * V, *rest = z + 2 * V;
+    float *logits = work, *z = logits + B * V, *rest = z + 3 * V;
     int32_t *order = (int32_t *)(z + V);
     const int64_t *feed = first;
     for (int64_t j = 0; j < k; j++) {
