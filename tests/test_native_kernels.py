@@ -21,6 +21,7 @@ from multibyte.kernels import bind_stack_step
 from multibyte.kernels.attention import NativeAttentionStep
 from multibyte.kernels.decode_run import NativeDecode
 from multibyte.kernels.mamba import NativeMambaStep
+from multibyte.mixers.mamba import MambaState
 from multibyte.model import HierarchicalByteModel, Stack
 from multibyte.sampling import allocate_decode_state, decode_step, exponential_noise, generate, prefill, sample_with_noise
 
@@ -222,6 +223,10 @@ BYTE_STEP_MODELS = {
         StageConfig("attention", 64, 2, 2, patcher="fixed", patch_size=4),
         StageConfig("attention", 32, 2, 2),
     ],
+    # One stage: the vanilla byte transformer (rotary or byte positions) and MambaByte.
+    "vanilla": [StageConfig("attention", 32, 2, 4, position="rotary")],
+    "vanilla-byte-positions": [StageConfig("attention", 32, 2, 4)],
+    "mambabyte": [StageConfig("mamba", 32, 2, d_state=8, d_conv=4, expand=2)],
     "megabyte-3stage-byte-positions": [
         StageConfig("attention", 64, 1, 2, patcher="fixed", patch_size=4),
         StageConfig("attention", 32, 1, 2, patcher="fixed", patch_size=2),
@@ -265,6 +270,10 @@ def assert_same_decode_state(new, ref, where) -> None:
     if ref.lag_ring is not None:
         torch.testing.assert_close(new.lag_ring, ref.lag_ring, rtol=0, atol=1e-4, msg=f"lag ring at {where}")
     for old, cache in zip((c for s in ref.stage_states for c in s), (c for s in new.stage_states for c in s)):
+        if isinstance(old, MambaState):
+            torch.testing.assert_close(cache.conv, old.conv, rtol=0, atol=1e-4)
+            torch.testing.assert_close(cache.ssm, old.ssm, rtol=1e-4, atol=1e-4)
+            continue
         assert torch.equal(old.lengths, cache.lengths) and old.bound == cache.bound and old.uniform == cache.uniform, where
         for rows, length in enumerate(old.lengths.tolist()):
             torch.testing.assert_close(cache.keys[rows, :, :length], old.keys[rows, :, :length], rtol=0, atol=1e-4)
@@ -275,8 +284,8 @@ def assert_same_decode_state(new, ref, where) -> None:
 @pytest.mark.parametrize("name", BYTE_STEP_MODELS)
 def test_a_native_run_draws_and_steps_as_pytorch_does(name, temperature):
     # Steps and draws in native runs against decode_step + sample_with_noise with the same noise
-    # in PyTorch: the same bytes and the same state after. A two-stage model runs all 29 steps in
-    # one call; a three-stage one stops where a middle unit ends and takes that step elsewhere.
+    # in PyTorch: the same bytes and the same state after. A one- or two-stage model runs all 29
+    # steps in one call; a three-stage one stops where a middle unit ends and takes that step elsewhere.
     torch.manual_seed(3)
     model = byte_step_model(name)
     B, steps = 2, 30
@@ -300,7 +309,7 @@ def test_a_native_run_draws_and_steps_as_pytorch_does(name, temperature):
             got.extend(drawn)
             byte, j = drawn[-1], j + len(drawn)
     assert torch.equal(torch.stack(got), torch.stack(expected))
-    assert runs == 1 if len(model.stages) == 2 else runs > 1
+    assert runs == 1 if len(model.stages) <= 2 else runs > 1
     assert_same_decode_state(states[True], states[False], "the end")
 
 

@@ -12,9 +12,10 @@ callers run their PyTorch reference. Tests hold every kernel to its reference
                        bound by `multibyte.kernels.attention.NativeAttentionStep`
     mamba_step.c       the same for a Mamba stack (MambaByte), `multibyte.kernels.mamba.NativeMambaStep`
     decode_run.c       whole decoding steps of a model with fixed units and runs of them with the
-                       draws (built with attention_step.c), `multibyte.kernels.decode_run.NativeDecode`
-    vector_ops.h       what all use: RMSNorm and the row-blocked matrix-vector products
-    attention_step.h   the attention stack's structures, shared by attention_step and decode_run
+                       draws (built with both stack steps), `multibyte.kernels.decode_run.NativeDecode`
+    vector_ops.h       what all use: RMSNorm, the row-blocked matrix-vector products, exp
+    attention_step.h,  the stacks' structures and entry points, shared with decode_run
+    mamba_step.h
 
 `bind_stack_step` picks the one for a stack; `multibyte.model.StackStates.native` holds it.
 """
@@ -39,7 +40,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"
 SOURCES = Path(__file__).resolve().parent
 
 # The C files of each library (default: the library's name + .c).
-LIBRARY_SOURCES = {"decode_run": ("decode_run.c", "attention_step.c")}
+LIBRARY_SOURCES = {"decode_run": ("decode_run.c", "attention_step.c", "mamba_step.c")}
 
 _loaded: dict[str, Optional[ctypes.CDLL]] = {}
 _lock = threading.Lock()

@@ -12,12 +12,15 @@
  *     the byte, pool the patch (its bytes' vectors side by side), add the lagged patches'
  *     projection and the patch's position, run the outer stack, project its output into the
  *     local model's P contexts, restart the local model from its pad + context 0, the head.
+ * A one-stage model (the vanilla byte transformer, MambaByte) has one step: embedding (+ byte
+ * position), its attention or Mamba stack, the head.
  * A run feeds one byte, draws the next from the logits with the caller's Exp(1) noise (the
  * exponential race: argmax softmax(logits / T) / noise after the top-k and top-p masks; T = 0:
  * argmax logits) and feeds it, k times, so a whole patch costs one call from Python instead of
  * a dozen.
  */
 #include "attention_step.h"
+#include "mamba_step.h"
 
 typedef struct {
     const AttentionStack *stack; /* the innermost stage's stack */
@@ -251,6 +254,23 @@ static int64_t draw(const float *logits, const float *noise, const DrawRule *rul
     return best;
 }
 
+/* Draw every row's next byte from its logits (B, V) and noise (B, V) (NULL: greedy) into out
+ * (B,), with the stop rule; returns how many rows still run (B without a stop byte). */
+static int64_t draw_rows(const float *logits, const float *noise, const DrawRule *rule, uint8_t *stopped, int64_t *out,
+                         int64_t B, int64_t V, float *z, int32_t *order) {
+    int64_t running = B;
+    for (int64_t b = 0; b < B; b++) {
+        int64_t byte = draw(logits + b * V, noise ? noise + b * V : 0, rule, V, z, order);
+        if (rule->stop >= 0) {
+            if (stopped[b]) byte = rule->stop;
+            stopped[b] |= byte == rule->stop;
+            running -= stopped[b];
+        }
+        out[b] = byte;
+    }
+    return running;
+}
+
 int64_t multibyte_decode_run_workspace(const ByteStep *s, const UnitStep *u, int64_t rows) {
     const int64_t steps = u ? max64(multibyte_byte_step_workspace(s, rows), multibyte_unit_step_workspace(u, rows))
                             : multibyte_byte_step_workspace(s, rows);
@@ -281,18 +301,69 @@ int64_t multibyte_decode_run(const ByteStep *s, const UnitStep *u, int64_t B, in
         else
             failed = 1;
         if (failed) return j;
-        int64_t running = 0;
-        for (int64_t b = 0; b < B; b++) {
-            int64_t byte = draw(logits + b * V, noise ? noise + (j * B + b) * V : 0, rule, V, z, order);
-            if (rule->stop >= 0) {
-                if (stopped[b]) byte = rule->stop;
-                stopped[b] |= byte == rule->stop;
-                running += !stopped[b];
-            }
-            out[j * B + b] = byte;
-        }
         feed = out + j * B;
-        if (rule->stop >= 0 && !running) return j + 1;
+        if (!draw_rows(logits, noise ? noise + j * B * V : 0, rule, stopped, out + j * B, B, V, z, order)) return j + 1;
+    }
+    return k;
+}
+
+/* A one-stage model (the vanilla byte transformer, MambaByte): its byte embedding (+ the byte
+ * position's vector), one stack, the head: the twin of `_decode_byte_in_step` with N = 1. */
+typedef struct {
+    const void *stack;           /* an AttentionStack, or a MambaStack when `mamba` */
+    int64_t mamba;
+    const float *embedding;      /* (V_in, D) */
+    const float *position_table; /* (position_rows, D) byte positions, or NULL */
+    int64_t position_rows;
+    const float *head;           /* (V, D) */
+    int64_t vocab_in, vocab, d_model;
+    int64_t *coords;             /* (B, 1): bytes so far, as the unit index of the one stage */
+    int64_t *positions;          /* (B,) */
+} SingleStage;
+
+int64_t multibyte_single_workspace(const SingleStage *s, int64_t rows) {
+    const int64_t stack = s->mamba ? multibyte_mamba_workspace(s->stack, rows) : multibyte_attention_workspace(s->stack, rows);
+    return rows * s->vocab + 3 * s->vocab + 2 * rows * s->d_model + stack;
+}
+
+/* Consume bytes (B,): the (B, V) logits of the next. Returns 0, or 1 (nothing written) when a
+ * byte is out of range or an attention cache is full. */
+int multibyte_single_step(const SingleStage *s, int64_t B, const int64_t *bytes, float *logits, float *work) {
+    const int64_t D = s->d_model;
+    float *x = work, *y = x + B * D, *rest = y + B * D;
+    for (int64_t b = 0; b < B; b++)
+        if (bytes[b] < 0 || bytes[b] >= s->vocab_in) return 1;
+    if (!s->mamba && multibyte_attention_full(s->stack, B)) return 1;
+    for (int64_t b = 0; b < B; b++) {
+        const float *e = s->embedding + bytes[b] * D;
+        if (s->position_table) {
+            const int64_t row = s->positions[b] < s->position_rows - 1 ? s->positions[b] : s->position_rows - 1;
+            const float *p = s->position_table + row * D;
+            for (int64_t i = 0; i < D; i++) x[b * D + i] = e[i] + p[i];
+        } else {
+            for (int64_t i = 0; i < D; i++) x[b * D + i] = e[i];
+        }
+    }
+    if (s->mamba)
+        multibyte_mamba_step(s->stack, B, x, y, rest);
+    else
+        multibyte_attention_step(s->stack, B, x, y, rest);
+    for (int64_t b = 0; b < B; b++) s->coords[b] += 1, s->positions[b] += 1;
+    linear(s->head, y, logits, B, s->vocab, D);
+    return 0;
+}
+
+/* `multibyte_decode_run` for a one-stage model. */
+int64_t multibyte_single_run(const SingleStage *s, int64_t B, const int64_t *first, int64_t k, const float *noise,
+                             const DrawRule *rule, uint8_t *stopped, int64_t *out, float *work) {
+    const int64_t V = s->vocab;
+    float *logits = work, *z = logits + B * V, *rest = z + 3 * V;
+    int32_t *order = (int32_t *)(z + V);
+    const int64_t *feed = first;
+    for (int64_t j = 0; j < k; j++) {
+        if (multibyte_single_step(s, B, feed, logits, rest)) return j;
+        feed = out + j * B;
+        if (!draw_rows(logits, noise ? noise + j * B * V : 0, rule, stopped, out + j * B, B, V, z, order)) return j + 1;
     }
     return k;
 }

@@ -9,7 +9,9 @@ from logits and Exp(1) noise). Two steps are native:
     positions, which only the outermost pooling reads, are recorded; not hashed n-grams);
   - the unit step, for the last byte of a patch of a two-stage (MEGABYTE-shaped) model whose
     global stage is attention over concatenated byte vectors (lags and learned or grid patch
-    positions included).
+    positions included);
+  - the one step of a one-stage model (the vanilla byte transformer, MambaByte): embedding
+    (+ byte position), its attention or Mamba stack, the head.
 A run (`NativeDecode.run`) is up to k steps and draws in one call: a whole patch, or many, for
 one call from Python. Like the stack steps it agrees with the reference to rounding, not bit for
 bit (a draw can move only where two bytes' scores meet within that rounding).
@@ -25,6 +27,7 @@ import torch
 
 from multibyte.kernels import load, usable
 from multibyte.kernels.attention import NativeAttentionStep, _Stack
+from multibyte.kernels.mamba import NativeMambaStep
 from multibyte.mixers.attention import KVCache
 
 _pointer = ctypes.c_void_p
@@ -75,6 +78,22 @@ class _UnitStep(ctypes.Structure):
     ]
 
 
+class _SingleStage(ctypes.Structure):
+    _fields_ = [
+        ("stack", _pointer),
+        ("mamba", ctypes.c_int64),
+        ("embedding", _pointer),
+        ("position_table", _pointer),
+        ("position_rows", ctypes.c_int64),
+        ("head", _pointer),
+        ("vocab_in", ctypes.c_int64),
+        ("vocab", ctypes.c_int64),
+        ("d_model", ctypes.c_int64),
+        ("coords", _pointer),
+        ("positions", _pointer),
+    ]
+
+
 class _DrawRule(ctypes.Structure):
     _fields_ = [("temperature", ctypes.c_float), ("top_k", ctypes.c_int64), ("top_p", ctypes.c_float), ("stop", ctypes.c_int64)]
 
@@ -82,15 +101,16 @@ class _DrawRule(ctypes.Structure):
 def _library() -> Optional[ctypes.CDLL]:
     library = load("decode_run")
     if library is not None and not hasattr(library, "_multibyte_decode_typed"):
-        byte, unit, i64 = ctypes.POINTER(_ByteStep), ctypes.POINTER(_UnitStep), ctypes.c_int64
+        byte, unit, single, i64 = ctypes.POINTER(_ByteStep), ctypes.POINTER(_UnitStep), ctypes.POINTER(_SingleStage), ctypes.c_int64
+        rule = ctypes.POINTER(_DrawRule)
         signatures = {
             "multibyte_byte_step": ([byte, i64, _pointer, i64, i64, _pointer, _pointer], ctypes.c_int),
             "multibyte_unit_step": ([unit, i64, _pointer, i64, _pointer, _pointer], ctypes.c_int),
-            "multibyte_decode_run": (
-                [byte, unit, i64, i64, i64, _pointer, i64, _pointer, ctypes.POINTER(_DrawRule), _pointer, _pointer, _pointer],
-                i64,
-            ),
+            "multibyte_decode_run": ([byte, unit, i64, i64, i64, _pointer, i64, _pointer, rule, _pointer, _pointer, _pointer], i64),
             "multibyte_decode_run_workspace": ([byte, unit, i64], i64),
+            "multibyte_single_step": ([single, i64, _pointer, _pointer, _pointer], ctypes.c_int),
+            "multibyte_single_run": ([single, i64, _pointer, i64, _pointer, rule, _pointer, _pointer, _pointer], i64),
+            "multibyte_single_workspace": ([single, i64], i64),
         }
         for name, (arguments, result) in signatures.items():
             function = getattr(library, name)
@@ -108,32 +128,42 @@ class NativeDecode:
     (`step`) and for sampling (`run`). Pointers into the weights and the state are taken at
     binding, as for the stack steps (`multibyte.kernels.NativeStackStep`)."""
 
-    def __init__(self, library: ctypes.CDLL, byte_step: _ByteStep, unit_step: Optional[_UnitStep], keep: list, model: Any, state: Any) -> None:
+    def __init__(self, library: ctypes.CDLL, step: ctypes.Structure, unit_step: Optional[_UnitStep], keep: list, model: Any, state: Any) -> None:
+        """`step`: a _ByteStep (two stages or more, with the `unit_step` of two) or a _SingleStage."""
         self._library = library
-        self._byte_ref = ctypes.byref(byte_step)
+        self._single = isinstance(step, _SingleStage)
+        self._byte_ref = None if self._single else ctypes.byref(step)
+        self._single_ref = ctypes.byref(step) if self._single else None
         self._unit_ref = None if unit_step is None else ctypes.byref(unit_step)
-        self._keep = keep + [byte_step, unit_step]  # what the kernel's pointers point into
+        self._keep = keep + [step, unit_step]  # what the kernel's pointers point into
         self._head = model.head
         self._state_ref = weakref.ref(state)  # the state holds this object: no reference cycle
         self._patch_sizes = [s.patch_size for s in model.config.stages[:-1]]
-        self._unit_slots = int(byte_step.unit_slots)
-        self._inner_period = self._patch_sizes[-1]  # the innermost stage's parent unit, in bytes
-        self.batch_size, self.vocab = state.batch_size, int(byte_step.vocab)
+        self._unit_slots = 1 if self._single else int(step.unit_slots)
+        self._inner_period = self._patch_sizes[-1] if self._patch_sizes else 1  # the innermost stage's parent unit, in bytes
+        self.batch_size, self.vocab = state.batch_size, int(step.vocab)
         self.has_unit_step = unit_step is not None
-        self._work = torch.empty(int(library.multibyte_decode_run_workspace(self._byte_ref, self._unit_ref, self.batch_size)))
+        if self._single:
+            work = library.multibyte_single_workspace(self._single_ref, self.batch_size)
+        else:
+            work = library.multibyte_decode_run_workspace(self._byte_ref, self._unit_ref, self.batch_size)
+        self._work = torch.empty(int(work))
         self._work_ptr = self._work.data_ptr()
 
     @classmethod
     def bind(cls, model: torch.nn.Module, state: Any) -> Optional["NativeDecode"]:
-        """For `model` (a `HierarchicalByteModel` with fixed units and at least two stages) and
-        its `state` (a `DecodeState` whose innermost stack has a bound `NativeAttentionStep`), or
+        """For `model` (a `HierarchicalByteModel` with fixed units) and its `state` (a
+        `DecodeState` whose innermost stack has a bound `NativeAttentionStep`, or with one stage
+        a native attention or Mamba step), or
         None where the byte step cannot run: something besides the byte embedding and the
         context enters the innermost input, hashed n-gram embeddings, a head with a bias,
         weights not fp32."""
         config = model.config
         N = config.num_stages
-        if N < 2 or not config.is_fixed or state.static:
+        if not config.is_fixed or state.static:
             return None
+        if N == 1:
+            return cls._bind_single(model, state)
         inner_step = state.stage_states[-1].native
         if not isinstance(inner_step, NativeAttentionStep):
             return None
@@ -177,6 +207,41 @@ class NativeDecode:
         keep = tensors + counters + [state.unit_present, inner_step, positions, state.unit_extra]
         unit_step = cls._bind_unit_step(model, state, byte_step, keep) if N == 2 else None
         return cls(library, byte_step, unit_step, keep, model, state)
+
+    @classmethod
+    def _bind_single(cls, model: Any, state: Any) -> Optional["NativeDecode"]:
+        """A one-stage model (the vanilla byte transformer, MambaByte) whose stack has a native
+        step, fed its byte embedding (+ byte positions), its head bias-free fp32; else None."""
+        stage, head = model.stages[0], model.head
+        stack_step = state.stage_states[0].native
+        if not isinstance(stack_step, (NativeAttentionStep, NativeMambaStep)):
+            return None
+        if stage.pool is not None or stage.adds_position or state.history is not None or head.bias is not None:
+            return None
+        positions = model.position_embedding.weight if model.position_embedding is not None else None
+        tensors = [stage.byte_embedding.weight, head.weight]
+        counters = [state.coords, state.positions]
+        if not all(usable(t) for t in tensors) or not (positions is None or usable(positions)):
+            return None
+        if not all(t.dtype == torch.int64 and t.is_contiguous() and t.device.type == "cpu" for t in counters):
+            return None
+        library = _library()
+        if library is None:
+            return None
+        single = _SingleStage(
+            stack=ctypes.cast(ctypes.pointer(stack_step.struct), _pointer),
+            mamba=int(isinstance(stack_step, NativeMambaStep)),
+            embedding=tensors[0].data_ptr(),
+            position_table=_pointer_of(positions),
+            position_rows=0 if positions is None else positions.shape[0],
+            head=tensors[1].data_ptr(),
+            vocab_in=stage.byte_embedding.num_embeddings,
+            vocab=head.out_features,
+            d_model=stage.config.d_model,
+            coords=state.coords.data_ptr(),
+            positions=state.positions.data_ptr(),
+        )
+        return cls(library, single, None, tensors + counters + [positions, stack_step], model, state)
 
     @staticmethod
     def _bind_unit_step(model: Any, state: Any, byte_step: _ByteStep, keep: list) -> Optional[_UnitStep]:
@@ -248,7 +313,9 @@ class NativeDecode:
         byte = byte.contiguous()
         logits = torch.empty(self.batch_size, self.vocab)
         last = len(self._patch_sizes)
-        if level == last:
+        if self._single:
+            failed = self._library.multibyte_single_step(self._single_ref, self.batch_size, byte.data_ptr(), logits.data_ptr(), self._work_ptr)
+        elif level == last:
             failed = self._library.multibyte_byte_step(
                 self._byte_ref, self.batch_size, byte.data_ptr(), t % self._unit_slots, (t + 1) % self._inner_period, logits.data_ptr(), self._work_ptr
             )
@@ -298,10 +365,13 @@ class NativeDecode:
         )
         byte = byte.contiguous()
         out = torch.empty(k, self.batch_size, dtype=torch.long)
-        done = self._library.multibyte_decode_run(
-            self._byte_ref, self._unit_ref, self.batch_size, state.host_position, self._inner_period, byte.data_ptr(), k,
-            _pointer_of(noise), ctypes.byref(rule), _pointer_of(stopped if stop_byte is not None else None), out.data_ptr(), self._work_ptr,
-        )
+        draws = (_pointer_of(noise), ctypes.byref(rule), _pointer_of(stopped if stop_byte is not None else None), out.data_ptr(), self._work_ptr)
+        if self._single:
+            done = self._library.multibyte_single_run(self._single_ref, self.batch_size, byte.data_ptr(), k, *draws)
+        else:
+            done = self._library.multibyte_decode_run(
+                self._byte_ref, self._unit_ref, self.batch_size, state.host_position, self._inner_period, byte.data_ptr(), k, *draws
+            )
         for _ in range(done):
             state.host_position += 1
             self._advance_caches(self._level(state.host_position))

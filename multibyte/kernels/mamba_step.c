@@ -12,43 +12,18 @@
  * then y = rms_norm(x) * w_final. A batch-1 step reads every weight once, so on a CPU it is bound
  * by memory traffic; this makes it one pass over them instead of ~20 PyTorch ops a block.
  */
-#include "vector_ops.h"
-
-typedef struct {
-    const float *norm;        /* (D,) RMSNorm gain before the mixer */
-    const float *in_proj;     /* (2E, D) */
-    const float *conv_weight; /* (E, K) */
-    const float *conv_bias;   /* (E,) */
-    const float *x_proj;      /* (R + 2N, E) */
-    const float *dt_weight;   /* (E, R) */
-    const float *dt_bias;     /* (E,) */
-    const float *A_log;       /* (E, N) */
-    const float *D;           /* (E,) */
-    const float *out_proj;    /* (D, E) */
-    float *conv_state;        /* (B, K - 1, E) */
-    float *ssm_state;         /* (B, E, N) */
-} MambaBlock;
-
-typedef struct {
-    int64_t d_model, d_inner, d_state, d_conv, dt_rank, n_blocks;
-    float eps;
-    const float *final_norm; /* (D,) */
-    const MambaBlock *blocks;
-} MambaStack;
+#include "mamba_step.h"
 
 static float silu(float v) { return v / (1.f + expf(-v)); }
 
 /* torch.nn.functional.softplus with beta 1 and threshold 20. */
 static float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 
-/* Workspace floats `multibyte_mamba_step` needs for `rows` rows of a stack. */
 int64_t multibyte_mamba_workspace(const MambaStack *s, int64_t rows) {
     const int64_t D = s->d_model, E = s->d_inner;
     return rows * (2 * D + 4 * E + s->dt_rank + 2 * s->d_state);
 }
 
-/* x (B, D) in, y (B, D) out (may not alias x); work: multibyte_mamba_workspace(s, B) floats.
- * Updates every block's convolution and state space states; returns 0. */
 int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *y, float *work) {
     const int64_t D = s->d_model, E = s->d_inner, N = s->d_state, K = s->d_conv, R = s->dt_rank, P = R + 2 * N;
     /* per row: normed input (D), x_in and z (2E), the convolution's output (E), the mixer's
