@@ -3,7 +3,7 @@
  * `multibyte.model.HierarchicalByteModel._decode_byte_in_step` followed by
  * `multibyte.sampling.sample_with_noise` (see `multibyte.kernels.decode_run.NativeDecode`).
  *
- * Two steps, chosen by the byte's position t (the next byte is t + 1):
+ * With two stages or more, the step is chosen by the byte's position t (the next byte is t + 1):
  *   - the byte step, when t + 1 starts no unit of an outer stage (11 of 12 bytes with P = 12):
  *     record the byte (and its position's vector, when the model has byte positions), move the
  *     counters on, run the innermost stack on
