@@ -450,3 +450,12 @@ def test_a_decode_state_with_native_steps_is_freed_without_the_cycle_collector()
         assert freed() is None
     finally:
         gc.enable()
+
+
+def test_generate_reports_every_byte_once_in_order_through_native_runs():
+    # Runs draw up to 64 bytes per call; the progress callback still sees 1, 2, ..., n.
+    model = byte_step_model("megabyte-grid")
+    seen: list = []
+    with_progress = generate(model, torch.zeros(2, 0, dtype=torch.long), 150, seed=4, on_byte=seen.append)
+    assert seen == list(range(1, 151))
+    assert torch.equal(with_progress, generate(model, torch.zeros(2, 0, dtype=torch.long), 150, seed=4))
