@@ -119,6 +119,11 @@ def _library() -> Optional[ctypes.CDLL]:
     return library
 
 
+def _host_counter(t: torch.Tensor) -> bool:
+    """A state counter the kernels may update in place: contiguous int64 on the CPU."""
+    return t.dtype == torch.int64 and t.is_contiguous() and t.device.type == "cpu"
+
+
 def _pointer_of(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -177,7 +182,7 @@ class NativeDecode:
         counters = [state.unit_tokens, state.coords, state.unit_lengths, state.positions]
         if head.bias is not None or not all(usable(t) for t in tensors):
             return None
-        if not all(t.dtype == torch.int64 and t.is_contiguous() and t.device.type == "cpu" for t in counters):
+        if not all(_host_counter(t) for t in counters):
             return None
         if state.unit_present.dtype != torch.bool or not state.unit_present.is_contiguous() or state.unit_lengths.shape[1] != N - 1:
             return None
@@ -223,7 +228,7 @@ class NativeDecode:
         counters = [state.coords, state.positions]
         if not all(usable(t) for t in tensors) or not (positions is None or usable(positions)):
             return None
-        if not all(t.dtype == torch.int64 and t.is_contiguous() and t.device.type == "cpu" for t in counters):
+        if not all(_host_counter(t) for t in counters):
             return None
         library = _library()
         if library is None:
