@@ -60,10 +60,12 @@ from multibyte.entropy_training import adopt_checkpoint_entropy_models, prepare_
 from multibyte.fault_tolerance import DivergenceGuard, PreemptionCheckpoint, TrainingDiverged
 from multibyte.trainer import EXTRA_SUBCOMMANDS, MultibyteTrainer
 from multibyte.data_spec import DataSpec, data_spec_of
-from multibyte.training import ByteLM, describe_conflicts, hparam_conflicts
+from multibyte.training import ByteLM, cpu_has_native_bf16, describe_conflicts, hparam_conflicts
 
 # Subcommands that work without --data (compress / decompress take the window from the model).
 DATA_OPTIONAL = ("export", "compress", "decompress")
+# Subcommands that run Lightning's loops, where trainer.precision sets the training arithmetic.
+LOOP_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # ckpt_path values Lightning resolves itself (its reader, made safe by MultibyteTrainer, reads them).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
@@ -199,6 +201,15 @@ class MultibyteCLI(LightningCLI):
         export_dir = config.get("export_dir") if self.subcommand == "fit" else None
         if export_dir:  # refused now, not after the training
             _writable_export(Path(export_dir))
+        if self.subcommand in LOOP_SUBCOMMANDS and config.get("cpu_bf16_fallback", True):
+            replacement = cpu_precision_fallback(config["trainer"], cpu_has_native_bf16())
+            if replacement is not None:
+                lightning.pytorch.utilities.rank_zero_info(
+                    f"multibyte: trainer.precision {config['trainer']['precision']} -> {replacement}: this CPU has no "
+                    "native bf16 (AVX512-BF16 or AMX), where bf16 matmuls run several times slower than fp32 "
+                    "(--cpu_bf16_fallback false keeps it)"
+                )
+                config["trainer"]["precision"] = replacement
         prepare_entropy_models(config, self.subcommand)  # BLT: train what the config names, first
 
     def instantiate_classes(self) -> None:
@@ -224,6 +235,14 @@ class MultibyteCLI(LightningCLI):
             default=True,
             help="After fit, score the test split with the best checkpoint and print its bits per byte.",
         )
+        parser.add_argument(
+            "--cpu_bf16_fallback",
+            type=bool,
+            default=True,
+            help="On a CPU without native bf16 (AVX512-BF16 or AMX), run fit/validate/test/predict of a "
+            "bf16-mixed trainer in 32-true: there bf16 matmuls are emulated, several times slower than fp32. "
+            "false keeps bf16-mixed.",
+        )
         # The typed data contract: the model receives the datamodule's DataSpec when both are
         # built, and refuses a window length, vocabulary or patch size that does not fit it.
         parser.link_arguments("data", "model.data_spec", compute_fn=_spec_or_none, apply_on="instantiate")
@@ -245,6 +264,22 @@ class MultibyteCLI(LightningCLI):
             bpb = results[0]["test/bpb"]
             unit = data_spec_of(self.datamodule).unit
             print(f"test {unit}: {bpb:.4f}")
+
+
+def cpu_precision_fallback(trainer: dict, native_bf16: bool) -> Optional[str]:
+    """The precision to train in instead of the trainer config's, or None to keep it: "32-true" for
+    bf16 autocast ("bf16-mixed", "bf16") on a CPU without native bf16. The CPU presets ask for
+    bf16-mixed because it is the fast setting where the CPU has bf16 arithmetic; elsewhere fp32 is
+    the fast one, and the model's loss is fp32 either way. "bf16-true" (bf16 weights, for memory)
+    is kept. The trainer is on the CPU when its accelerator is "cpu", or "auto" with no GPU."""
+    if native_bf16 or str(trainer.get("precision")) not in ("bf16-mixed", "bf16"):
+        return None
+    accelerator = trainer.get("accelerator", "auto")
+    if accelerator == "auto":
+        on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    else:
+        on_cpu = accelerator == "cpu"
+    return "32-true" if on_cpu else None
 
 
 def _spec_or_none(datamodule) -> "DataSpec | None":

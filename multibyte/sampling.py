@@ -299,8 +299,9 @@ def fastest_decode_dtype(device: torch.device, batch_size: int, gpu_bf16: bool =
     has native bf16 and fp32 otherwise (small matrix-vector products gain nothing from bf16);
     on a GPU, bf16 unless `gpu_bf16` is False."""
     if device.type == "cpu":
-        native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native_bf16 and batch_size >= CPU_BF16_MIN_BATCH else torch.float32
+        from multibyte.training import cpu_has_native_bf16
+
+        return torch.bfloat16 if cpu_has_native_bf16() and batch_size >= CPU_BF16_MIN_BATCH else torch.float32
     return torch.bfloat16 if gpu_bf16 else torch.float32
 
 

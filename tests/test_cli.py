@@ -233,3 +233,46 @@ def test_a_bad_value_in_a_real_process(tiny_run, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "multibyte: --model.min_lr_ratio must lie in [0, 1], got -1.0"
+
+
+@pytest.mark.parametrize(
+    "trainer, native, expected",
+    [
+        ({"precision": "bf16-mixed", "accelerator": "cpu"}, False, "32-true"),
+        ({"precision": "bf16", "accelerator": "cpu"}, False, "32-true"),
+        ({"precision": "bf16-mixed", "accelerator": "cpu"}, True, None),  # the fast setting there
+        ({"precision": "bf16-true", "accelerator": "cpu"}, False, None),  # asked for bf16 weights
+        ({"precision": "32-true", "accelerator": "cpu"}, False, None),
+        ({"precision": "bf16-mixed", "accelerator": "gpu"}, False, None),
+        ({"precision": "bf16-mixed", "accelerator": "cuda"}, False, None),
+    ],
+)
+def test_cpu_precision_fallback(trainer, native, expected):
+    from multibyte.cli import cpu_precision_fallback
+
+    assert cpu_precision_fallback(trainer, native) == expected
+
+
+def test_cpu_precision_fallback_on_auto_follows_the_devices(monkeypatch):
+    from multibyte.cli import cpu_precision_fallback
+
+    trainer = {"precision": "bf16-mixed", "accelerator": "auto"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert cpu_precision_fallback(trainer, False) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_precision_fallback(trainer, False) is None
+
+
+@pytest.mark.parametrize("native, flag, expected", [(False, [], "32-true"), (True, [], "bf16-mixed"),
+                                                    (False, ["--cpu_bf16_fallback", "false"], "bf16-mixed")])
+def test_cli_trains_bf16_mixed_only_where_the_cpu_has_bf16(tiny_run, monkeypatch, caplog, native, flag, expected):
+    # The CPU presets ask for bf16-mixed; on an AVX2-only CPU that would be the slow setting.
+    monkeypatch.setattr("multibyte.cli.cpu_has_native_bf16", lambda: native)
+    args = ["validate", *tiny_flags(tiny_run), "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed",
+            "--trainer.limit_val_batches", "1", *flag]
+    with caplog.at_level("INFO"):
+        cli = make_cli(args)
+    assert cli.trainer.precision == expected
+    said = "trainer.precision bf16-mixed -> 32-true" in caplog.text
+    assert said == (expected == "32-true")

@@ -196,9 +196,10 @@ def test_stop_byte_ends_each_row_and_generation(models):
 
 def test_decode_dtype_follows_the_measured_crossover():
     from multibyte.sampling import CPU_BF16_MIN_BATCH, fastest_decode_dtype
+    from multibyte.training import cpu_has_native_bf16
 
     cpu = torch.device("cpu")
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native = cpu_has_native_bf16()
     assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH - 1) == torch.float32
     assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH) == (torch.bfloat16 if native else torch.float32)
     assert fastest_decode_dtype(torch.device("cuda"), 1) == torch.bfloat16
