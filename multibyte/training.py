@@ -38,7 +38,7 @@ from multibyte.checkpoints import (
     plain,
 )
 from multibyte.data_spec import DataSpec, check_model_fits_data, data_spec_of
-from multibyte.config import VOCAB_SIZE, ModelConfig
+from multibyte.config import ModelConfig
 from multibyte.model import HierarchicalByteModel
 
 LN2 = math.log(2.0)
