@@ -36,7 +36,7 @@ coded under the model's distribution mixed with a second predictor's: an adaptiv
 fed only what the decoder has restored too (the groups already coded, the lane's window so far).
 
 Container (little-endian, HEADER_SIZE = 86 bytes, ADAPT_HEADER_SIZE = 167 with adaptation, the
-mixing block's 17 (n-gram) or 48 (LPC) more with mixing, then the payload), format version 5:
+mixing block's 17 (n-gram) or 48 (LPC) more with mixing, then the payload), format version 6:
 
     magic          4s   b"MBAC"
     version        B    FORMAT_VERSION
@@ -70,9 +70,12 @@ mixing block's 17 (n-gram) or 48 (LPC) more with mixing, then the payload), form
   the LPC block (48 bytes, mixing = 2): LpcConfig's fields in order, "<IIIIdddd"
     header_crc     I    CRC32 of the header bytes before it
 
-A file coded with adaptation is decoded only under the same device type, thread count and PyTorch
-version (without adaptation a difference there rarely matters, and the data checksum catches it
-when it does). Version 4 files (the same layout; the mixing byte is 0 or 1), version 3 files (no mixing byte: 85 bytes, 166 with the adapt block), version 2 files (the fields
+Since version 6 the model's decoding steps run on one intra-op thread (CODING_THREADS) on a CPU,
+whatever the caller's thread count: CPU kernels such as scaled_dot_product_attention split their
+sums by the thread count, so a file coded under 8 threads could not be decoded under 4. A
+file coded with adaptation is decoded only under the same device type, thread count (its updates
+run on the caller's threads) and PyTorch version. Version 5 files (the same layout, coded and
+decoded under the caller's threads), version 4 files (the same layout; the mixing byte is 0 or 1), version 3 files (no mixing byte: 85 bytes, 166 with the adapt block), version 2 files (the fields
 up to tokenizer_hash, then header_crc; 84 bytes) and version 1 files (byte models only: the
 fields up to payload_crc, then header_crc; 56 bytes) are still read. Decompression checks, in order, magic, version, header checksum, the announced
 length (at most MAX_LENGTH, and no more symbols than the payload can encode: see
@@ -113,14 +116,18 @@ from multibyte.model import HierarchicalByteModel
 from multibyte.mixing import MIXINGS, MixingConfig, by_code, byte_mixer, kind, pack_block, unpack_block
 from multibyte.mixing import check as check_mixing
 from multibyte.progress import progress_bar
-from multibyte.sampling import DecodeState, allocate_decode_state, decode_step, prefill, reset_decode_state
+from multibyte.sampling import DecodeState, allocate_decode_state, decode_step, decoding_threads, prefill, reset_decode_state
 
 if TYPE_CHECKING:
     from multibyte.bpe import BPETokenizer
 
 MAGIC = b"MBAC"
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+# Intra-op threads of the decoding steps of a version 6 file on a CPU: one, so the probabilities do
+# not depend on the thread count (per-byte steps gain little from a second thread anyway:
+# sampling.CPU_DECODE_THREADS).
+CODING_THREADS = 1
 PRECISIONS = ("32-true", "bf16-mixed")  # index = the header's precision code
 DEFAULT_LANES = 32  # windows coded side by side without adaptation: more lanes, fewer steps per byte
 # With adaptation the lanes are also the windows coded between two updates (and bench's batch is
@@ -130,13 +137,13 @@ DEFAULT_ADAPT_WINDOWS = 8
 _HEADER_V1 = struct.Struct("<4sBBHIQQ16sII")  # version 1: everything up to header_crc
 _HEADER_V2 = struct.Struct("<4sBBHIQQ16sIIQI16s")  # version 2: everything up to header_crc
 _HEADER_V3 = struct.Struct("<" + _HEADER_V2.format[1:] + "B")  # version 3: version 2's fields and the adapt flag
-_HEADER = struct.Struct("<" + _HEADER_V3.format[1:] + "B")  # versions 4 and 5: version 3's fields and the mixing byte
+_HEADER = struct.Struct("<" + _HEADER_V3.format[1:] + "B")  # versions 4 to 6: version 3's fields and the mixing byte
 _ADAPT_BLOCK = struct.Struct("<BBBHHdddd8sH32s")  # with adapt = 1: the options and the environment
 _HEADER_CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 86: the header of a file coded without adaptation
 ADAPT_HEADER_SIZE = HEADER_SIZE + _ADAPT_BLOCK.size  # 167: with adaptation
-_LAYOUTS = {1: _HEADER_V1, 2: _HEADER_V2, 3: _HEADER_V3, 4: _HEADER, 5: _HEADER}
-_MIXING_CODES = {4: (0, 1), 5: (0, *(mixing.code for mixing in MIXINGS))}  # the mixing byte's values by version
+_LAYOUTS = {1: _HEADER_V1, 2: _HEADER_V2, 3: _HEADER_V3, 4: _HEADER, 5: _HEADER, 6: _HEADER}
+_MIXING_CODES = {4: (0, 1), 5: (0, *(mixing.code for mixing in MIXINGS)), 6: (0, *(mixing.code for mixing in MIXINGS))}  # the mixing byte's values by version
 _HEADER_SIZES = {version: layout.size + _HEADER_CRC.size for version, layout in _LAYOUTS.items()}  # the shortest
 NO_TOKENIZER = bytes(16)  # the tokenizer_hash of a byte model's file
 # The longest input compressed or restored: both sides hold the whole file in memory.
@@ -187,7 +194,7 @@ class Header:
     threads: int = 0
     torch_version: str = ""
     version: int = FORMAT_VERSION  # of the file read; pack() always writes FORMAT_VERSION
-    mixing: Optional[MixingConfig] = None  # the second predictor's options (versions 4, 5); None: the model alone
+    mixing: Optional[MixingConfig] = None  # the second predictor's options (versions 4 to 6); None: the model alone
 
     def __post_init__(self) -> None:
         if self.num_symbols < 0:
@@ -244,7 +251,7 @@ class Header:
         if len(blob) < size:
             raise CompressionError(f"{source}: truncated: {len(blob)} bytes, shorter than the {size}-byte header")
         layout = _LAYOUTS[version]
-        flags = {3: 1, 4: 2, 5: 2}.get(version, 0)  # the adapt (and mixing) bytes end the layout
+        flags = 2 if version >= 4 else 1 if version == 3 else 0  # the adapt (and mixing) bytes end the layout
         adapted = flags >= 1 and blob[layout.size - flags] == 1  # checked by the checksum below
         mixed = by_code(blob[layout.size - 1]) if flags >= 2 and blob[layout.size - 1] in _MIXING_CODES[version] else None
         block = (_ADAPT_BLOCK.size if adapted else 0) + (mixed.block.size if mixed is not None else 0)
@@ -444,13 +451,16 @@ def _log2_probabilities(logits: torch.Tensor) -> np.ndarray:
 
 class _LaneStepper:
     """Runs the incremental decoder for one group of windows: `start()` gives symbol 0's logits and
-    `feed(symbols)` those of the next position, reusing one state per batch size."""
+    `feed(symbols)` those of the next position, reusing one state per batch size. `threads`: the
+    intra-op threads `_code_windows` runs `start` and `feed` under on a CPU (the file's version
+    says which)."""
 
-    def __init__(self, model: HierarchicalByteModel, seq_len: int, precision: str) -> None:
+    def __init__(self, model: HierarchicalByteModel, seq_len: int, precision: str, version: int = FORMAT_VERSION) -> None:
         self.model = model
         self.seq_len = seq_len
         self.precision = precision
         self.device = model.head.weight.device
+        self.threads = CODING_THREADS if version >= 6 else torch.get_num_threads()
         self._states: dict[int, DecodeState] = {}  # one per batch size (the last group may be narrower)
         self._state: DecodeState | None = None  # the current group's
 
@@ -523,42 +533,50 @@ def _code_windows(
     model_bits = 0.0
     all_groups = window_groups(length, seq_len, lanes)
     for index, group in enumerate(all_groups):
-        lengths = [stop - start for start, stop in group]
-        longest = max(lengths)
-        logits = stepper.start(len(group))
-        if mixer is not None:
-            mixer.start_group(len(group))
-        for t in range(longest):
-            step = np.zeros(len(group), dtype=np.int64)  # ended lanes are fed 0 on both sides
-            if mixer is None:
-                cumulative = _frequencies(logits)  # (B, V + 1)
-                log2_p = _log2_probabilities(logits)  # (B, V)
-                for lane, (start, _) in enumerate(group):
-                    if t < lengths[lane]:
-                        step[lane] = symbol = next_symbol(cumulative[lane], start + t)
-                        model_bits -= log2_p[lane, symbol]
-            else:  # a lane's mixture needs no other lane's byte of this step: all first, then code
-                p_model = _probabilities(logits)  # (B, 256)
-                live = [lane for lane in range(len(group)) if t < lengths[lane]]
-                mixed = np.stack([mixer.distribution(lane, p_model[lane]) for lane in live])  # (live, 256)
-                cumulative = cumulative_frequencies(mixed)
-                for row, lane in enumerate(live):
-                    step[lane] = symbol = next_symbol(cumulative[row], group[lane][0] + t)
-                    model_bits -= math.log2(mixed[row, symbol])
-                    mixer.observe(lane, symbol)
-            if t + 1 < longest:
-                logits = stepper.feed(torch.from_numpy(step))
-            if bar is not None:
-                bar.update(sum(t < n for n in lengths))
-        if mixer is not None:
-            mixer.end_group()
+        with decoding_threads(stepper.device, stepper.threads):
+            model_bits += _code_group(stepper, group, next_symbol, bar, mixer)
         if adapter is not None and index + 1 < len(all_groups):  # nothing is coded after the last
             tokens = torch.zeros(len(group), seq_len, dtype=torch.long)  # (B, L), right-padded
             mask = torch.zeros(len(group), seq_len, dtype=torch.bool)
             for row, (start, stop) in enumerate(group):
                 tokens[row, : stop - start] = torch.from_numpy(np.asarray(symbols[start:stop], dtype=np.int64))
                 mask[row, : stop - start] = True
-            adapter.update(tokens, mask)
+            adapter.update(tokens, mask)  # on the caller's threads, which an adapted file records
+    return model_bits
+
+
+def _code_group(stepper: _LaneStepper, group: list[tuple[int, int]], next_symbol, bar, mixer) -> float:
+    """Code the windows of one group side by side (see `_code_windows`); returns their -log2 p."""
+    model_bits = 0.0
+    lengths = [stop - start for start, stop in group]
+    longest = max(lengths)
+    logits = stepper.start(len(group))
+    if mixer is not None:
+        mixer.start_group(len(group))
+    for t in range(longest):
+        step = np.zeros(len(group), dtype=np.int64)  # ended lanes are fed 0 on both sides
+        if mixer is None:
+            cumulative = _frequencies(logits)  # (B, V + 1)
+            log2_p = _log2_probabilities(logits)  # (B, V)
+            for lane, (start, _) in enumerate(group):
+                if t < lengths[lane]:
+                    step[lane] = symbol = next_symbol(cumulative[lane], start + t)
+                    model_bits -= log2_p[lane, symbol]
+        else:  # a lane's mixture needs no other lane's byte of this step: all first, then code
+            p_model = _probabilities(logits)  # (B, 256)
+            live = [lane for lane in range(len(group)) if t < lengths[lane]]
+            mixed = np.stack([mixer.distribution(lane, p_model[lane]) for lane in live])  # (live, 256)
+            cumulative = cumulative_frequencies(mixed)
+            for row, lane in enumerate(live):
+                step[lane] = symbol = next_symbol(cumulative[row], group[lane][0] + t)
+                model_bits -= math.log2(mixed[row, symbol])
+                mixer.observe(lane, symbol)
+        if t + 1 < longest:
+            logits = stepper.feed(torch.from_numpy(step))
+        if bar is not None:
+            bar.update(sum(t < n for n in lengths))
+    if mixer is not None:
+        mixer.end_group()
     return model_bits
 
 
@@ -712,7 +730,7 @@ def decompress_bytes(
             adapter = Adapter(model, header.adapt, deterministic=True)
         except ValueError as error:
             raise CompressionError(f"{source}: {error}") from error
-    stepper = _LaneStepper(model if adapter is None else adapter.model, header.seq_len, header.precision)
+    stepper = _LaneStepper(model if adapter is None else adapter.model, header.seq_len, header.precision, header.version)
     bar = progress_bar(header.num_symbols, "decompress", "B" if tokenizer is None else "tok", progress)
     try:
         mixer = byte_mixer(header.mixing) if header.mixing is not None else None

@@ -20,6 +20,7 @@ from multibyte.compression import (
     _HEADER,
     _HEADER_V2,
     _HEADER_V3,
+    CODING_THREADS,
     FORMAT_VERSION,
     ADAPT_HEADER_SIZE,
     HEADER_SIZE,
@@ -31,6 +32,7 @@ from multibyte.compression import (
 )
 from multibyte.config import megabyte
 from multibyte.model import HierarchicalByteModel
+from multibyte.sampling import decoding_threads
 from multibyte.trainer import ADAPT_BY_DEFAULT, adapt_wanted
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "datamodules" / "embedded"
@@ -77,7 +79,7 @@ def test_adaptive_round_trip_is_exact_on_every_modality(model, load):
     assert restored == data
     assert weights_hash(model) == before  # the adapter trains a copy
     header = Header.unpack(blob, "x.mbac")
-    assert header.adapt == ADAPT and header.version == FORMAT_VERSION == 5
+    assert header.adapt == ADAPT and header.version == FORMAT_VERSION == 6
     assert header.device_type == "cpu" and header.threads == torch.get_num_threads()
     assert header.torch_version == torch.__version__
 
@@ -221,6 +223,31 @@ def test_a_file_coded_without_adaptation_decodes_under_another_thread_count(mode
         torch.set_num_threads(threads)
 
 
+def test_decoding_steps_run_on_coding_threads_and_updates_on_the_callers(model, monkeypatch):
+    # CPU kernels (scaled_dot_product_attention among them) split sums by the thread count, so the
+    # steps of a version 6 file always run on CODING_THREADS; the updates of --adapt run on the
+    # caller's threads, which the file records.
+    seen_in_steps, seen_in_updates = set(), set()
+
+    def step_hook(*_):  # the adapted copy carries the hook too: its training forwards are updates
+        if not torch.is_grad_enabled():
+            seen_in_steps.add(torch.get_num_threads())
+
+    hook = model.head.register_forward_hook(step_hook)
+    update = Adapter.update
+    monkeypatch.setattr(Adapter, "update", lambda self, *a: (seen_in_updates.add(torch.get_num_threads()), update(self, *a))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CODING_THREADS + 1)
+    try:
+        blob, _ = compress_bytes(model, text_bytes()[:600], SEQ_LEN, lanes=4, adapt=ADAPT)
+        assert torch.get_num_threads() == CODING_THREADS + 1  # restored
+        assert Header.unpack(blob, "x").threads == CODING_THREADS + 1
+    finally:
+        torch.set_num_threads(threads)
+        hook.remove()
+    assert seen_in_steps == {CODING_THREADS} and seen_in_updates == {CODING_THREADS + 1}
+
+
 def test_a_file_of_one_group_is_coded_without_adaptation(model):
     data = text_bytes()[: 4 * SEQ_LEN]  # lanes windows: coded side by side, no update would follow
     blob, stats = compress_bytes(model, data, SEQ_LEN, lanes=4, adapt=ADAPT)
@@ -234,7 +261,9 @@ def test_version_2_files_are_still_read(model):
     fields = bytearray(blob[: _HEADER_V2.size])
     fields[4] = 2
     version_2 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE:]
-    restored, stats = decompress_bytes(model, version_2, "old.mbac")
+    with decoding_threads(torch.device("cpu"), CODING_THREADS):  # a file before version 6 decodes under the
+        # caller's threads: here those this payload was coded under (CODING_THREADS)
+        restored, stats = decompress_bytes(model, version_2, "old.mbac")
     assert restored == data and stats.header_bytes == 84
     assert Header.unpack(version_2, "old.mbac").adapt is None
 
@@ -248,7 +277,9 @@ def test_version_3_files_are_still_read(model, adapt):
     fields = bytearray(blob[: _HEADER_V3.size]) + blob[_HEADER.size : header.size - 4]  # drop the ngram flag
     fields[4] = 3
     version_3 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[header.size :]
-    restored, stats = decompress_bytes(model, version_3, "old.mbac")
+    with decoding_threads(torch.device("cpu"), CODING_THREADS):  # a file before version 6 decodes under the
+        # caller's threads: here those this payload was coded under (CODING_THREADS)
+        restored, stats = decompress_bytes(model, version_3, "old.mbac")
     assert restored == data and stats.header_bytes == (166 if adapt else 85)
     old = Header.unpack(version_3, "old.mbac")
     assert old.version == 3 and old.adapt == adapt and old.mixing is None

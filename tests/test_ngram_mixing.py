@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from multibyte.bench import score_bytes
 from multibyte.compression import (
+    CODING_THREADS,
     ADAPT_HEADER_SIZE,
     HEADER_SIZE,
     CompressionError,
@@ -16,6 +18,7 @@ from multibyte.compression import (
     decompress_bytes,
 )
 from multibyte.mixing import kind
+from multibyte.sampling import decoding_threads
 from multibyte.ngram_mixing import NgramConfig, NgramMixer, mixed_log2_probabilities, ngram_log2_probabilities
 from tests.test_adapt import ADAPT, SEQ_LEN, text_bytes, tiny_model
 
@@ -160,7 +163,7 @@ def check_mixed_round_trip(data: bytes, config, adapt):
     restored, restored_stats = decompress_bytes(model, blob, "x.mbac")
     assert restored == data
     header = Header.unpack(blob, "x.mbac")
-    assert header.mixing == config and header.version == 5
+    assert header.mixing == config and header.version == 6
     size = (ADAPT_HEADER_SIZE if adapt else HEADER_SIZE) + kind(config).block.size
     assert stats.header_bytes == header.size == size
     score = score_bytes(model, np.frombuffer(data, dtype=np.uint8), SEQ_LEN, "basic", 4, adapt=adapt, mixing=config)
@@ -263,4 +266,6 @@ def test_version_4_files_still_decode():
     fields[4] = 4
     version_4 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[size:]
     assert Header.unpack(version_4, "x").version == 4
-    assert decompress_bytes(model, version_4, "x.mbac")[0] == data
+    with decoding_threads(torch.device("cpu"), CODING_THREADS):  # a file before version 6 decodes under the
+        # caller's threads: here those this payload was coded under (CODING_THREADS)
+        assert decompress_bytes(model, version_4, "x.mbac")[0] == data

@@ -29,6 +29,7 @@ from multibyte.bpe import ENDOFTEXT, TOKENIZER_FILE, BPETokenizer, train_bpe
 from multibyte.checkpoints import load_checkpoint
 from multibyte.cli import main
 from multibyte.compression import (
+    CODING_THREADS,
     FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,
@@ -38,6 +39,7 @@ from multibyte.compression import (
 )
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.model import HierarchicalByteModel
+from multibyte.sampling import decoding_threads
 from multibyte.training import ByteLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -345,7 +347,7 @@ MIXED = "café naïve ".encode("latin-1") + b"\xff\xfe\x80 " + ENDOFTEXT.encode(
 @pytest.mark.parametrize("data", [b"", b"a", MIXED], ids=["empty", "one-byte", "mixed"])
 def test_token_compression_round_trips_and_matches_the_bench_prediction(coder, tokenizer, data):
     blob, stats = compress_bytes(coder, data, SEQ_LEN, lanes=3, tokenizer=tokenizer)
-    assert blob[:4] == MAGIC and blob[4] == FORMAT_VERSION == 5
+    assert blob[:4] == MAGIC and blob[4] == FORMAT_VERSION == 6
     assert stats.num_symbols == len(tokenizer.encode(data, allowed_special="all"))
     restored, _ = decompress_bytes(coder, blob, "x.mbac", tokenizer=tokenizer)
     assert restored == data
@@ -399,7 +401,9 @@ def test_version_1_files_are_still_read_and_unknown_versions_refused():
     fields = bytearray(blob[:52])
     fields[4] = 1
     version_1 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE:]
-    assert decompress_bytes(model, version_1, "old.mbac")[0] == MIXED
+    with decoding_threads(torch.device("cpu"), CODING_THREADS):  # a file before version 6 decodes under the
+        # caller's threads: here those this payload was coded under (CODING_THREADS)
+        assert decompress_bytes(model, version_1, "old.mbac")[0] == MIXED
     fields[4] = 9
     with pytest.raises(CompressionError, match="old.mbac: compressed with format version 9; this multibyte reads versions 1, 2, 3, 4"):
         decompress_bytes(model, bytes(fields) + blob[52:], "old.mbac")
