@@ -181,8 +181,8 @@ def main() -> None:
         "torch": torch.__version__,
         "load_average_before": round(os.getloadavg()[0], 2),
     }
-    run_bf16 = device.type == "cuda" or cpu_has_native_bf16() or args.bf16
     results["bf16_native"] = device.type == "cuda" or cpu_has_native_bf16()
+    run_bf16 = results["bf16_native"] or args.bf16
     results["peak_gflops_fp32"] = round(matmul_peak_gflops(torch.float32, device), 1)
     if run_bf16:
         results["peak_gflops_bf16"] = round(matmul_peak_gflops(torch.bfloat16, device), 1)

@@ -143,7 +143,8 @@ _HEADER_CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _HEADER_CRC.size  # 86: the header of a file coded without adaptation
 ADAPT_HEADER_SIZE = HEADER_SIZE + _ADAPT_BLOCK.size  # 167: with adaptation
 _LAYOUTS = {1: _HEADER_V1, 2: _HEADER_V2, 3: _HEADER_V3, 4: _HEADER, 5: _HEADER, 6: _HEADER}
-_MIXING_CODES = {4: (0, 1), 5: (0, *(mixing.code for mixing in MIXINGS)), 6: (0, *(mixing.code for mixing in MIXINGS))}  # the mixing byte's values by version
+_MIXING_CODES = {4: (0, 1), 5: (0, *(mixing.code for mixing in MIXINGS))}  # the mixing byte's values by version
+_MIXING_CODES[6] = _MIXING_CODES[5]
 _HEADER_SIZES = {version: layout.size + _HEADER_CRC.size for version, layout in _LAYOUTS.items()}  # the shortest
 NO_TOKENIZER = bytes(16)  # the tokenizer_hash of a byte model's file
 # The longest input compressed or restored: both sides hold the whole file in memory.

@@ -82,6 +82,10 @@ def reuse_freed_memory() -> bool:
         _REUSING_FREED_MEMORY = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
         _REUSING_FREED_MEMORY = False
+    return _REUSING_FREED_MEMORY
+
+
+_REUSING_FREED_MEMORY = False
 
 
 def cpu_has_native_bf16() -> bool:
@@ -89,10 +93,6 @@ def cpu_has_native_bf16() -> bool:
     (AVX2-only x86, most laptops), PyTorch's bf16 matmuls convert to fp32 in software and run
     several times slower than fp32 ones, so bf16 saves nothing there but memory."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return _REUSING_FREED_MEMORY
-
-
-_REUSING_FREED_MEMORY = False
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, time_fraction: float = 0.0) -> float:

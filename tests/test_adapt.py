@@ -50,6 +50,12 @@ def model() -> HierarchicalByteModel:
     return tiny_model()
 
 
+def under_coding_threads():
+    """Decode a new payload relabelled as a file before version 6, which decodes under the caller's
+    threads, under the threads it was coded with (CODING_THREADS)."""
+    return decoding_threads(torch.device("cpu"), CODING_THREADS)
+
+
 def text_bytes() -> bytes:
     return (EMBEDDED / "gutenberg_books.txt").read_bytes()[20_000:21_500]
 
@@ -261,8 +267,7 @@ def test_version_2_files_are_still_read(model):
     fields = bytearray(blob[: _HEADER_V2.size])
     fields[4] = 2
     version_2 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE:]
-    with decoding_threads(torch.device("cpu"), CODING_THREADS):  # a file before version 6 decodes under the
-        # caller's threads: here those this payload was coded under (CODING_THREADS)
+    with under_coding_threads():
         restored, stats = decompress_bytes(model, version_2, "old.mbac")
     assert restored == data and stats.header_bytes == 84
     assert Header.unpack(version_2, "old.mbac").adapt is None
@@ -277,8 +282,7 @@ def test_version_3_files_are_still_read(model, adapt):
     fields = bytearray(blob[: _HEADER_V3.size]) + blob[_HEADER.size : header.size - 4]  # drop the ngram flag
     fields[4] = 3
     version_3 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[header.size :]
-    with decoding_threads(torch.device("cpu"), CODING_THREADS):  # a file before version 6 decodes under the
-        # caller's threads: here those this payload was coded under (CODING_THREADS)
+    with under_coding_threads():
         restored, stats = decompress_bytes(model, version_3, "old.mbac")
     assert restored == data and stats.header_bytes == (166 if adapt else 85)
     old = Header.unpack(version_3, "old.mbac")

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from multibyte.bench import score_bytes
 from multibyte.compression import (
-    CODING_THREADS,
     ADAPT_HEADER_SIZE,
     HEADER_SIZE,
     CompressionError,
@@ -18,9 +16,8 @@ from multibyte.compression import (
     decompress_bytes,
 )
 from multibyte.mixing import kind
-from multibyte.sampling import decoding_threads
 from multibyte.ngram_mixing import NgramConfig, NgramMixer, mixed_log2_probabilities, ngram_log2_probabilities
-from tests.test_adapt import ADAPT, SEQ_LEN, text_bytes, tiny_model
+from tests.test_adapt import ADAPT, SEQ_LEN, text_bytes, tiny_model, under_coding_threads
 
 NGRAM_BLOCK_SIZE = kind(NgramConfig()).block.size  # the container's n-gram block: 17 bytes
 
@@ -266,6 +263,5 @@ def test_version_4_files_still_decode():
     fields[4] = 4
     version_4 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[size:]
     assert Header.unpack(version_4, "x").version == 4
-    with decoding_threads(torch.device("cpu"), CODING_THREADS):  # a file before version 6 decodes under the
-        # caller's threads: here those this payload was coded under (CODING_THREADS)
+    with under_coding_threads():
         assert decompress_bytes(model, version_4, "x.mbac")[0] == data

@@ -29,7 +29,6 @@ from multibyte.bpe import ENDOFTEXT, TOKENIZER_FILE, BPETokenizer, train_bpe
 from multibyte.checkpoints import load_checkpoint
 from multibyte.cli import main
 from multibyte.compression import (
-    CODING_THREADS,
     FORMAT_VERSION,
     HEADER_SIZE,
     MAGIC,
@@ -39,7 +38,7 @@ from multibyte.compression import (
 )
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.model import HierarchicalByteModel
-from multibyte.sampling import decoding_threads
+from tests.test_adapt import under_coding_threads
 from multibyte.training import ByteLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -401,8 +400,7 @@ def test_version_1_files_are_still_read_and_unknown_versions_refused():
     fields = bytearray(blob[:52])
     fields[4] = 1
     version_1 = bytes(fields) + struct.pack("<I", zlib.crc32(bytes(fields))) + blob[HEADER_SIZE:]
-    with decoding_threads(torch.device("cpu"), CODING_THREADS):  # a file before version 6 decodes under the
-        # caller's threads: here those this payload was coded under (CODING_THREADS)
+    with under_coding_threads():
         assert decompress_bytes(model, version_1, "old.mbac")[0] == MIXED
     fields[4] = 9
     with pytest.raises(CompressionError, match="old.mbac: compressed with format version 9; this multibyte reads versions 1, 2, 3, 4"):
