@@ -1,11 +1,14 @@
 """Training cost against sequence length, 8K to 1M bytes (issue #14).
 
     python benchmarks/long_context.py            # 8K, 16K, 64K, 256K, 1M bytes (minutes to an hour)
-    python benchmarks/long_context.py --quick    # 8K, 16K, 64K (the same models and step)
+    python benchmarks/long_context.py --quick    # 8K and 64K, megabyte3 and mblm (the same step, < 60 s)
 
 Per model and length: the wall time and peak resident memory (RSS) of ONE training step (forward,
-summed next-byte loss, backward; batch 1; bf16 autocast) after one untimed 1K step, each length
-in a fresh subprocess so the peak RSS is that length's own. Models at equal parameter counts
+summed next-byte loss, backward; batch 1) after one untimed 1K step, each length in a fresh
+subprocess so the peak RSS is that length's own. The step runs under bf16 autocast where the CPU
+multiplies bf16 in hardware (AVX512-BF16 or AMX) and in fp32 elsewhere, where bf16 is emulated
+and slower than fp32 (`--precision` chooses). Torch uses `--threads` intra-op threads (default:
+torch's own count). Models at equal parameter counts
 (within ~10%):
     megabyte3  the 3-stage MEGABYTE preset `megabyte3-long-cpu` (configs/cpu/text_long.yaml: units
                of 256 and 16 bytes, learned slot positions inside, activation checkpointing)
@@ -18,7 +21,9 @@ A length is skipped, and says why, when the trend of the model's last two measur
 larger of a power law and a straight line through them) predicts a peak RSS over `--memory_gib`
 (default: 16 GiB or 80% of the memory available at the start, whichever is less) or a step longer
 than what is left of the model's `--budget_seconds` (the sum of its measured steps may not exceed
-it): no run is pushed into an out-of-memory kill. The 16K point gives that trend before 64K. The
+it): no run is pushed into an out-of-memory kill. The 16K point gives that trend before 64K.
+`--quick` measures 8K and 64K of the two hierarchical models with a 20 s budget each: the same
+steps as the full run's, so its points agree with the full run's up to noise. The
 growth exponents are least-squares slopes of log(seconds) and log(peak RSS) against log(length)
 over the measured lengths from 64K to 1M (null with fewer than two). mblm is looked up in the
 environment, or in the folder named by $MBLM_SITE.
@@ -46,11 +51,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from multibyte.config import ModelConfig, StageConfig  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
-from multibyte.training import masked_byte_nll  # noqa: E402
 
 FULL_LENGTHS = [1 << 13, 1 << 14, 1 << 16, 1 << 18, 1 << 20]
-QUICK_LENGTHS = [1 << 13, 1 << 14, 1 << 16]
+QUICK_LENGTHS = [1 << 13, 1 << 16]  # 64K fits in ~3 GiB: no trend needed to guard it
 MODELS = ("megabyte3", "mambabyte", "vanilla", "mblm")
+QUICK_MODELS = ("megabyte3", "mblm")  # the other two need ~30 s for one 8K step on a 2-core CPU
 WARMUP_LENGTH = 1 << 10  # the untimed first step: thread pool, allocator, kernels
 MBLM_SITE_ENV = "MBLM_SITE"  # an extra sys.path entry where mblm is installed, when not in the environment
 
@@ -94,7 +99,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def child(name: str, length: int, threads: int) -> dict:
+def child(name: str, length: int, threads: int, bf16: bool) -> dict:
     """One timed training step of `name` at `length` bytes, in this (fresh) process."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -120,6 +125,8 @@ def child(name: str, length: int, threads: int) -> dict:
             if takes_mask:  # the head in chunks (multibyte.chunked_loss): no full fp32 logits
                 nll, count = model(tokens, loss_mask=torch.ones_like(tokens, dtype=torch.bool))
             else:
+                from multibyte.training import masked_byte_nll  # imports Lightning: only when needed
+
                 nll, count = masked_byte_nll(model(tokens), tokens, torch.tensor([tokens.shape[1]]))
             return nll / count
 
@@ -128,7 +135,7 @@ def child(name: str, length: int, threads: int) -> dict:
     def step(m, n: int) -> float:
         tokens = torch.randint(0, 256, (1, n))
         began = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = loss_of(m, tokens)
         loss.backward()
         seconds = time.perf_counter() - began
@@ -142,8 +149,8 @@ def child(name: str, length: int, threads: int) -> dict:
     return {"seconds": round(seconds, 3), "peak_rss_gib": round(peak_rss_gib(), 3), "params": params}
 
 
-def run_child(name: str, length: int, threads: int, timeout: float) -> dict:
-    command = [sys.executable, __file__, "--child", name, str(length), "--threads", str(threads)]
+def run_child(name: str, length: int, threads: int, precision: str, timeout: float) -> dict:
+    command = [sys.executable, __file__, "--child", name, str(length), "--threads", str(threads), "--precision", precision]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -189,25 +196,41 @@ def mblm_available() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="stop at 64K bytes")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--quick", action="store_true", help="8K and 64K bytes, megabyte3 and mblm (< 60 s)")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated subset of {','.join(MODELS)} (default: all; --quick: {','.join(QUICK_MODELS)})",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per step")
     parser.add_argument("--memory_gib", type=float, default=None, help="skip a length whose predicted peak RSS exceeds this")
     parser.add_argument(
-        "--budget_seconds", type=float, default=None, help="step seconds per model (default 60 quick, 900 full)"
+        "--budget_seconds", type=float, default=None, help="step seconds per model (default 20 quick, 900 full)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="bf16 autocast or fp32 (auto: bf16 when the CPU has bf16 arithmetic, AVX512-BF16 or AMX)",
     )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.threads)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.threads, bf16=args.precision == "bf16")))
         return
+    if args.models is None:
+        args.models = ",".join(QUICK_MODELS if args.quick else MODELS)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)} (known: {', '.join(MODELS)})")
     lengths = QUICK_LENGTHS if args.quick else FULL_LENGTHS
     memory_limit = args.memory_gib if args.memory_gib is not None else round(min(16.0, 0.8 * available_gib()), 1)
-    budget = args.budget_seconds if args.budget_seconds is not None else (60.0 if args.quick else 900.0)
+    budget = args.budget_seconds if args.budget_seconds is not None else (20.0 if args.quick else 900.0)
+    if args.precision == "auto":
+        from multibyte.training import cpu_has_native_bf16
+
+        args.precision = "bf16" if cpu_has_native_bf16() else "fp32"
     load_start = os.getloadavg()
     began = time.perf_counter()
     results = {}
@@ -230,7 +253,7 @@ def main() -> None:
                 why = f"predicted {predicted_time:.0f} s" if predicted_time is not None else "no time left"
                 sizes[str(length)] = {"skipped": f"over the time budget ({why}, {max(0.0, left):.0f} s left)"}
                 continue
-            result = run_child(name, length, args.threads, timeout=max(left, 30.0) + 60.0)
+            result = run_child(name, length, args.threads, args.precision, timeout=max(left, 30.0) + 60.0)
             sizes[str(length)] = result
             if "seconds" in result:
                 times.append((length, result["seconds"]))
@@ -251,7 +274,8 @@ def main() -> None:
     report = {
         "benchmark": "long_context",
         "quick": args.quick,
-        "step": "forward + summed next-byte loss + backward, batch 1, bf16 autocast",
+        "step": "forward + summed next-byte loss + backward, batch 1",
+        "precision": "bf16 autocast" if args.precision == "bf16" else "fp32",
         "threads": args.threads,
         "memory_limit_gib": memory_limit,
         "budget_seconds_per_model": budget,
