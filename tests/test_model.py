@@ -274,10 +274,44 @@ def test_explicit_attention_equals_fused_kernel(dtype):
     from multibyte.mixers.attention import explicit_causal_attention
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 12, 16, dtype=dtype) for _ in range(3))
-    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    q, k, v = (torch.randn(3, 2, 12, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*exact, is_causal=True)
+    got = explicit_causal_attention(q, k, v)
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(explicit_causal_attention(q, k, v).float(), expected, rtol=0, atol=tolerance)
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=tolerance)
+    # Training takes either path (CausalSelfAttention._explicit_is_faster): same gradients too.
+    upstream = torch.randn(expected.shape)
+    expected.backward(upstream)
+    got.backward(upstream.to(dtype))
+    for mine, reference in zip((q, k, v), exact):
+        torch.testing.assert_close(mine.grad.float(), reference.grad, rtol=0, atol=2 * tolerance)
+
+
+@pytest.mark.parametrize(
+    "dtype, length, vectors, explicit",
+    [
+        (torch.bfloat16, 12, "AVX512", True),
+        (torch.bfloat16, 1024, "AVX2", True),
+        (torch.bfloat16, 1025, "AVX512", False),  # the (L, L) scores would cost too much memory
+        (torch.float32, 12, "AVX512", False),  # the fused kernel wins in fp32 there
+        (torch.float32, 16, "AVX2", True),
+        (torch.float32, 17, "AVX2", False),
+        (torch.float32, 12, "DEFAULT", False),  # not measured: the fused kernel
+        (torch.float16, 12, "AVX2", False),
+    ],
+)
+def test_training_attention_takes_the_measured_faster_path(dtype, length, vectors, explicit, monkeypatch):
+    from multibyte.mixers import attention
+
+    monkeypatch.setattr(attention, "_cpu_vectors", lambda: vectors)
+    calls = []
+    real = attention.explicit_causal_attention
+    monkeypatch.setattr(attention, "explicit_causal_attention", lambda *a: calls.append(1) or real(*a))
+    layer = attention.CausalSelfAttention(32, 4).to(dtype)
+    x = torch.randn(2, length, 32, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()
+    assert bool(calls) == explicit
 
 
 @pytest.mark.parametrize("name", ["space", "entropy", "space-hash"])
