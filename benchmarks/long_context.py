@@ -8,8 +8,7 @@ summed next-byte loss, backward; batch 1) after one untimed 1K step, each length
 subprocess so the peak RSS is that length's own. The step runs under bf16 autocast where the CPU
 multiplies bf16 in hardware (AVX512-BF16 or AMX) and in fp32 elsewhere, where bf16 is emulated
 and slower than fp32 (`--precision` chooses). Torch uses `--threads` intra-op threads (default:
-torch's own count). Models at equal parameter counts
-(within ~10%):
+torch's own count). Models at equal parameter counts (within ~10%):
     megabyte3  the 3-stage MEGABYTE preset `megabyte3-long-cpu` (configs/cpu/text_long.yaml: units
                of 256 and 16 bytes, learned slot positions inside, activation checkpointing)
     mambabyte  one Mamba stage over bytes (d 256, 19 layers, activation checkpointing)
@@ -53,9 +52,9 @@ from multibyte.config import ModelConfig, StageConfig  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
 
 FULL_LENGTHS = [1 << 13, 1 << 14, 1 << 16, 1 << 18, 1 << 20]
-QUICK_LENGTHS = [1 << 13, 1 << 16]  # 64K fits in ~3 GiB: no trend needed to guard it
+QUICK_LENGTHS = [1 << 13, 1 << 16]  # 64K needs a few GiB on every model: no trend needed to guard it
 MODELS = ("megabyte3", "mambabyte", "vanilla", "mblm")
-QUICK_MODELS = ("megabyte3", "mblm")  # the other two need ~30 s for one 8K step on a 2-core CPU
+QUICK_MODELS = ("megabyte3", "mblm")  # one stage over every byte: an 8K step alone outlasts --quick on a CPU
 WARMUP_LENGTH = 1 << 10  # the untimed first step: thread pool, allocator, kernels
 MBLM_SITE_ENV = "MBLM_SITE"  # an extra sys.path entry where mblm is installed, when not in the environment
 
