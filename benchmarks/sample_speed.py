@@ -400,7 +400,8 @@ def main() -> None:
 
     # MambaByte's step at three positions (--quick: two; prefilling 12K bytes is most of its time).
     mamba_steps = 30 if quick else 200
-    mamba_per_byte = {t: cached_seconds_per_byte_at(mambabyte, 1, t, mamba_steps) for t in (1024, 4096, 12288)[: 2 if quick else 3]}
+    mamba_positions = (1024, 4096) if quick else (1024, 4096, 12288)
+    mamba_per_byte = {t: cached_seconds_per_byte_at(mambabyte, 1, t, mamba_steps) for t in mamba_positions}
     results["mambabyte_us_per_byte_at_position"] = {t: round(1e6 * v, 1) for t, v in mamba_per_byte.items()}
     # MambaByte against MEGABYTE at batch 1, side by side: eager steps over the same positions,
     # and what each step has to read (the CPU's memory traffic bounds a batch-1 step).
