@@ -112,7 +112,10 @@ def test_model_loss_equals_full_logits_loss_with_gradients(name):
     got = grads_of(model, chunked / chunked_count)
     assert got.keys() == expected.keys() and "head.weight" in got
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+        # The two losses reach each parameter through different summation orders: rounding, a few
+        # fp32 ulps of the gradient's largest entry (a lost or doubled position is ~1/46 of it).
+        atol = max(1e-7, 1e-6 * expected[key].abs().max().item())
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=atol, msg=key)
 
 
 def test_model_refuses_a_loss_mask_of_another_shape():
