@@ -406,11 +406,12 @@ def main() -> None:
     # MambaByte against MEGABYTE at batch 1, side by side: eager steps over the same positions,
     # and what each step has to read (the CPU's memory traffic bounds a batch-1 step).
     versus: dict = {"positions": [1024, 4096]}
+    measured = {
+        "megabyte": [cached_seconds_per_byte_at(megabyte, 1, t, 4 * P) for t in versus["positions"]],
+        "mambabyte": [mamba_per_byte[t] for t in versus["positions"]],  # measured just above
+    }
     for name, model in (("megabyte", megabyte), ("mambabyte", mambabyte)):
-        if name == "mambabyte":
-            per_byte = [mamba_per_byte[t] for t in versus["positions"]]  # measured just above
-        else:
-            per_byte = [cached_seconds_per_byte_at(model, 1, t, 4 * P) for t in versus["positions"]]
+        per_byte = measured[name]
         versus[f"{name}_eager_us_per_byte"] = round(1e6 * sum(per_byte) / len(per_byte), 1)
         versus[f"{name}_weight_mb_read_per_byte"] = round(weight_bytes_read_per_byte(model) / 2**20, 2)
     versus["mambabyte_over_megabyte_time_per_byte"] = round(versus["mambabyte_eager_us_per_byte"] / versus["megabyte_eager_us_per_byte"], 2)

@@ -38,8 +38,8 @@ from multibyte.compression import (
 )
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.model import HierarchicalByteModel
-from tests.test_adapt import under_coding_threads
 from multibyte.training import ByteLM
+from tests.test_adapt import under_coding_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_TEXT = REPO_ROOT / "datamodules" / "embedded" / "gutenberg_books.txt"
