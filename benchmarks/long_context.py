@@ -48,6 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from multibyte import cpu_features  # noqa: E402
 from multibyte.config import ModelConfig, StageConfig  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
 
@@ -227,9 +228,7 @@ def main() -> None:
     memory_limit = args.memory_gib if args.memory_gib is not None else round(min(16.0, 0.8 * available_gib()), 1)
     budget = args.budget_seconds if args.budget_seconds is not None else (20.0 if args.quick else 900.0)
     if args.precision == "auto":
-        from multibyte.training import cpu_has_native_bf16
-
-        args.precision = "bf16" if cpu_has_native_bf16() else "fp32"
+        args.precision = "bf16" if cpu_features.has_native_bf16() else "fp32"
     load_start = os.getloadavg()
     began = time.perf_counter()
     results = {}

@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from multibyte import cpu_features  # noqa: E402
 from multibyte.config import ModelConfig, megabyte  # noqa: E402
 from multibyte.model import HierarchicalByteModel  # noqa: E402
-from multibyte.training import cpu_has_native_bf16, real_positions, reuse_freed_memory  # noqa: E402
+from multibyte.training import real_positions, reuse_freed_memory  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -181,7 +182,7 @@ def main() -> None:
         "torch": torch.__version__,
         "load_average_before": round(os.getloadavg()[0], 2),
     }
-    results["bf16_native"] = device.type == "cuda" or cpu_has_native_bf16()
+    results["bf16_native"] = device.type == "cuda" or cpu_features.has_native_bf16()
     run_bf16 = results["bf16_native"] or args.bf16
     results["peak_gflops_fp32"] = round(matmul_peak_gflops(torch.float32, device), 1)
     if run_bf16:

@@ -45,6 +45,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 import datamodules
 import multibyte
 from datamodules.base import ByteStreamDataModule
+from multibyte import cpu_features
 from multibyte.checkpoints import (
     EXPORT_CONFIG,
     EXPORT_WEIGHTS,
@@ -60,7 +61,7 @@ from multibyte.entropy_training import adopt_checkpoint_entropy_models, prepare_
 from multibyte.fault_tolerance import DivergenceGuard, PreemptionCheckpoint, TrainingDiverged
 from multibyte.trainer import EXTRA_SUBCOMMANDS, MultibyteTrainer
 from multibyte.data_spec import DataSpec, data_spec_of
-from multibyte.training import ByteLM, cpu_has_native_bf16, describe_conflicts, hparam_conflicts
+from multibyte.training import ByteLM, describe_conflicts, hparam_conflicts
 
 # Subcommands that work without --data (compress / decompress take the window from the model).
 DATA_OPTIONAL = ("export", "compress", "decompress")
@@ -202,7 +203,7 @@ class MultibyteCLI(LightningCLI):
         if export_dir:  # refused now, not after the training
             _writable_export(Path(export_dir))
         if self.subcommand in LOOP_SUBCOMMANDS and config.get("cpu_bf16_fallback", True):
-            replacement = cpu_precision_fallback(config["trainer"], cpu_has_native_bf16())
+            replacement = cpu_precision_fallback(config["trainer"], cpu_features.has_native_bf16())
             if replacement is not None:
                 lightning.pytorch.utilities.rank_zero_info(
                     f"multibyte: trainer.precision {config['trainer']['precision']} -> {replacement}: this CPU has no "

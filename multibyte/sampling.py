@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from multibyte import cpu_features
 from multibyte.model import DecodeState, HierarchicalByteModel
 from multibyte.model import reset_decode_state as _reset
 
@@ -299,9 +300,7 @@ def fastest_decode_dtype(device: torch.device, batch_size: int, gpu_bf16: bool =
     has native bf16 and fp32 otherwise (small matrix-vector products gain nothing from bf16);
     on a GPU, bf16 unless `gpu_bf16` is False."""
     if device.type == "cpu":
-        from multibyte.training import cpu_has_native_bf16
-
-        return torch.bfloat16 if cpu_has_native_bf16() and batch_size >= CPU_BF16_MIN_BATCH else torch.float32
+        return torch.bfloat16 if cpu_features.has_native_bf16() and batch_size >= CPU_BF16_MIN_BATCH else torch.float32
     return torch.bfloat16 if gpu_bf16 else torch.float32
 
 

@@ -88,13 +88,6 @@ def reuse_freed_memory() -> bool:
 _REUSING_FREED_MEMORY = False
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles). Without either
-    (AVX2-only x86, most laptops), PyTorch's bf16 matmuls convert to fp32 in software and run
-    several times slower than fp32 ones, so bf16 saves nothing there but memory."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, time_fraction: float = 0.0) -> float:
     """Learning-rate multiplier: linear warm-up from 0 to 1, then cosine decay to `min_ratio`.
 

@@ -268,7 +268,7 @@ def test_cpu_precision_fallback_on_auto_follows_the_devices(monkeypatch):
                                                     (False, ["--cpu_bf16_fallback", "false"], "bf16-mixed")])
 def test_cli_trains_bf16_mixed_only_where_the_cpu_has_bf16(tiny_run, monkeypatch, caplog, native, flag, expected):
     # The CPU presets ask for bf16-mixed; on an AVX2-only CPU that would be the slow setting.
-    monkeypatch.setattr("multibyte.cli.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("multibyte.cpu_features.has_native_bf16", lambda: native)
     args = ["validate", *tiny_flags(tiny_run), "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed",
             "--trainer.limit_val_batches", "1", *flag]
     with caplog.at_level("INFO"):

@@ -15,7 +15,7 @@ import torch
 from lightning import seed_everything
 
 import datamodules.text
-from datamodules import AudioDataModule, ByteStreamDataModule, DataError, ImageNet64DataModule, TextDataModule
+from datamodules import AudioDataModule, ByteStreamDataModule, ImageNet64DataModule, TextDataModule
 from datamodules.base import EMBEDDED_DATA_DIR, SPLITS, DataError, RandomWindows
 from datamodules.windows import TrainPosition
 from multibyte.codecs import (

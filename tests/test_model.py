@@ -302,9 +302,10 @@ def test_explicit_attention_equals_fused_kernel(dtype):
     ],
 )
 def test_training_attention_takes_the_measured_faster_path(dtype, length, vectors, explicit, monkeypatch):
+    from multibyte import cpu_features
     from multibyte.mixers import attention
 
-    monkeypatch.setattr(attention, "_cpu_vectors", lambda: vectors)
+    monkeypatch.setattr(cpu_features, "vector_capability", lambda: vectors)
     calls = []
     real = attention.explicit_causal_attention
     monkeypatch.setattr(attention, "explicit_causal_attention", lambda *a: calls.append(1) or real(*a))

@@ -196,10 +196,10 @@ def test_stop_byte_ends_each_row_and_generation(models):
 
 def test_decode_dtype_follows_the_measured_crossover():
     from multibyte.sampling import CPU_BF16_MIN_BATCH, fastest_decode_dtype
-    from multibyte.training import cpu_has_native_bf16
+    from multibyte.cpu_features import has_native_bf16
 
     cpu = torch.device("cpu")
-    native = cpu_has_native_bf16()
+    native = has_native_bf16()
     assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH - 1) == torch.float32
     assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH) == (torch.bfloat16 if native else torch.float32)
     assert fastest_decode_dtype(torch.device("cuda"), 1) == torch.bfloat16

@@ -9,24 +9,18 @@ are written in place at the cache's current length, so nothing grows or realloca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multibyte import cpu_features
 from multibyte.mixers.rotary import apply_rotary, rotary_positions
 
 EXPLICIT_MAX_LEN = 1024  # longest sequence for which `explicit_causal_attention` is used on CPU
 EXPLICIT_MAX_LEN_FP32_AVX2 = 16  # the same for fp32 on a CPU whose widest vectors are AVX2
 EXPLICIT_DECODE_KEYS = 2048  # longest static cache that one decoding query reads without SDPA
-
-
-@cache
-def _cpu_vectors() -> str:
-    """The vector instructions PyTorch's CPU kernels use here: AVX2, AVX512, DEFAULT, ..."""
-    return torch.backends.cpu.get_cpu_capability()
 
 
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
@@ -230,7 +224,7 @@ class CausalSelfAttention(nn.Module):
     @staticmethod
     def _explicit_is_faster(q: torch.Tensor) -> bool:
         # Measured with torch 2.14, forward + backward: on an AVX-512-BF16 CPU the fused CPU
-        # flash kernel in bf16 is 2-9x slower than three plain batched ops for short sequences
+        # flash kernel in bf16 is slower than three plain batched ops for short sequences
         # (MEGABYTE's local model runs thousands of P-byte sequences), and still slower at 1,024
         # positions, while in fp32 the fused kernel wins there; on an AVX2-only CPU the plain ops
         # also win in fp32 up to 16 positions (even at 32, slower from 64). On GPUs the fused
@@ -240,4 +234,4 @@ class CausalSelfAttention(nn.Module):
             return False
         if q.dtype == torch.bfloat16:
             return q.shape[-2] <= EXPLICIT_MAX_LEN
-        return q.dtype == torch.float32 and q.shape[-2] <= EXPLICIT_MAX_LEN_FP32_AVX2 and _cpu_vectors() == "AVX2"
+        return q.dtype == torch.float32 and q.shape[-2] <= EXPLICIT_MAX_LEN_FP32_AVX2 and cpu_features.vector_capability() == "AVX2"
