@@ -283,10 +283,9 @@ def _as_prompt(prompt: torch.Tensor, device: torch.device, vocab_size: int = 256
     return prompt.to(device, torch.long)
 
 
-# Intra-op threads for the per-byte loop on a CPU. Measured on the shared 2-core machine this was
-# built on (benchmarks/sample_speed.py, `cpu_defaults`): one decoding step is ~50 small ops, and
-# splitting each across 2 threads cost more in synchronisation than it saved: 10-15x slower at
-# batch 1 and at batch 16 while other processes used the cores.
+# Intra-op threads for the per-byte loop on a CPU: one decoding step is ~50 small ops, and
+# splitting each across threads costs more in synchronisation than it saves, far more while other
+# processes use the cores (measured by benchmarks/sample_speed.py, `cpu_defaults`).
 CPU_DECODE_THREADS = 1
 # Smallest batch from which bf16 weights decode faster than fp32 on a CPU with native bf16
 # (AVX512-BF16 or AMX): below it fp32 with the native kernels (multibyte/kernels, fp32 only) is
