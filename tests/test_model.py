@@ -270,11 +270,22 @@ def test_every_preset_builds(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_explicit_attention_equals_fused_kernel(dtype):
+@pytest.mark.parametrize(
+    "length, block",
+    [
+        (12, None),  # one block: the plain three ops
+        (12, 5),  # query blocks of 5, 5 and 2, each scoring the keys up to its end
+        (300, None),  # the shipped block size, a full block and a partial one
+    ],
+)
+def test_explicit_attention_equals_fused_kernel(dtype, length, block, monkeypatch):
+    from multibyte.mixers import attention
     from multibyte.mixers.attention import explicit_causal_attention
 
+    if block is not None:
+        monkeypatch.setattr(attention, "EXPLICIT_QUERY_BLOCK", block)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 2, 12, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(3, 2, length, 16, dtype=dtype, requires_grad=True) for _ in range(3))
     exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
     expected = torch.nn.functional.scaled_dot_product_attention(*exact, is_causal=True)
     got = explicit_causal_attention(q, k, v)

@@ -21,26 +21,37 @@ from multibyte.mixers.rotary import apply_rotary, rotary_positions
 EXPLICIT_MAX_LEN = 1024  # longest sequence for which `explicit_causal_attention` is used on CPU
 EXPLICIT_MAX_LEN_FP32_AVX2 = 16  # the same for fp32 on a CPU whose widest vectors are AVX2
 EXPLICIT_DECODE_KEYS = 2048  # longest static cache that one decoding query reads without SDPA
+EXPLICIT_QUERY_BLOCK = 256  # queries per block of `explicit_causal_attention`
 
 
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + causal mask) v with the (L, L) scores materialised.
+    """softmax(q k^T / sqrt(d) + causal mask) v with the scores materialised.
 
     q, k, v: (B, H, L, head_dim) -> (B, H, L, head_dim). Same result as SDPA with is_causal=True.
+    Queries go in blocks of EXPLICIT_QUERY_BLOCK: a block's queries score only the keys up to
+    its own last position, so the masked upper triangle beyond each block's diagonal square is
+    never computed (about (n + 1) / 2n of the L·L scores for n blocks); up to one block long it
+    is the plain three ops.
     """
     L, hd = q.shape[-2], q.shape[-1]
     # The 1/sqrt(d) scale goes on the smaller of q (L·hd) and the scores (L·L); scale and mask
     # are applied in place (the matmul's backward needs q and k, not its output), so no second
-    # (B, H, L, L) tensor is allocated and written.
-    if L > hd:
-        scores = (q * hd**-0.5) @ k.transpose(-1, -2)  # (B, H, L, L)
-    else:
-        scores = (q @ k.transpose(-1, -2)).mul_(hd**-0.5)
-    future = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(diagonal=1)
-    weights = scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
-    if dropout > 0.0:
-        weights = F.dropout(weights, p=dropout)
-    return weights @ v
+    # scores tensor is allocated and written.
+    scale_q = L > hd
+    if scale_q:
+        q = q * hd**-0.5
+    outputs = []
+    for start in range(0, L, EXPLICIT_QUERY_BLOCK):
+        end = min(L, start + EXPLICIT_QUERY_BLOCK)
+        scores = q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)  # (B, H, end - start, end)
+        if not scale_q:
+            scores.mul_(hd**-0.5)
+        future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(diagonal=start + 1)
+        weights = scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
+        if dropout > 0.0:
+            weights = F.dropout(weights, p=dropout)
+        outputs.append(weights @ v[..., :end, :])  # (B, H, end - start, hd)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
 def segment_causal_attention(
