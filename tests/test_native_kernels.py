@@ -8,8 +8,13 @@ they cannot run, so that the reference runs instead; and the libraries must buil
 fail the way `multibyte/kernels/__init__.py` says. Skipped only where there is no C compiler.
 """
 
+import ctypes
+import itertools
+import platform
 import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -433,6 +438,45 @@ def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_loaded", {})
     assert kernels.load("attention_step") is not None
     assert path.stat().st_mtime_ns == built  # reused, not rebuilt
+
+
+LINEAR_DRIVER = """
+#include "vector_ops.h"
+void call_linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) { linear(W, X, Y, rows, out, in); }
+"""
+
+
+def linear_builds() -> list:
+    """The ways `linear` (vector_ops.h) compiles here: as the kernels build it, with the
+    lane-by-lane sums of compilers without vector shuffles, and on an AVX-512 x86 CPU also with
+    the eight-lane vectors every other CPU gets."""
+    builds = [[], ["-DMULTIBYTE_LANE_BY_LANE_SUM"]]
+    if platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in Path("/proc/cpuinfo").read_text():
+        builds.append(["-mno-avx512f"])
+    return builds
+
+
+@pytest.mark.parametrize("extra", linear_builds(), ids=lambda flags: " ".join(flags) or "as-built")
+def test_the_matrix_vector_product_sums_every_row_and_column(extra, tmp_path):
+    # Rows of W in groups of eight and a remainder, columns in whole vectors and a remainder, one
+    # or several rows of X: every path of `linear` against a float64 product.
+    compiler = kernels._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "driver.c").write_text(LINEAR_DRIVER)
+    library = tmp_path / "linear.so"
+    command = [compiler, *kernels.FLAGS, *extra, f"-I{kernels.SOURCES}", "-o", str(library), str(tmp_path / "driver.c"), "-lm"]
+    subprocess.run(command, check=True, capture_output=True)
+    call = ctypes.CDLL(str(library)).call_linear
+    call.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    generator = torch.Generator().manual_seed(0)
+    for rows, out, width in itertools.product((1, 3), (1, 7, 8, 13, 24), (1, 5, 8, 16, 24, 37, 96)):
+        W = torch.randn(out, width, generator=generator)
+        X = torch.randn(rows, width, generator=generator)
+        Y = torch.full((rows, out), float("nan"))
+        call(W.data_ptr(), X.data_ptr(), Y.data_ptr(), rows, out, width)
+        expected = (X.double() @ W.double().T).float()
+        torch.testing.assert_close(Y, expected, rtol=1e-5, atol=1e-5, msg=f"rows {rows}, out {out}, in {width}")
 
 
 def test_a_decode_state_with_native_steps_is_freed_without_the_cycle_collector():

@@ -28,12 +28,10 @@ static void rotate(float *v, const float *frequencies, int64_t hd, int64_t posit
 
 /* One query over the t + 1 cached positions of one head: out = softmax(q K^T * scale) V. */
 static void attend(const float *q, const float *K, const float *V, float *scores, float *out, int64_t t, int64_t hd, float scale) {
+    linear(K, q, scores, 1, t + 1, hd); /* the keys are the rows of a (t + 1, hd) matrix */
     float top = -INFINITY;
     for (int64_t p = 0; p <= t; p++) {
-        float a = 0.f;
-#pragma omp simd reduction(+ : a)
-        for (int64_t i = 0; i < hd; i++) a += q[i] * K[p * hd + i];
-        scores[p] = a * scale;
+        scores[p] *= scale;
         top = scores[p] > top ? scores[p] : top;
     }
     float total = 0.f;

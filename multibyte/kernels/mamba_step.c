@@ -21,14 +21,15 @@ static float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 
 int64_t multibyte_mamba_workspace(const MambaStack *s, int64_t rows) {
     const int64_t D = s->d_model, E = s->d_inner;
-    return rows * (2 * D + 4 * E + s->dt_rank + 2 * s->d_state);
+    return rows * (2 * D + 5 * E + s->dt_rank + 2 * s->d_state);
 }
 
 int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *y, float *work) {
     const int64_t D = s->d_model, E = s->d_inner, N = s->d_state, K = s->d_conv, R = s->dt_rank, P = R + 2 * N;
     /* per row: normed input (D), x_in and z (2E), the convolution's output (E), the mixer's
-     * output before out_proj (E), (d, B, C) (P), out_proj's result (D) */
+     * output before out_proj (E), (d, B, C) (P), out_proj's result (D), dt_proj's result (E) */
     float *h = work, *xz = h + B * D, *conv = xz + 2 * B * E, *mixed = conv + B * E, *dbc = mixed + B * E, *r = dbc + B * P;
+    float *dt = r + B * D;
     for (int64_t i = 0; i < B * D; i++) y[i] = x[i];
     for (int64_t l = 0; l < s->n_blocks; l++) {
         const MambaBlock *blk = s->blocks + l;
@@ -53,11 +54,9 @@ int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *
         for (int64_t b = 0; b < B; b++) {
             const float *d = dbc + b * P, *Bn = d + R, *Cn = Bn + N, *c = conv + b * E, *z = xz + b * 2 * E + E;
             float *ssm = blk->ssm_state + b * E * N, *m = mixed + b * E;
+            linear(blk->dt_weight, d, dt, 1, E, R);
             for (int64_t e = 0; e < E; e++) {
-                const float *w = blk->dt_weight + e * R;
-                float acc = 0.f;
-                for (int64_t k = 0; k < R; k++) acc += w[k] * d[k];
-                const float delta = softplus(acc + blk->dt_bias[e]), impulse = delta * c[e];
+                const float delta = softplus(dt[e] + blk->dt_bias[e]), impulse = delta * c[e];
                 const float *A_log = blk->A_log + e * N;
                 float *h_e = ssm + e * N, out = 0.f;
 #pragma omp simd reduction(+ : out)

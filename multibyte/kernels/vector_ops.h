@@ -51,34 +51,103 @@ static void rms_norm_rows(const float *X, const float *w, float *Y, int64_t rows
     }
 }
 
-/* Y = X W^T for X (rows, in), W (out, in): four weight rows at a time, each applied to every row
- * of X while it is in the L1 cache, so the weights are read from memory once per call. */
+/* A vector of LANES floats in the C compilers' generic vector extension (GCC, Clang), lowered to
+ * the target's registers: one AVX-512 register where there is AVX-512, else eight lanes, so that
+ * `linear`'s eight accumulators and its operands fit in the register file (16 AVX2 registers,
+ * 32 NEON registers of four lanes). */
+#if defined(__AVX512F__)
+#define LANES 16
+#else
+#define LANES 8
+#endif
+typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+
+static inline lanes_t load_lanes(const float *p) {
+    lanes_t v;
+    memcpy(&v, p, sizeof v); /* an unaligned load */
+    return v;
+}
+
+/* GCC 12+ and Clang shuffle generic vectors; elsewhere (or with MULTIBYTE_LANE_BY_LANE_SUM
+ * defined, which the tests use to check it) the sums go lane by lane. */
+#if defined(__has_builtin) && !defined(MULTIBYTE_LANE_BY_LANE_SUM)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+
+/* y[r] = the sum of a[r]'s lanes, r = 0..7. A transposing tree: each level adds two accumulators'
+ * halves into one vector, so eight sums cost ~3 log2(LANES) shuffles and adds and never pass
+ * through memory (a lane-by-lane sum of each accumulator through the stack costs more than the
+ * products of a short row). */
+static inline void sum_lanes8(const lanes_t *a, float *y) {
+#if defined(HAVE_SHUFFLEVECTOR) && LANES == 16
+#define SHUFFLE __builtin_shufflevector
+    lanes_t pairs[4], quads[2];
+    for (int k = 0; k < 4; k++) /* rows 2k, 2k+1: 8 lanes each */
+        pairs[k] = SHUFFLE(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                   SHUFFLE(a[2 * k], a[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int k = 0; k < 2; k++) /* rows 4k..4k+3: 4 lanes each */
+        quads[k] = SHUFFLE(pairs[2 * k], pairs[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                   SHUFFLE(pairs[2 * k], pairs[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    /* rows 0..7: 2 lanes each, then each pair of neighbours added */
+    const lanes_t twos = SHUFFLE(quads[0], quads[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                         SHUFFLE(quads[0], quads[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    const lanes_t ones = twos + SHUFFLE(twos, twos, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    for (int r = 0; r < 8; r++) y[r] = ones[2 * r];
+#undef SHUFFLE
+#elif defined(HAVE_SHUFFLEVECTOR) && LANES == 8
+#define SHUFFLE __builtin_shufflevector
+    lanes_t pairs[4], quads[2];
+    for (int k = 0; k < 4; k++) /* rows 2k, 2k+1: 4 lanes each */
+        pairs[k] = SHUFFLE(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int k = 0; k < 2; k++) /* rows 4k..4k+3: 2 lanes each */
+        quads[k] = SHUFFLE(pairs[2 * k], pairs[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13) + SHUFFLE(pairs[2 * k], pairs[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    const lanes_t ones = SHUFFLE(quads[0], quads[1], 0, 2, 4, 6, 8, 10, 12, 14) + SHUFFLE(quads[0], quads[1], 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int r = 0; r < 8; r++) y[r] = ones[r];
+#undef SHUFFLE
+#else
+    for (int r = 0; r < 8; r++) {
+        float sum = 0.f;
+        for (int k = 0; k < LANES; k++) sum += a[r][k];
+        y[r] = sum;
+    }
+#endif
+}
+
+/* Y = X W^T for X (rows, in), W (out, in). Eight weight rows at a time, each applied to every row
+ * of X while it is in the L1 cache (the weights are read from memory once per call), with one
+ * vector accumulator per weight row: at batch 1 this is a matrix-vector product whose speed is set
+ * by how many independent multiply-adds are in flight and how cheaply the accumulators are summed.
+ * The columns beyond the last whole vector are added one by one. */
 static void linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+    const int64_t body = in - in % LANES;
     int64_t j = 0;
-    for (; j + 4 <= out; j += 4) {
-        const float *r0 = W + j * in, *r1 = r0 + in, *r2 = r1 + in, *r3 = r2 + in;
+    for (; j + 8 <= out; j += 8) {
+        const float *w = W + j * in;
         for (int64_t b = 0; b < rows; b++) {
             const float *x = X + b * in;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int64_t i = 0; i < in; i++) {
-                a0 += r0[i] * x[i];
-                a1 += r1[i] * x[i];
-                a2 += r2[i] * x[i];
-                a3 += r3[i] * x[i];
-            }
             float *y = Y + b * out + j;
-            y[0] = a0, y[1] = a1, y[2] = a2, y[3] = a3;
+            lanes_t a[8] = {0};
+            for (int64_t i = 0; i < body; i += LANES) {
+                const lanes_t xi = load_lanes(x + i);
+                for (int r = 0; r < 8; r++) a[r] += load_lanes(w + r * in + i) * xi;
+            }
+            sum_lanes8(a, y);
+            for (int64_t i = body; i < in; i++)
+                for (int r = 0; r < 8; r++) y[r] += w[r * in + i] * x[i];
         }
     }
-    for (; j < out; j++) {
-        const float *r = W + j * in;
+    for (; j < out; j++) { /* the last out % 8 rows, one at a time */
+        const float *w = W + j * in;
         for (int64_t b = 0; b < rows; b++) {
             const float *x = X + b * in;
-            float a = 0.f;
-#pragma omp simd reduction(+ : a)
-            for (int64_t i = 0; i < in; i++) a += r[i] * x[i];
-            Y[b * out + j] = a;
+            lanes_t a = {0};
+            for (int64_t i = 0; i < body; i += LANES) a += load_lanes(w + i) * load_lanes(x + i);
+            float sum = 0.f;
+            for (int k = 0; k < LANES; k++) sum += a[k];
+            for (int64_t i = body; i < in; i++) sum += w[i] * x[i];
+            Y[b * out + j] = sum;
         }
     }
 }
