@@ -129,3 +129,8 @@ def head_token_nll(
     for s in range(0, flat.shape[0], chunk):
         out[s : s + chunk] = _chunk_nll(flat[s : s + chunk].to(dtype), w, flat_targets[s : s + chunk])[1]
     return out.view(targets.shape)
+
+
+def real_positions(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the first lengths[b] positions of row b (the rest is right padding)."""
+    return torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]

@@ -37,8 +37,10 @@ from multibyte.checkpoints import (
     config_from_dict,
     plain,
 )
+from multibyte.chunked_loss import real_positions
 from multibyte.data_spec import DataSpec, check_model_fits_data, data_spec_of
 from multibyte.config import ModelConfig
+from multibyte.host_memory import reuse_freed_memory
 from multibyte.model import HierarchicalByteModel
 
 LN2 = math.log(2.0)
@@ -55,37 +57,6 @@ def masked_byte_nll(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.T
     nll = F.cross_entropy(logits.float().reshape(B * T, -1), tokens.long().reshape(B * T), reduction="none")
     is_real = real_positions(tokens, lengths)
     return (nll.view(B, T) * is_real).sum(), is_real.sum()
-
-
-def real_positions(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: the first lengths[b] positions of row b (the rest is right padding)."""
-    return torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
-
-    A training step on CPU allocates and frees hundreds of activation tensors of tens of MB.
-    By default glibc serves every block above 32 MiB with a fresh mmap and unmaps it on free, so
-    each such tensor is first written through page faults that zero every 4 KiB page (at
-    L 8192, B 4 that was a third of the step's CPU time, as system time). With mmap off and no
-    trimming, freed blocks stay in the heap and the next step reuses them; the process keeps
-    its peak size. Returns whether the allocator took the settings (False off glibc)."""
-    global _REUSING_FREED_MEMORY
-    if _REUSING_FREED_MEMORY:
-        return True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
-        _REUSING_FREED_MEMORY = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
-        _REUSING_FREED_MEMORY = False
-    return _REUSING_FREED_MEMORY
-
-
-_REUSING_FREED_MEMORY = False
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, time_fraction: float = 0.0) -> float:

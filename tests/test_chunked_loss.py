@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from architectures import ARCHITECTURES, build
-from multibyte.chunked_loss import default_chunk, head_nll
+from multibyte.chunked_loss import default_chunk, head_nll, real_positions
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.model import HierarchicalByteModel
-from multibyte.training import ByteLM, masked_byte_nll, real_positions
+from multibyte.training import ByteLM, masked_byte_nll
 
 
 def full_nll(hidden, weight, targets, mask):
@@ -226,7 +226,7 @@ def test_rmsnorm_training_path_equals_torch_rmsnorm(shape):
 def test_reuse_freed_memory_serves_a_second_large_tensor_without_page_faults():
     import resource
 
-    from multibyte.training import reuse_freed_memory
+    from multibyte.host_memory import reuse_freed_memory
 
     if not reuse_freed_memory():
         pytest.skip("not glibc: the allocator cannot be told to keep freed memory")

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from architectures import ARCHITECTURES, build
+from multibyte.chunked_loss import real_positions
 from multibyte.model import HierarchicalByteModel
-from multibyte.training import masked_byte_nll, real_positions
+from multibyte.training import masked_byte_nll
 
 pytestmark = [
     pytest.mark.cuda,
