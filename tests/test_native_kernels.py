@@ -54,7 +54,8 @@ def random_stack(d_model: int, n_heads: int, n_layers: int, position: str = "non
 
 @pytest.mark.parametrize(
     "d_model, n_heads, n_layers, position, batch",
-    [(32, 4, 2, "none", 1), (48, 3, 3, "rotary", 3), (24, 2, 1, "none", 2), (64, 4, 2, "rotary", 1)],
+    # head widths 8, 16, 12, 16, 48, 64: one to four whole vectors of 16 or 8 lanes, and not whole
+    [(32, 4, 2, "none", 1), (48, 3, 3, "rotary", 3), (24, 2, 1, "none", 2), (64, 4, 2, "rotary", 1), (96, 2, 1, "none", 2), (128, 2, 1, "rotary", 1)],
 )
 def test_native_step_equals_the_pytorch_blocks(d_model, n_heads, n_layers, position, batch):
     stack = random_stack(d_model, n_heads, n_layers, position)

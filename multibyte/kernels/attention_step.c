@@ -37,9 +37,21 @@ static void attend(const float *q, const float *K, const float *V, float *scores
     float total = 0.f;
 #pragma omp simd reduction(+ : total)
     for (int64_t p = 0; p <= t; p++) total += (scores[p] = exp_vectorizable(scores[p] - top));
+    for (int64_t p = 0; p <= t; p++) scores[p] /= total;
+    /* out = sum_p scores[p] V[p]: where a head is one to four whole vectors wide, its sums stay in
+     * registers over all positions; otherwise out is updated in memory once per position. */
+    const int64_t vectors = hd / LANES;
+    if (hd % LANES == 0 && vectors <= 4) {
+        lanes_t sum[4] = {{0}};
+        for (int64_t p = 0; p <= t; p++)
+            for (int64_t c = 0; c < 4; c++)
+                if (c < vectors) sum[c] += scores[p] * load_lanes(V + p * hd + c * LANES);
+        for (int64_t c = 0; c < vectors; c++) memcpy(out + c * LANES, &sum[c], sizeof sum[c]);
+        return;
+    }
     for (int64_t i = 0; i < hd; i++) out[i] = 0.f;
     for (int64_t p = 0; p <= t; p++) {
-        const float w = scores[p] / total;
+        const float w = scores[p];
 #pragma omp simd
         for (int64_t i = 0; i < hd; i++) out[i] += w * V[p * hd + i];
     }
