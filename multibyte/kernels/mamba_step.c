@@ -21,13 +21,14 @@ static float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 
 int64_t multibyte_mamba_workspace(const MambaStack *s, int64_t rows) {
     const int64_t D = s->d_model, E = s->d_inner;
-    return rows * (2 * D + 5 * E + s->dt_rank + 2 * s->d_state);
+    return rows * (2 * D + 4 * E + s->dt_rank + 2 * s->d_state) + E;
 }
 
 int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *y, float *work) {
     const int64_t D = s->d_model, E = s->d_inner, N = s->d_state, K = s->d_conv, R = s->dt_rank, P = R + 2 * N;
     /* per row: normed input (D), x_in and z (2E), the convolution's output (E), the mixer's
-     * output before out_proj (E), (d, B, C) (P), out_proj's result (D), dt_proj's result (E) */
+     * output before out_proj (E), (d, B, C) (P), out_proj's result (D); then dt_proj's result
+     * (E, one row at a time) */
     float *h = work, *xz = h + B * D, *conv = xz + 2 * B * E, *mixed = conv + B * E, *dbc = mixed + B * E, *r = dbc + B * P;
     float *dt = r + B * D;
     for (int64_t i = 0; i < B * D; i++) y[i] = x[i];
