@@ -33,8 +33,8 @@ configs/cpu/image64.yaml, which may differ from the fixed dims above) generating
 `sample`'s defaults (eager, fp32, the native CPU kernels of multibyte/kernels when they build
 here: `native_kernel_available`, `native_run_available`: stack steps, whole steps and runs of
 steps with their draws); `batch1_pytorch_only_bytes_per_s` is the same with every op in PyTorch;
-`batch1_compiled` is the same model compiled. `other_presets_batch1`: the audio, text and
-MambaByte image presets the same way.
+`batch1_compiled` is the same model compiled. `other_presets_batch1`: the audio, text,
+MambaByte image and SpaceByte text presets the same way.
 
 All baselines run with `--threads` intra-op threads (default 1, as our decoding loop): on the
 shared 2-core machine this was written on, 2 threads made every measured path slower.
@@ -382,11 +382,11 @@ def main() -> None:
     results["batch1_pytorch_only_bytes_per_s"] = round(cached_bytes_per_second(preset, 1, num_bytes, native=False), 1)
     results["native_kernel_available"] = native_kernels.load("attention_step") is not None
     results["native_run_available"] = native_kernels.load("decode_run") is not None
-    # The other presets: MEGABYTE-shaped (byte positions recorded for the global pooling) and the
-    # image MambaByte, batch 1, `sample`'s defaults vs PyTorch only, over as much of their context
-    # as num_bytes allows.
+    # The other presets: MEGABYTE-shaped (byte positions recorded for the global pooling), the
+    # image MambaByte and SpaceByte (units at word boundaries), batch 1, `sample`'s defaults vs
+    # PyTorch only, over as much of their context as num_bytes allows.
     others: dict = {}
-    for name in ("audio", "text", "image64_mambabyte"):
+    for name in ("audio", "text", "image64_mambabyte", "text_spacebyte"):
         model = build_preset(name)
         length = min(num_bytes, model.config.max_seq_len - 1)
         others[name] = {

@@ -319,6 +319,70 @@ def test_a_native_run_draws_and_steps_as_pytorch_does(name, temperature):
     assert_same_decode_state(states[True], states[False], "the end")
 
 
+def spacebyte_model() -> HierarchicalByteModel:
+    # Units end at word boundaries, or at 4 bytes (the cap), for a 4 x 8-wide concatenated patch.
+    stages = [StageConfig("attention", 32, 1, 2, patcher="space", patch_size=4), StageConfig("attention", 24, 1, 2)]
+    return HierarchicalByteModel(ModelConfig(stages=stages, max_seq_len=64, position_embedding=True)).eval()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_native_run_ends_spacebyte_units_where_the_patcher_does(temperature):
+    # One row of a SpaceByte model: the run applies the word rule to every byte it feeds. Bytes
+    # drawn, counters, the patcher's state and every cache match PyTorch's steps with the same
+    # noise, the prompt ending inside a unit; units end by the rule and by the length cap.
+    torch.manual_seed(6)
+    model = spacebyte_model()
+    steps = 40
+    prompt = torch.tensor([[104, 105, 32, 116, 104]])  # "hi th"
+    noise = exponential_noise((steps, 1, 256), torch.device("cpu"), torch.Generator().manual_seed(7))
+    states = {native: allocate_decode_state(model, 1, 48, native=native) for native in (False, True)}
+    assert states[True].native_decode is not None and states[False].native_decode is None
+    unit_lengths = []
+    with torch.no_grad():
+        first = sample_with_noise(prefill(model, states[False], prompt), noise[0], temperature)
+        assert torch.equal(sample_with_noise(prefill(model, states[True], prompt), noise[0], temperature), first)
+        expected, byte = [first], first
+        for j in range(1, steps):
+            byte = sample_with_noise(decode_step(model, states[False], byte), noise[j], temperature)
+            expected.append(byte)
+            unit_lengths.append(int(states[False].unit_lengths[0, 0]))
+        drawn = states[True].native_decode.run(first, steps - 1, noise[1:] if temperature > 0 else None, temperature)
+    assert drawn is not None and torch.equal(torch.cat([first[None], drawn]), torch.stack(expected))
+    ended = [length for length, after in zip(unit_lengths, unit_lengths[1:]) if after == 0]
+    assert 3 in ended and min(ended) < 3  # the cap (a unit of 4 bytes) and the rule both ended units
+    new, ref = states[True], states[False]
+    for field in ("unit_tokens", "unit_present", "coords", "unit_lengths", "positions"):
+        assert torch.equal(getattr(new, field), getattr(ref, field)), field
+    assert torch.equal(new.patcher_states[0], ref.patcher_states[0]) and torch.equal(new.unit_extra, ref.unit_extra)
+    torch.testing.assert_close(new.contexts[1], ref.contexts[1], rtol=0, atol=1e-4)
+    for old, cache in zip((c for s in ref.stage_states for c in s), (c for s in new.stage_states for c in s)):
+        assert torch.equal(old.lengths, cache.lengths) and cache.bound >= int(cache.lengths.max())
+        length = int(old.lengths[0])
+        torch.testing.assert_close(cache.keys[0, :, :length], old.keys[0, :, :length], rtol=0, atol=1e-4)
+        torch.testing.assert_close(cache.values[0, :, :length], old.values[0, :, :length], rtol=0, atol=1e-4)
+
+
+def test_the_native_word_rule_is_the_patchers():
+    from multibyte.kernels.decode_run import _library
+    from multibyte.patchers.space import space_like
+
+    library = _library()
+    if library is None:
+        pytest.skip("no native kernels here")
+    library.multibyte_space_like.argtypes, library.multibyte_space_like.restype = [ctypes.c_int64], ctypes.c_int
+    native = [bool(library.multibyte_space_like(byte)) for byte in range(256)]
+    assert native == space_like(torch.arange(256)).tolist()
+
+
+def test_spacebyte_rows_of_a_batch_decode_in_pytorch():
+    # Rows end their words at different bytes: no native run binds, and generate gives the
+    # PyTorch-only bytes.
+    model = spacebyte_model()
+    assert allocate_decode_state(model, 2, 16).native_decode is None
+    prompt = torch.tensor([[104, 105], [32, 33]])
+    assert torch.equal(generate(model, prompt, 20, seed=1), generate(model, prompt, 20, seed=1, native=False))
+
+
 DRAW_OPTIONS = {
     "top-k": dict(temperature=0.9, top_k=5),
     "top-p": dict(temperature=0.7, top_p=0.8),

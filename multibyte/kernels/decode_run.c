@@ -1,5 +1,5 @@
-/* Whole decoding steps of a hierarchical byte model with fixed units, and runs of them with the
- * draw of every next byte, in fp32 on a CPU: the native twin of
+/* Whole decoding steps of a hierarchical byte model with fixed units (or SpaceByte's word units),
+ * and runs of them with the draw of every next byte, in fp32 on a CPU: the native twin of
  * `multibyte.model.HierarchicalByteModel._decode_byte_in_step` followed by
  * `multibyte.sampling.sample_with_noise` (see `multibyte.kernels.decode_run.NativeDecode`).
  *
@@ -14,6 +14,8 @@
  *     local model's P contexts, restart the local model from its pad + context 0, the head.
  * A one-stage model (the vanilla byte transformer, MambaByte) has one step: embedding (+ byte
  * position), its attention or Mamba stack, the head.
+ * With SpaceByte's word boundaries instead of fixed patches (two stages), the same two steps,
+ * chosen by the patcher's rule on the byte being fed (`multibyte_space_run`).
  * A run feeds one byte, draws the next from the logits with the caller's Exp(1) noise (the
  * exponential race: argmax softmax(logits / T) / noise after the top-k and top-p masks; T = 0:
  * argmax logits) and feeds it, k times, so a whole patch costs one call from Python instead of
@@ -301,6 +303,52 @@ int64_t multibyte_decode_run(const ByteStep *s, const UnitStep *u, int64_t B, in
         else
             failed = 1;
         if (failed) return j;
+        feed = out + j * B;
+        if (!draw_rows(logits, noise ? noise + j * B * V : 0, rule, stopped, out + j * B, B, V, z, order)) return j + 1;
+    }
+    return k;
+}
+
+/* SpaceByte's rule (multibyte/patchers/space.py): a byte is space-like unless it is an ASCII
+ * letter or digit or a UTF-8 continuation byte. (Exported for the tests.) */
+int multibyte_space_like(int64_t byte) {
+    const int letter = (byte >= 'A' && byte <= 'Z') || (byte >= 'a' && byte <= 'z');
+    const int digit = byte >= '0' && byte <= '9', continuation = byte >= 0x80 && byte <= 0xBF;
+    return !(letter || digit || continuation);
+}
+
+/* `multibyte_decode_run` for a two-stage model whose outer units end at SpaceByte's word
+ * boundaries: the byte being fed ends its unit when it is space-like and the byte before was not
+ * (`spacy` (B,), the patcher's state, says whether it was), or when the unit would otherwise
+ * grow past `max_length` bytes; then the unit step runs, else the byte step, at the slot
+ * coords[b, 1]. levels[j] (k,) receives each step's level (0: the next byte starts a unit, 1:
+ * not), for the caller's cache bookkeeping. The rows must agree on the level and the slot: the
+ * first step where they do not is left to the caller (fewer than k steps done, as for a full
+ * cache or a byte out of range). */
+int64_t multibyte_space_run(const ByteStep *s, const UnitStep *u, int64_t B, uint8_t *spacy, int64_t max_length,
+                            const int64_t *first, int64_t k, const float *noise, const DrawRule *rule, uint8_t *stopped,
+                            int64_t *out, int64_t *levels, float *work) {
+    const int64_t V = s->vocab;
+    float *logits = work, *z = logits + B * V, *rest = z + 3 * V;
+    int32_t *order = (int32_t *)(z + V);
+    const int64_t *feed = first;
+    if (s->num_stages != 2 || !u) return 0;
+    for (int64_t j = 0; j < k; j++) {
+        const int64_t slot = s->coords[1];
+        int starts = 0;
+        for (int64_t b = 0; b < B; b++) {
+            const int row_starts = (multibyte_space_like(feed[b]) && !spacy[b]) || s->unit_lengths[b] + 1 >= max_length;
+            if (b == 0)
+                starts = row_starts;
+            else if (row_starts != starts || s->coords[b * 2 + 1] != slot)
+                return j;
+        }
+        if (slot < 0 || slot >= s->unit_slots || (!starts && slot + 1 >= s->siblings)) return j;
+        const int failed = starts ? multibyte_unit_step(u, B, feed, slot, logits, rest)
+                                  : multibyte_byte_step(s, B, feed, slot, slot + 1, logits, rest);
+        if (failed) return j;
+        for (int64_t b = 0; b < B; b++) spacy[b] = (uint8_t)multibyte_space_like(feed[b]);
+        levels[j] = starts ? 0 : 1;
         feed = out + j * B;
         if (!draw_rows(logits, noise ? noise + j * B * V : 0, rule, stopped, out + j * B, B, V, z, order)) return j + 1;
     }

@@ -1,5 +1,6 @@
 """`NativeDecode`: whole decoding steps of a model with fixed units, and runs of them with the
-draw of every next byte, as native calls (decode_run.c, with the attention stack step).
+draw of every next byte, as native calls (decode_run.c, with the attention stack step); runs also
+for one row of a two-stage SpaceByte model, whose units end at word boundaries.
 
 The references are `multibyte.model.HierarchicalByteModel._decode_byte_in_step` (one step, every
 row at the same position of fixed units) and `multibyte.sampling.sample_with_noise` (one draw
@@ -13,7 +14,9 @@ from logits and Exp(1) noise). Two steps are native:
   - the one step of a one-stage model (the vanilla byte transformer, MambaByte): embedding
     (+ byte position), its attention or Mamba stack, the head.
 A run (`NativeDecode.run`) is up to k steps and draws in one call: a whole patch, or many, for
-one call from Python. Like the stack steps it agrees with the reference to rounding, not bit for
+one call from Python. With SpaceByte's units (`multibyte.patchers.space`) the run applies the
+patcher's rule to each byte it feeds to choose the byte or the unit step, at batch 1 only (rows
+end their words at different bytes; a batch decodes in PyTorch). Like the stack steps it agrees with the reference to rounding, not bit for
 bit (a draw can move only where two bytes' scores meet within that rounding).
 """
 
@@ -111,6 +114,7 @@ def _library() -> Optional[ctypes.CDLL]:
             "multibyte_single_step": ([single, i64, _pointer, _pointer, _pointer], ctypes.c_int),
             "multibyte_single_run": ([single, i64, _pointer, i64, _pointer, rule, _pointer, _pointer, _pointer], i64),
             "multibyte_single_workspace": ([single, i64], i64),
+            "multibyte_space_run": ([byte, unit, i64, _pointer, i64, _pointer, i64, _pointer, rule, _pointer, _pointer, _pointer, _pointer], i64),
         }
         for name, (arguments, result) in signatures.items():
             function = getattr(library, name)
@@ -148,6 +152,10 @@ class NativeDecode:
         self._inner_period = self._patch_sizes[-1] if self._patch_sizes else 1  # the innermost stage's parent unit, in bytes
         self.batch_size, self.vocab = state.batch_size, int(step.vocab)
         self.has_unit_step = unit_step is not None
+        # SpaceByte's units: the patcher's state (was the last byte space-like?) and longest unit
+        self._word_units = not model.config.is_fixed
+        self._spacy = state.patcher_states[0] if self._word_units else None
+        self._max_length = model.patchers[0].max_length if self._word_units else 0
         if self._single:
             work = library.multibyte_single_workspace(self._single_ref, self.batch_size)
         else:
@@ -157,15 +165,15 @@ class NativeDecode:
 
     @classmethod
     def bind(cls, model: torch.nn.Module, state: Any) -> Optional["NativeDecode"]:
-        """For `model` (a `HierarchicalByteModel` with fixed units) and its `state` (a
-        `DecodeState` whose innermost stack has a bound `NativeAttentionStep`, or with one stage
-        a native attention or Mamba step), or
-        None where the byte step cannot run: something besides the byte embedding and the
-        context enters the innermost input, hashed n-gram embeddings, a head with a bias,
+        """For `model` (a `HierarchicalByteModel` with fixed units, or two stages with SpaceByte's
+        units at batch 1, see `_word_units`) and its `state` (a `DecodeState` whose innermost
+        stack has a bound `NativeAttentionStep`, or with one stage a native attention or Mamba
+        step), or None where the byte step cannot run: something besides the byte embedding and
+        the context enters the innermost input, hashed n-gram embeddings, a head with a bias,
         weights not fp32."""
         config = model.config
         N = config.num_stages
-        if not config.is_fixed or state.static:
+        if state.static or not (config.is_fixed or cls._word_units(model, state)):
             return None
         if N == 1:
             return cls._bind_single(model, state)
@@ -211,7 +219,20 @@ class NativeDecode:
         )
         keep = tensors + counters + [state.unit_present, inner_step, positions, state.unit_extra]
         unit_step = cls._bind_unit_step(model, state, byte_step, keep) if N == 2 else None
+        if unit_step is None and not config.is_fixed:
+            return None  # word units end at nearly every other byte: no gain without the unit step
         return cls(library, byte_step, unit_step, keep, model, state)
+
+    @staticmethod
+    def _word_units(model: Any, state: Any) -> bool:
+        """Whether a model without fixed units can run natively: two stages whose outer units end
+        at SpaceByte's word boundaries, its patcher state a contiguous bool, one row."""
+        from multibyte.patchers.space import SpacePatcher
+
+        if model.config.num_stages != 2 or type(model.patchers[0]) is not SpacePatcher or state.batch_size != 1:
+            return False
+        spacy = state.patcher_states[0]
+        return spacy.dtype == torch.bool and spacy.is_contiguous() and spacy.device.type == "cpu"
 
     @classmethod
     def _bind_single(cls, model: Any, state: Any) -> Optional["NativeDecode"]:
@@ -312,8 +333,9 @@ class NativeDecode:
     def step(self, byte: torch.Tensor, t: int, level: int) -> Optional[torch.Tensor]:
         """Consume byte t (B,) of every row, the next byte starting a unit of stage `level`
         (the host already counted it): the (B, V) fp32 logits of byte t + 1, or None (nothing
-        changed) when no native step runs it; the caller then runs the PyTorch step."""
-        if self._declines(byte):
+        changed) when no native step runs it; the caller then runs the PyTorch step. (Word
+        units: only runs, whose kernel applies the patcher's rule.)"""
+        if self._declines(byte) or self._word_units:
             return None
         byte = byte.contiguous()
         logits = torch.empty(self.batch_size, self.vocab)
@@ -353,9 +375,9 @@ class NativeDecode:
         after cannot run natively (a unit boundary without the unit step, a full cache): the
         caller takes that one in PyTorch."""
         state = self._state_ref()
-        if self._declines(byte) or not state.started or state.host_position is None:
+        if self._declines(byte) or not state.started or (state.host_position is None and not self._word_units):
             return None
-        k = min(k, state.max_len - state.host_position)
+        k = min(k, state.max_len - (int(state.positions.max()) if self._word_units else state.host_position))
         if k < 1:
             return None
         if noise is not None and (noise.shape != (k, self.batch_size, self.vocab) or not usable(noise)):
@@ -373,6 +395,15 @@ class NativeDecode:
         draws = (_pointer_of(noise), ctypes.byref(rule), _pointer_of(stopped if stop_byte is not None else None), out.data_ptr(), self._work_ptr)
         if self._single:
             done = self._library.multibyte_single_run(self._single_ref, self.batch_size, byte.data_ptr(), k, *draws)
+        elif self._word_units:
+            levels = torch.empty(k, dtype=torch.long)
+            done = self._library.multibyte_space_run(
+                self._byte_ref, self._unit_ref, self.batch_size, self._spacy.data_ptr(), self._max_length, byte.data_ptr(), k,
+                *draws[:4], levels.data_ptr(), self._work_ptr,
+            )  # fmt: skip
+            for level in levels[:done].tolist():
+                self._advance_caches(level)
+            return out[:done] if done else None
         else:
             done = self._library.multibyte_decode_run(
                 self._byte_ref, self._unit_ref, self.batch_size, state.host_position, self._inner_period, byte.data_ptr(), k, *draws
