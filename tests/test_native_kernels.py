@@ -530,18 +530,87 @@ def test_the_matrix_vector_product_sums_every_row_and_column(extra, tmp_path):
         pytest.skip("no C compiler")
     (tmp_path / "driver.c").write_text(LINEAR_DRIVER)
     library = tmp_path / "linear.so"
-    command = [compiler, *kernels.FLAGS, *extra, f"-I{kernels.SOURCES}", "-o", str(library), str(tmp_path / "driver.c"), "-lm"]
+    sources = [str(tmp_path / "driver.c"), str(kernels.SOURCES / "parallel.c")]
+    command = [compiler, *kernels.FLAGS, *extra, f"-I{kernels.SOURCES}", "-o", str(library), *sources, "-lm"]
     subprocess.run(command, check=True, capture_output=True)
-    call = ctypes.CDLL(str(library)).call_linear
+    loaded = ctypes.CDLL(str(library))
+    call, set_threads = loaded.call_linear, loaded.multibyte_set_threads
     call.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    set_threads.argtypes, set_threads.restype = [ctypes.c_int], ctypes.c_int
     generator = torch.Generator().manual_seed(0)
-    for rows, out, width in itertools.product((1, 3), (1, 7, 8, 13, 24), (1, 5, 8, 16, 24, 37, 96)):
+    small = itertools.product((1, 3), (1, 7, 8, 13, 24), (1, 5, 8, 16, 24, 37, 96))
+    large = [(1, 1536, 384), (2, 389, 400), (1, 24, 6000)]  # split between two threads: >= 128K weights
+    for rows, out, width in [*small, *large]:
         W = torch.randn(out, width, generator=generator)
         X = torch.randn(rows, width, generator=generator)
-        Y = torch.full((rows, out), float("nan"))
-        call(W.data_ptr(), X.data_ptr(), Y.data_ptr(), rows, out, width)
+        results = []
+        for threads in (1, 2):
+            assert set_threads(threads) == threads
+            Y = torch.full((rows, out), float("nan"))
+            call(W.data_ptr(), X.data_ptr(), Y.data_ptr(), rows, out, width)
+            results.append(Y)
         expected = (X.double() @ W.double().T).float()
-        torch.testing.assert_close(Y, expected, rtol=1e-5, atol=1e-5, msg=f"rows {rows}, out {out}, in {width}")
+        torch.testing.assert_close(results[0], expected, rtol=1e-5, atol=2e-5, msg=f"rows {rows}, out {out}, in {width}")
+        assert torch.equal(results[1], results[0]), f"two threads differ at rows {rows}, out {out}, in {width}"
+
+
+def _mamba_step_in_a_child(stack, x, queue) -> None:
+    states = stack.allocate_states(1, 4, "cpu", torch.float32)
+    queue.put(NativeMambaStep.bind(stack, states)(x).tolist())  # plain floats: no shared memory
+
+
+def test_a_large_stack_steps_alike_on_one_or_two_threads_and_in_a_forked_child():
+    # A Mamba stack whose projections are split between the caller and the helper thread: the
+    # same bits as on one thread, the PyTorch reference to rounding, and a child forked after the
+    # helper started steps too (it starts its own helper instead of waiting on the parent's).
+    import multiprocessing
+
+    torch.manual_seed(2)
+    stack = Stack(StageConfig("mamba", 256, 2, 2, d_state=8, d_conv=4), 0.0, 1e-5).eval()
+    assert stack.blocks[0].mixer.in_proj.weight.numel() >= 128 * 1024
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(3))
+    if kernels.load("mamba_step") is None:
+        pytest.skip("no native kernels here")
+    outputs = []
+    try:
+        for threads in (1, 2):
+            kernels.set_native_threads(threads)
+            step = NativeMambaStep.bind(stack, stack.allocate_states(1, 4, "cpu", torch.float32))
+            outputs.append(step(x))
+        with torch.no_grad():
+            expected = stack(x, stack.allocate_states(1, 4, "cpu", torch.float32))
+        assert torch.equal(outputs[1], outputs[0])
+        torch.testing.assert_close(outputs[0], expected, rtol=0, atol=2e-5)
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_mamba_step_in_a_child, args=(stack, x, queue))
+        child.start()
+        try:
+            got = queue.get(timeout=60)
+            child.join(timeout=10)
+        finally:
+            if child.is_alive():  # waiting for a helper it does not have
+                child.kill()
+        assert child.exitcode == 0, f"the forked child ended with {child.exitcode}"
+        assert got == outputs[0].tolist()
+    finally:
+        kernels.set_native_threads(None)
+
+
+def test_native_threads_come_from_the_caller_or_the_environment(monkeypatch):
+    monkeypatch.setenv("MULTIBYTE_NATIVE_THREADS", "1")
+    assert kernels.native_threads() == 1
+    monkeypatch.setenv("MULTIBYTE_NATIVE_THREADS", "4")
+    with pytest.raises(ValueError, match="MULTIBYTE_NATIVE_THREADS must be 1 or 2, got '4'"):
+        kernels.native_threads()
+    monkeypatch.delenv("MULTIBYTE_NATIVE_THREADS")  # (the libraries follow only set_native_threads)
+    try:
+        kernels.set_native_threads(1)
+        assert kernels.native_threads() == 1
+    finally:
+        kernels.set_native_threads(None)
+    with pytest.raises(ValueError, match="native threads must be 1 or 2"):
+        kernels.set_native_threads(3)
 
 
 def test_a_decode_state_with_native_steps_is_freed_without_the_cycle_collector():

@@ -13,6 +13,8 @@ callers run their PyTorch reference. Tests hold every kernel to its reference
     mamba_step.c       the same for a Mamba stack (MambaByte), `multibyte.kernels.mamba.NativeMambaStep`
     decode_run.c       whole decoding steps of a model with fixed units and runs of them with the
                        draws (built with both stack steps), `multibyte.kernels.decode_run.NativeDecode`
+    parallel.c         a helper thread for the large matrix-vector products (in every library;
+                       `native_threads`, `set_native_threads`, `$MULTIBYTE_NATIVE_THREADS`)
     vector_ops.h       what all use: RMSNorm, the row-blocked matrix-vector products, exp
     attention_step.h,  the stacks' structures and entry points, shared with decode_run
     mamba_step.h
@@ -36,11 +38,15 @@ from typing import Optional
 
 import torch
 
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-pthread", "-shared", "-fPIC"]
 SOURCES = Path(__file__).resolve().parent
 
 # The C files of each library (default: the library's name + .c).
-LIBRARY_SOURCES = {"decode_run": ("decode_run.c", "attention_step.c", "mamba_step.c")}
+LIBRARY_SOURCES = {
+    "attention_step": ("attention_step.c", "parallel.c"),
+    "mamba_step": ("mamba_step.c", "parallel.c"),
+    "decode_run": ("decode_run.c", "attention_step.c", "mamba_step.c", "parallel.c"),
+}
 
 _loaded: dict[str, Optional[ctypes.CDLL]] = {}
 _lock = threading.Lock()
@@ -49,6 +55,38 @@ _lock = threading.Lock()
 def enabled() -> bool:
     """False when the environment turns native kernels off (`MULTIBYTE_NATIVE=0`)."""
     return os.environ.get("MULTIBYTE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_threads: Optional[int] = None  # set_native_threads's choice; None: native_threads's default
+
+
+def native_threads() -> int:
+    """Threads the kernels' large matrix-vector products use (parallel.c): what
+    `set_native_threads` chose, else `$MULTIBYTE_NATIVE_THREADS` (1 or 2), else 2 where the
+    process may run on two cores or more. A batch-1 step of a large stack is bound by how fast
+    its weights come from memory, which two cores draw much faster than one
+    (benchmarks/sample_speed.py, `native_threads`)."""
+    if _threads is not None:
+        return _threads
+    value = os.environ.get("MULTIBYTE_NATIVE_THREADS", "").strip()
+    if value:
+        if value not in ("1", "2"):
+            raise ValueError(f"MULTIBYTE_NATIVE_THREADS must be 1 or 2, got {value!r}")
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 2 if cores >= 2 else 1
+
+
+def set_native_threads(threads: Optional[int]) -> None:
+    """Use `threads` (1 or 2; None: back to `native_threads`'s default) for the large products
+    from now on, in the libraries already loaded and in those loaded later."""
+    global _threads
+    if threads not in (None, 1, 2):
+        raise ValueError(f"native threads must be 1 or 2 (or None for the default), got {threads!r}")
+    _threads = threads
+    for library in _loaded.values():
+        if library is not None:
+            library.multibyte_set_threads(native_threads())
 
 
 def cache_folder() -> Path:
@@ -116,6 +154,8 @@ def load(name: str) -> Optional[ctypes.CDLL]:
             if not path.exists():
                 _build(name, path)
             library = ctypes.CDLL(str(path))
+            library.multibyte_set_threads.argtypes, library.multibyte_set_threads.restype = [ctypes.c_int], ctypes.c_int
+            library.multibyte_set_threads(native_threads())
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             warnings.warn(f"native kernel {name!r} unavailable, using the PyTorch reference: {error}", RuntimeWarning, stacklevel=2)
         _loaded[name] = library

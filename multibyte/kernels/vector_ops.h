@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "parallel.h"
+
 /* e^x without a libm call, so that loops over it vectorize: x = n ln 2 + r with |r| <= ln 2 / 2,
  * e^r by its degree-7 Taylor polynomial (truncation below 1e-8 relative), 2^n put into the
  * exponent bits. Within ~2 ulp of expf; x is clamped to [-87.3, 88.7] (no subnormals, no inf),
@@ -115,15 +117,16 @@ static inline void sum_lanes8(const lanes_t *a, float *y) {
 #endif
 }
 
-/* Y = X W^T for X (rows, in), W (out, in). Eight weight rows at a time, each applied to every row
- * of X while it is in the L1 cache (the weights are read from memory once per call), with one
- * vector accumulator per weight row: at batch 1 this is a matrix-vector product whose speed is set
- * by how many independent multiply-adds are in flight and how cheaply the accumulators are summed.
- * The columns beyond the last whole vector are added one by one. */
-static void linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+/* Output rows j0..j1-1 of Y = X W^T for X (rows, in), W (out, in), Y (rows, out); j0 a multiple
+ * of 8. Eight weight rows at a time, each applied to every row of X while it is in the L1 cache
+ * (the weights are read from memory once per call), with one vector accumulator per weight row:
+ * at batch 1 this is a matrix-vector product whose speed is set by how many independent
+ * multiply-adds are in flight and how cheaply the accumulators are summed. The columns beyond the
+ * last whole vector are added one by one. A row's result does not depend on j0 and j1. */
+static void linear_part(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1) {
     const int64_t body = in - in % LANES;
-    int64_t j = 0;
-    for (; j + 8 <= out; j += 8) {
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
         const float *w = W + j * in;
         for (int64_t b = 0; b < rows; b++) {
             const float *x = X + b * in;
@@ -138,7 +141,7 @@ static void linear(const float *W, const float *X, float *Y, int64_t rows, int64
                 for (int r = 0; r < 8; r++) y[r] += w[r * in + i] * x[i];
         }
     }
-    for (; j < out; j++) { /* the last out % 8 rows, one at a time */
+    for (; j < j1; j++) { /* the last rows short of a group of 8, one at a time */
         const float *w = W + j * in;
         for (int64_t b = 0; b < rows; b++) {
             const float *x = X + b * in;
@@ -150,6 +153,12 @@ static void linear(const float *W, const float *X, float *Y, int64_t rows, int64
             Y[b * out + j] = sum;
         }
     }
+}
+
+/* Y = X W^T (see linear_part); a large product is split with the helper thread (parallel.c). */
+static void linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+    if (out * in >= PARALLEL_MIN_WEIGHTS && multibyte_parallel_linear(W, X, Y, rows, out, in) == 0) return;
+    linear_part(W, X, Y, rows, out, in, 0, out);
 }
 
 #endif

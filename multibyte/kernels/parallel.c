@@ -1,0 +1,124 @@
+/* A helper thread for the large matrix-vector products of a decoding step.
+ *
+ * A batch-1 step of a large stack (MambaByte's 30 MB of weights, a MEGABYTE global model) reads
+ * every weight once; one core cannot draw what the memory system can deliver, two together come
+ * much closer. So `multibyte_parallel_linear` hands the second half of a product's output rows to
+ * one helper thread and computes the first half itself. Each output row is computed by one thread
+ * with the same code as alone, so the result is bit-identical to `linear`'s.
+ *
+ * The helper is started on first use (one per library and process; again in a forked child). It
+ * waits for work by spinning for a short while (the products of one step follow each other within
+ * microseconds) and then sleeps on a condition variable, so between generations it costs nothing.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "parallel.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#include "vector_ops.h"
+
+typedef struct {
+    const float *W, *X;
+    float *Y;
+    int64_t rows, out, in, first; /* the helper's part: output rows first..out-1 */
+} Job;
+
+static int threads_allowed = 1;
+static int helper_state = 0; /* 0: not started, 1: running, -1: could not start */
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static atomic_long posted, finished; /* jobs handed to the helper, jobs it finished */
+static atomic_int sleeping;
+static Job job; /* written before `posted` moves on, read by the helper after it sees that */
+
+static void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* How long the helper spins for the next job before it sleeps. */
+#define SPIN_SECONDS 200e-6
+
+static void *helper_main(void *unused) {
+    (void)unused;
+    long seen = atomic_load(&finished);
+    for (;;) {
+        long now = atomic_load(&posted);
+        if (now == seen) {
+            const double until = seconds() + SPIN_SECONDS;
+            for (int spins = 0; (now = atomic_load(&posted)) == seen; spins++) {
+                relax();
+                if ((spins & 255) == 255 && seconds() > until) {
+                    pthread_mutex_lock(&lock);
+                    atomic_store(&sleeping, 1);
+                    while ((now = atomic_load(&posted)) == seen) pthread_cond_wait(&wake, &lock);
+                    atomic_store(&sleeping, 0);
+                    pthread_mutex_unlock(&lock);
+                    break;
+                }
+            }
+        }
+        const Job j = job;
+        linear_part(j.W, j.X, j.Y, j.rows, j.out, j.in, j.first, j.out);
+        seen = now;
+        atomic_store(&finished, now);
+    }
+    return 0;
+}
+
+/* In a forked child the helper thread does not exist: start afresh there. */
+static void after_fork_in_child(void) {
+    helper_state = 0;
+    atomic_store(&posted, 0);
+    atomic_store(&finished, 0);
+    atomic_store(&sleeping, 0);
+    pthread_mutex_init(&lock, 0);
+    pthread_cond_init(&wake, 0);
+}
+
+static void register_fork_handler(void) { pthread_atfork(0, 0, after_fork_in_child); }
+
+static int start_helper(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
+    pthread_attr_t attributes;
+    pthread_t thread;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    helper_state = pthread_create(&thread, &attributes, helper_main, 0) == 0 ? 1 : -1;
+    pthread_attr_destroy(&attributes);
+    return helper_state;
+}
+
+int multibyte_set_threads(int threads) {
+    threads_allowed = threads > 1 ? 2 : 1;
+    return threads_allowed;
+}
+
+int multibyte_parallel_linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+    if (threads_allowed < 2 || out < 16) return 1;
+    if (helper_state == 0) start_helper();
+    if (helper_state != 1) return 1;
+    const int64_t first = (out / 16) * 8; /* the caller's rows: 0..first-1, whole groups of 8 */
+    job = (Job){.W = W, .X = X, .Y = Y, .rows = rows, .out = out, .in = in, .first = first};
+    const long id = atomic_fetch_add(&posted, 1) + 1;
+    if (atomic_load(&sleeping)) {
+        pthread_mutex_lock(&lock);
+        pthread_cond_signal(&wake);
+        pthread_mutex_unlock(&lock);
+    }
+    linear_part(W, X, Y, rows, out, in, 0, first);
+    while (atomic_load(&finished) != id) relax();
+    return 0;
+}
