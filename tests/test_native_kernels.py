@@ -597,6 +597,37 @@ def test_a_large_stack_steps_alike_on_one_or_two_threads_and_in_a_forked_child()
         kernels.set_native_threads(None)
 
 
+def test_threads_decoding_at_once_share_the_helper_safely():
+    # Two Python threads step large stacks at the same time (ctypes lets go of the GIL): one holds
+    # the helper while the other computes alone; both get the bits of a step taken alone.
+    import threading
+
+    torch.manual_seed(4)
+    stack = Stack(StageConfig("mamba", 256, 2, 2, d_state=8, d_conv=4), 0.0, 1e-5).eval()
+    if kernels.load("mamba_step") is None:
+        pytest.skip("no native kernels here")
+    inputs = torch.randn(40, 1, 1, 256, generator=torch.Generator().manual_seed(5))
+
+    def run(results: list) -> None:
+        step = NativeMambaStep.bind(stack, stack.allocate_states(1, 4, "cpu", torch.float32))
+        results.extend(step(x) for x in inputs)
+
+    try:
+        kernels.set_native_threads(2)
+        alone: list = []
+        run(alone)
+        together: list = [[], []]
+        threads = [threading.Thread(target=run, args=(out,)) for out in together]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        kernels.set_native_threads(None)
+    for out in together:
+        assert len(out) == len(alone) and all(torch.equal(a, b) for a, b in zip(out, alone))
+
+
 def test_native_threads_come_from_the_caller_or_the_environment(monkeypatch):
     monkeypatch.setenv("MULTIBYTE_NATIVE_THREADS", "1")
     assert kernels.native_threads() == 1

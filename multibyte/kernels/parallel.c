@@ -28,6 +28,7 @@ typedef struct {
 static int threads_allowed = 1;
 static int helper_state = 0; /* 0: not started, 1: running, -1: could not start */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t owner = PTHREAD_MUTEX_INITIALIZER; /* one caller at a time hands over work */
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static atomic_long posted, finished; /* jobs handed to the helper, jobs it finished */
 static atomic_int sleeping;
@@ -84,6 +85,7 @@ static void after_fork_in_child(void) {
     atomic_store(&finished, 0);
     atomic_store(&sleeping, 0);
     pthread_mutex_init(&lock, 0);
+    pthread_mutex_init(&owner, 0);
     pthread_cond_init(&wake, 0);
 }
 
@@ -108,8 +110,14 @@ int multibyte_set_threads(int threads) {
 
 int multibyte_parallel_linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
     if (threads_allowed < 2 || out < 16) return 1;
+    /* Several threads of the process may decode at once: the one that holds the helper hands
+     * work over, the others compute alone. */
+    if (pthread_mutex_trylock(&owner) != 0) return 1;
     if (helper_state == 0) start_helper();
-    if (helper_state != 1) return 1;
+    if (helper_state != 1) {
+        pthread_mutex_unlock(&owner);
+        return 1;
+    }
     const int64_t first = (out / 16) * 8; /* the caller's rows: 0..first-1, whole groups of 8 */
     job = (Job){.W = W, .X = X, .Y = Y, .rows = rows, .out = out, .in = in, .first = first};
     const long id = atomic_fetch_add(&posted, 1) + 1;
@@ -120,5 +128,6 @@ int multibyte_parallel_linear(const float *W, const float *X, float *Y, int64_t 
     }
     linear_part(W, X, Y, rows, out, in, 0, first);
     while (atomic_load(&finished) != id) relax();
+    pthread_mutex_unlock(&owner);
     return 0;
 }
