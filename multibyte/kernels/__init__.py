@@ -11,8 +11,9 @@ callers run their PyTorch reference. Tests hold every kernel to its reference
     attention_step.c   one decoding position of an attention stack (`multibyte.model.Stack`),
                        bound by `multibyte.kernels.attention.NativeAttentionStep`
     mamba_step.c       the same for a Mamba stack (MambaByte), `multibyte.kernels.mamba.NativeMambaStep`
-    decode_run.c       whole decoding steps of a model with fixed units and runs of them with the
-                       draws (built with both stack steps), `multibyte.kernels.decode_run.NativeDecode`
+    decode_run.c       whole decoding steps of a model with fixed units (or SpaceByte's word units,
+                       one row) and runs of them with the draws (built with both stack steps),
+                       `multibyte.kernels.decode_run.NativeDecode`
     parallel.c         a helper thread for the large matrix-vector products (in every library;
                        `native_threads`, `set_native_threads`, `$MULTIBYTE_NATIVE_THREADS`)
     vector_ops.h       what all use: RMSNorm, the row-blocked matrix-vector products, exp
