@@ -16,8 +16,9 @@ from logits and Exp(1) noise). Two steps are native:
 A run (`NativeDecode.run`) is up to k steps and draws in one call: a whole patch, or many, for
 one call from Python. With SpaceByte's units (`multibyte.patchers.space`) the run applies the
 patcher's rule to each byte it feeds to choose the byte or the unit step, at batch 1 only (rows
-end their words at different bytes; a batch decodes in PyTorch). Like the stack steps it agrees with the reference to rounding, not bit for
-bit (a draw can move only where two bytes' scores meet within that rounding).
+end their words at different bytes; a batch decodes in PyTorch). Like the stack steps it agrees
+with the reference to rounding, not bit for bit (a draw can move only where two bytes' scores
+meet within that rounding).
 """
 
 from __future__ import annotations
@@ -166,14 +167,14 @@ class NativeDecode:
     @classmethod
     def bind(cls, model: torch.nn.Module, state: Any) -> Optional["NativeDecode"]:
         """For `model` (a `HierarchicalByteModel` with fixed units, or two stages with SpaceByte's
-        units at batch 1, see `_word_units`) and its `state` (a `DecodeState` whose innermost
-        stack has a bound `NativeAttentionStep`, or with one stage a native attention or Mamba
-        step), or None where the byte step cannot run: something besides the byte embedding and
-        the context enters the innermost input, hashed n-gram embeddings, a head with a bias,
-        weights not fp32."""
+        units at batch 1: `_can_run_word_units`) and its `state` (a `DecodeState` whose
+        innermost stack has a bound `NativeAttentionStep`, or with one stage a native attention
+        or Mamba step), or None where the byte step cannot run: something besides the byte
+        embedding and the context enters the innermost input, hashed n-gram embeddings, a head
+        with a bias, weights not fp32."""
         config = model.config
         N = config.num_stages
-        if state.static or not (config.is_fixed or cls._word_units(model, state)):
+        if state.static or not (config.is_fixed or cls._can_run_word_units(model, state)):
             return None
         if N == 1:
             return cls._bind_single(model, state)
@@ -224,7 +225,7 @@ class NativeDecode:
         return cls(library, byte_step, unit_step, keep, model, state)
 
     @staticmethod
-    def _word_units(model: Any, state: Any) -> bool:
+    def _can_run_word_units(model: Any, state: Any) -> bool:
         """Whether a model without fixed units can run natively: two stages whose outer units end
         at SpaceByte's word boundaries, its patcher state a contiguous bool, one row."""
         from multibyte.patchers.space import SpacePatcher
