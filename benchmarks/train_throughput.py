@@ -199,18 +199,14 @@ def main() -> None:
     else:
         results["bf16"] = "skipped: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX); --bf16 runs it anyway"
 
-    counted = HierarchicalByteModel(config)
-    results["ours_params"] = counted.num_parameters()
-    flops_per_byte = training_flops_per_byte(counted, seq_len)
-    del counted
-    if run_fp32:
-        model, step = ours_step_fn(config, False, device)
-        results["ours_bytes_per_s_fp32"] = round(time_training(step, tokens, warmup, steps), 1)
-        del model, step
-    if run_bf16:
-        model, step = ours_step_fn(config, True, device)
-        results["ours_bytes_per_s_bf16"] = round(time_training(step, tokens, warmup, steps), 1)
-        del model, step
+    flops_per_byte = 0.0
+    for name, bf16, run in (("fp32", False, run_fp32), ("bf16", True, run_bf16)):
+        if run:
+            model, step = ours_step_fn(config, bf16, device)
+            results["ours_params"] = model.num_parameters()
+            flops_per_byte = training_flops_per_byte(model, seq_len)
+            results[f"ours_bytes_per_s_{name}"] = round(time_training(step, tokens, warmup, steps), 1)
+            del model, step
     if args.compile and run_bf16:
         model, step = ours_step_fn(config, True, device, compile=True)
         start = time.perf_counter()

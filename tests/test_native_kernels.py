@@ -10,17 +10,16 @@ fail the way `multibyte/kernels/__init__.py` says. Skipped only where there is n
 
 import ctypes
 import itertools
-import platform
 import shutil
 import subprocess
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import multibyte.kernels as kernels
 from architectures import build
+from multibyte import cpu_features
 from multibyte.config import ModelConfig, StageConfig
 from multibyte.kernels import bind_stack_step
 from multibyte.kernels.attention import NativeAttentionStep
@@ -516,7 +515,7 @@ def linear_builds() -> list:
     lane-by-lane sums of compilers without vector shuffles, and on an AVX-512 x86 CPU also with
     the eight-lane vectors every other CPU gets."""
     builds = [[], ["-DMULTIBYTE_LANE_BY_LANE_SUM"]]
-    if platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in Path("/proc/cpuinfo").read_text():
+    if cpu_features.vector_capability() == "AVX512":  # x86 with AVX-512
         builds.append(["-mno-avx512f"])
     return builds
 
