@@ -168,6 +168,40 @@ def test_decoding_with_the_kernel_gives_the_pytorch_logits(name):
             logits = {native: decode_step(model, state, byte) for native, state in states.items()}
 
 
+@pytest.mark.parametrize("name", ["megabyte-lags", "vanilla", "mambabyte", "hybrid"])
+def test_a_model_of_bf16_values_decodes_from_bf16_matrices_with_the_same_logits(name):
+    # Every parameter rounded to bf16 and kept in fp32 (sample --dtype bfloat16 on a CPU): the
+    # kernels read bf16 copies of the matrices and must compute what PyTorch computes from the
+    # fp32 ones.
+    model = build(name, seed=5).to(torch.bfloat16).to(torch.float32)
+    assert kernels.matrices_are_bf16(model) and not kernels.matrices_are_bf16(build(name, seed=5))
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))
+    states = {native: allocate_decode_state(model, 2, 40, native=native) for native in (False, True)}
+    bound = [s.native for s in states[True].stage_states if s.native is not None]
+    assert bound and all(step.bf16_weights for step in bound)
+    assert states[True].native_decode is not None
+    with torch.no_grad():
+        logits = {native: prefill(model, state, prompt) for native, state in states.items()}
+        for t in range(30):
+            torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-4, msg=f"byte {t}")
+            byte = logits[False].argmax(-1)
+            logits = {native: decode_step(model, state, byte) for native, state in states.items()}
+
+
+def test_bf16_matrices_are_used_only_where_they_are_exact():
+    linear = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -0.5, 2.0**-20], [3.0, 0.0, 256.0]]))  # all exact in bf16
+        assert kernels.matrices_are_bf16(linear)
+        linear.weight[0, 0] = 1.0 + 2.0**-8  # bf16 keeps 8 significant bits: 1 + 2^-8 is not one
+        assert not kernels.matrices_are_bf16(linear)
+    assert not kernels.matrices_are_bf16(torch.nn.LayerNorm(4))  # no matrices at all
+    copy = kernels.matrix_for_kernel(torch.tensor([[1.0, 2.5]]), True)
+    assert copy.dtype == torch.bfloat16 and copy.is_contiguous() and copy.tolist() == [[1.0, 2.5]]
+    assert kernels.library_path("decode_run", True).name.startswith("decode_run-bf16w-")
+    assert kernels.library_path("decode_run", True) != kernels.library_path("decode_run")
+
+
 def test_generate_uses_the_kernels_and_draws_the_same_bytes():
     config = ModelConfig(
         stages=[
@@ -506,7 +540,7 @@ def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
 
 LINEAR_DRIVER = """
 #include "vector_ops.h"
-void call_linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) { linear(W, X, Y, rows, out, in); }
+void call_linear(const weight_t *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) { linear(W, X, Y, rows, out, in); }
 """
 
 
@@ -520,17 +554,20 @@ def linear_builds() -> list:
     return builds
 
 
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
 @pytest.mark.parametrize("extra", linear_builds(), ids=lambda flags: " ".join(flags) or "as-built")
-def test_the_matrix_vector_product_sums_every_row_and_column(extra, tmp_path):
-    # Rows of W in groups of eight and a remainder, columns in whole vectors and a remainder, one
-    # or several rows of X: every path of `linear` against a float64 product.
+def test_the_matrix_vector_product_sums_every_row_and_column(extra, weights, tmp_path):
+    # Rows of W in groups of eight and a remainder, columns in whole vectors (bf16: pairs of
+    # vectors) and a remainder, one or several rows of X: every path of `linear` against a
+    # float64 product, for fp32 matrices and for the bf16 ones of the bf16-weight libraries.
     compiler = kernels._compiler()
     if compiler is None:
         pytest.skip("no C compiler")
     (tmp_path / "driver.c").write_text(LINEAR_DRIVER)
     library = tmp_path / "linear.so"
     sources = [str(tmp_path / "driver.c"), str(kernels.SOURCES / "parallel.c")]
-    command = [compiler, *kernels.FLAGS, *extra, f"-I{kernels.SOURCES}", "-o", str(library), *sources, "-lm"]
+    flags = kernels.FLAGS + (kernels.BF16_WEIGHT_FLAGS if weights == "bf16" else [])
+    command = [compiler, *flags, *extra, f"-I{kernels.SOURCES}", "-o", str(library), *sources, "-lm"]
     subprocess.run(command, check=True, capture_output=True)
     loaded = ctypes.CDLL(str(library))
     call, set_threads = loaded.call_linear, loaded.multibyte_set_threads
@@ -542,6 +579,8 @@ def test_the_matrix_vector_product_sums_every_row_and_column(extra, tmp_path):
     for rows, out, width in [*small, *large]:
         W = torch.randn(out, width, generator=generator)
         X = torch.randn(rows, width, generator=generator)
+        if weights == "bf16":
+            W = W.bfloat16()  # the kernel reads these 16-bit values; the product is of their fp32 values
         results = []
         for threads in (1, 2):
             assert set_threads(threads) == threads

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 import multibyte.kernels as kernels
-from multibyte.kernels import NativeStackStep, load_stack_step, usable
+from multibyte.kernels import NativeStackStep, load_stack_step, matrix_for_kernel, usable
 from multibyte.mixers.attention import CausalSelfAttention, KVCache
 from multibyte.mixers.rotary import rotary_frequencies
 
@@ -45,8 +45,8 @@ class _Stack(ctypes.Structure):
 class NativeAttentionStep(NativeStackStep):
     """`attention_step.c` bound to an attention stack and its KV caches."""
 
-    def __init__(self, library: ctypes.CDLL, stack: _Stack, keep: list, states: list[KVCache], batch_size: int) -> None:
-        super().__init__(library, "attention", stack, keep, batch_size)
+    def __init__(self, library: ctypes.CDLL, stack: _Stack, keep: list, states: list[KVCache], batch_size: int, bf16_weights: bool = False) -> None:
+        super().__init__(library, "attention", stack, keep, batch_size, bf16_weights)
         self.states = states
 
     def _advanced(self) -> None:
@@ -54,11 +54,12 @@ class NativeAttentionStep(NativeStackStep):
             state.bound += 1
 
     @classmethod
-    def bind(cls, stack: torch.nn.Module, states: list) -> Optional["NativeAttentionStep"]:
+    def bind(cls, stack: torch.nn.Module, states: list, bf16_weights: bool = False) -> Optional["NativeAttentionStep"]:
         """The native step of `stack` (a `multibyte.model.Stack`) on `states` (its per-block
         decoding states), or None when the kernel cannot run it: a block that is not attention,
         weights or caches not contiguous fp32 on the CPU, static caches (compiled decoding), norms
-        with different eps, more than NATIVE_MAX_BATCH rows, or no kernel library on this machine."""
+        with different eps, more than NATIVE_MAX_BATCH rows, or no kernel library on this machine.
+        `bf16_weights`: read bf16 copies of the matrices (`multibyte.kernels.matrix_for_kernel`)."""
         blocks = list(stack.blocks)
         if not blocks or len(states) != len(blocks) or not isinstance(states[0], KVCache):
             return None
@@ -94,13 +95,15 @@ class NativeAttentionStep(NativeStackStep):
             linears = (attention.qkv, attention.out_proj) + ((ff.up, ff.down) if ff is not None else ())
             if any(m.bias is not None for m in linears):
                 return None
+            for i in (1, 2, 4, 5):  # qkv, out_proj, up, down
+                tensors[i] = None if tensors[i] is None else matrix_for_kernel(tensors[i], bf16_weights)
             keep += tensors + [state.lengths]
             pointers = [0 if t is None else t.data_ptr() for t in tensors] + [state.lengths.data_ptr()]
             for field, pointer in zip(_Block._fields_, pointers):
                 setattr(c_block, field[0], pointer)
         if not usable(stack.final_norm.weight):
             return None
-        library = load_stack_step("attention", _Stack)
+        library = load_stack_step("attention", _Stack, bf16_weights)
         if library is None:
             return None
         batch_size, _, slots, _ = states[0].keys.shape
@@ -116,4 +119,4 @@ class NativeAttentionStep(NativeStackStep):
             blocks=c_blocks,
         )
         keep.append(c_blocks)
-        return cls(library, c_stack, keep, list(states), batch_size)
+        return cls(library, c_stack, keep, list(states), batch_size, bf16_weights)

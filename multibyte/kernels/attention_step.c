@@ -28,7 +28,7 @@ static void rotate(float *v, const float *frequencies, int64_t hd, int64_t posit
 
 /* One query over the t + 1 cached positions of one head: out = softmax(q K^T * scale) V. */
 static void attend(const float *q, const float *K, const float *V, float *scores, float *out, int64_t t, int64_t hd, float scale) {
-    linear(K, q, scores, 1, t + 1, hd); /* the keys are the rows of a (t + 1, hd) matrix */
+    linear_f32(K, q, scores, 1, t + 1, hd); /* the keys are the rows of a (t + 1, hd) matrix */
     float top = -INFINITY;
     for (int64_t p = 0; p <= t; p++) {
         scores[p] *= scale;

@@ -7,11 +7,11 @@
 
 typedef struct {
     const float *mixer_norm; /* (D,) */
-    const float *qkv;        /* (3D, D) */
-    const float *out_proj;   /* (D, D) */
+    const weight_t *qkv;     /* (3D, D) */
+    const weight_t *out_proj; /* (D, D) */
     const float *ff_norm;    /* (D,), NULL when the block has no feed-forward layer */
-    const float *up;         /* (F, D) */
-    const float *down;       /* (D, F) */
+    const weight_t *up;      /* (F, D) */
+    const weight_t *down;    /* (D, F) */
     float *keys;             /* (B, H, slots, hd) */
     float *values;           /* (B, H, slots, hd) */
     int64_t *lengths;        /* (B,) positions cached per row */

@@ -28,7 +28,7 @@ typedef struct {
     const AttentionStack *stack; /* the innermost stage's stack */
     const float *embedding;      /* (V_in, D) its byte embedding */
     float *contexts;             /* (B, siblings, D) its slices of the parent's output */
-    const float *head;           /* (V, D) */
+    const weight_t *head;        /* (V, D) */
     int64_t vocab_in, siblings, vocab;
     int64_t *unit_tokens;  /* (B, unit_slots) */
     uint8_t *unit_present; /* (B, unit_slots), torch.bool */
@@ -46,7 +46,7 @@ typedef struct {
     const AttentionStack *stack;    /* the global (outer) stage's stack */
     const float *embedding;         /* (V_in, width): a patch is its bytes' vectors side by side */
     int64_t width;                  /* D_0 / unit_slots */
-    const float *lag_proj;          /* (D_0, n_lags * D_0), NULL without lags */
+    const weight_t *lag_proj;       /* (D_0, n_lags * D_0), NULL without lags */
     float *lag_ring;                /* (B, ring, D_0): patch k at slot k % ring */
     const int64_t *lags;            /* (n_lags,) */
     int64_t n_lags, ring;
@@ -55,7 +55,7 @@ typedef struct {
     const float *grid_rows;         /* (grid_r, D_0) or NULL */
     const float *grid_cols;         /* (grid_c, D_0) */
     int64_t grid_r, grid_c;
-    const float *from_parent;       /* (D_1, D_0 / siblings) */
+    const weight_t *from_parent;    /* (D_1, D_0 / siblings) */
     const float *pad;               /* (D_1,) the local stage's pad */
 } UnitStep;
 
@@ -363,7 +363,7 @@ typedef struct {
     const float *embedding;      /* (V_in, D) */
     const float *position_table; /* (position_rows, D) byte positions, or NULL */
     int64_t position_rows;
-    const float *head;           /* (V, D) */
+    const weight_t *head;        /* (V, D) */
     int64_t vocab_in, vocab, d_model;
     int64_t *coords;             /* (B, 1): bytes so far, as the unit index of the one stage */
     int64_t *positions;          /* (B,) */

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from multibyte.kernels import load, usable
+from multibyte.kernels import load, matrix_for_kernel, usable
 from multibyte.kernels.attention import NativeAttentionStep, _Stack
 from multibyte.kernels.mamba import NativeMambaStep
 from multibyte.mixers.attention import KVCache
@@ -102,8 +102,8 @@ class _DrawRule(ctypes.Structure):
     _fields_ = [("temperature", ctypes.c_float), ("top_k", ctypes.c_int64), ("top_p", ctypes.c_float), ("stop", ctypes.c_int64)]
 
 
-def _library() -> Optional[ctypes.CDLL]:
-    library = load("decode_run")
+def _library(bf16_weights: bool = False) -> Optional[ctypes.CDLL]:
+    library = load("decode_run", bf16_weights)
     if library is not None and not hasattr(library, "_multibyte_decode_typed"):
         byte, unit, single, i64 = ctypes.POINTER(_ByteStep), ctypes.POINTER(_UnitStep), ctypes.POINTER(_SingleStage), ctypes.c_int64
         rule = ctypes.POINTER(_DrawRule)
@@ -171,7 +171,8 @@ class NativeDecode:
         innermost stack has a bound `NativeAttentionStep`, or with one stage a native attention
         or Mamba step), or None where the byte step cannot run: something besides the byte
         embedding and the context enters the innermost input, hashed n-gram embeddings, a head
-        with a bias, weights not fp32."""
+        with a bias, weights not fp32. The model's matrices are read as its stack steps read
+        them: bf16 copies where those were bound with `bf16_weights`."""
         config = model.config
         N = config.num_stages
         if state.static or not (config.is_fixed or cls._can_run_word_units(model, state)):
@@ -195,7 +196,9 @@ class NativeDecode:
             return None
         if state.unit_present.dtype != torch.bool or not state.unit_present.is_contiguous() or state.unit_lengths.shape[1] != N - 1:
             return None
-        library = _library()
+        bf16_weights = inner_step.bf16_weights
+        tensors[2] = matrix_for_kernel(head.weight, bf16_weights)
+        library = _library(bf16_weights)
         if library is None:
             return None
         byte_step = _ByteStep(
@@ -252,7 +255,8 @@ class NativeDecode:
             return None
         if not all(_host_counter(t) for t in counters):
             return None
-        library = _library()
+        tensors[1] = matrix_for_kernel(head.weight, stack_step.bf16_weights)
+        library = _library(stack_step.bf16_weights)
         if library is None:
             return None
         single = _SingleStage(
@@ -276,7 +280,8 @@ class NativeDecode:
         it (pooling by attention, a global stack that is not attention, weights not fp32)."""
         outer, inner = model.stages
         outer_step = state.stage_states[0].native
-        if outer.pool is not None or not isinstance(outer_step, NativeAttentionStep):
+        bf16_weights = state.stage_states[-1].native.bf16_weights
+        if outer.pool is not None or not isinstance(outer_step, NativeAttentionStep) or outer_step.bf16_weights != bf16_weights:
             return None
         D0, S = outer.config.d_model, inner.siblings
         if D0 % S or inner.from_parent is None or outer.byte_width * outer.slots != D0:
@@ -290,6 +295,9 @@ class NativeDecode:
             return None
         if lags is not None and (lags.dtype != torch.int64 or not lags.is_contiguous() or lags.device.type != "cpu"):
             return None
+        tensors[1] = matrix_for_kernel(tensors[1], bf16_weights)  # from_parent
+        if lags is not None:
+            optional[0] = matrix_for_kernel(optional[0], bf16_weights)  # lag_proj
         keep += tensors + optional + [lags, outer_step]
         return _UnitStep(
             inner=ctypes.pointer(byte_step),

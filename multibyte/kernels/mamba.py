@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 
 import multibyte.kernels as kernels
-from multibyte.kernels import NativeStackStep, load_stack_step, usable
+from multibyte.kernels import NativeStackStep, load_stack_step, matrix_for_kernel, usable
 from multibyte.mixers.mamba import MambaMixer, MambaState
 
 _pointer = ctypes.c_void_p
-_BLOCK_FIELDS = ("norm", "in_proj", "conv_weight", "conv_bias", "x_proj", "dt_weight", "dt_bias", "A_log", "D", "out_proj", "conv_state", "ssm_state")
+_BLOCK_FIELDS = ("norm", "in_proj", "conv_weight", "conv_bias", "x_proj", "dt_weight", "dt_bias", "A", "D", "out_proj", "conv_state", "ssm_state")
 
 
 class _Block(ctypes.Structure):
@@ -44,10 +44,11 @@ class NativeMambaStep(NativeStackStep):
     """`mamba_step.c` bound to a Mamba stack and its recurrent states."""
 
     @classmethod
-    def bind(cls, stack: torch.nn.Module, states: list) -> Optional["NativeMambaStep"]:
+    def bind(cls, stack: torch.nn.Module, states: list, bf16_weights: bool = False) -> Optional["NativeMambaStep"]:
         """The native step of `stack` on `states`, or None when the kernel cannot run it: a block
         that is not a Mamba mixer alone, weights or states not contiguous fp32 on the CPU, norms
-        with different eps, more than NATIVE_MAX_BATCH rows, or no kernel library here."""
+        with different eps, more than NATIVE_MAX_BATCH rows, or no kernel library here.
+        `bf16_weights`: read bf16 copies of the matrices (`multibyte.kernels.matrix_for_kernel`)."""
         blocks = list(stack.blocks)
         if not blocks or len(states) != len(blocks) or not isinstance(states[0], MambaState):
             return None
@@ -70,20 +71,24 @@ class NativeMambaStep(NativeStackStep):
                 return None
             if any(layer.bias is not None for layer in (m.in_proj, m.x_proj, m.out_proj)):
                 return None
+            with torch.no_grad():
+                A = m._A().contiguous()  # the reference's -exp(A_log), once per binding instead of per step
             tensors = [
                 block.mixer_norm.weight, m.in_proj.weight, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight,
-                m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, state.conv, state.ssm,
+                m.dt_proj.weight, m.dt_proj.bias, A, m.D, m.out_proj.weight, state.conv, state.ssm,
             ]  # fmt: skip
             if not all(usable(t) for t in tensors) or state.conv.shape[0] != batch_size:
                 return None
+            for i in (1, 4, 5, 9):  # in_proj, x_proj, dt_proj, out_proj
+                tensors[i] = matrix_for_kernel(tensors[i], bf16_weights)
             keep += tensors
             for name, tensor in zip(_BLOCK_FIELDS, tensors):
                 setattr(c_block, name, tensor.data_ptr())
         if not usable(stack.final_norm.weight):
             return None
-        library = load_stack_step("mamba", _Stack)
+        library = load_stack_step("mamba", _Stack, bf16_weights)
         if library is None:
             return None
         c_stack = _Stack(*dims, n_blocks=len(blocks), eps=eps, final_norm=stack.final_norm.weight.data_ptr(), blocks=c_blocks)
         keep.append(c_blocks)
-        return cls(library, "mamba", c_stack, keep, batch_size)
+        return cls(library, "mamba", c_stack, keep, batch_size, bf16_weights)

@@ -6,18 +6,39 @@
  * Per row, for each block (E = inner width, N = state size, K = convolution taps, R = dt rank):
  *   h = rms_norm(x) * w;  (x_in, z) = in_proj(h);
  *   window = (conv state, x_in);  conv state <- window[1:];  s = SiLU(bias + sum_k window[k] * taps[k]);
- *   (d, B, C) = x_proj(s);  delta = softplus(dt_proj(d) + dt_bias);  A = -exp(A_log);
+ *   (d, B, C) = x_proj(s);  delta = softplus(dt_proj(d) + dt_bias);
  *   state[e, n] = exp(delta[e] A[e, n]) state[e, n] + delta[e] s[e] B[n];
  *   y[e] = (sum_n C[n] state[e, n] + D[e] s[e]) * SiLU(z[e]);  x += out_proj(y)
- * then y = rms_norm(x) * w_final. A batch-1 step reads every weight once, so on a CPU it is bound
- * by memory traffic; this makes it one pass over them instead of ~20 PyTorch ops a block.
+ * then y = rms_norm(x) * w_final. A (= -exp(A_log), E x N) comes precomputed. A batch-1 step reads
+ * every weight once, so on a CPU it is bound by memory traffic; this makes it one pass over them
+ * instead of ~20 PyTorch ops a block. Every loop over the inner width is written to vectorize:
+ * the transcendental functions are the polynomial ones of vector_ops.h (a libm call per element
+ * would cost as much as the block's products), and the readout sum_n C[n] state[e, n] is a
+ * matrix-vector product of the (E, N) state with C, eight rows at a time like the projections.
  */
 #include "mamba_step.h"
 
-static float silu(float v) { return v / (1.f + expf(-v)); }
+static inline float silu(float v) { return v / (1.f + exp_vectorizable(-v)); }
 
-/* torch.nn.functional.softplus with beta 1 and threshold 20. */
-static float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+/* log(1 + u) for u in [0, 1]: 2 atanh(s) with s = u / (2 + u) in [0, 1/3] (no cancellation for
+ * small u), atanh by its odd series to s^17 (truncation below 2e-10 relative). */
+static inline float log1p_unit(float u) {
+    const float s = u / (2.f + u), s2 = s * s;
+    float p = 1.f / 17.f;
+    p = p * s2 + 1.f / 15.f;
+    p = p * s2 + 1.f / 13.f;
+    p = p * s2 + 1.f / 11.f;
+    p = p * s2 + 1.f / 9.f;
+    p = p * s2 + 1.f / 7.f;
+    p = p * s2 + 1.f / 5.f;
+    p = p * s2 + 1.f / 3.f;
+    p = p * s2 + 1.f;
+    return 2.f * s * p;
+}
+
+/* torch.nn.functional.softplus (beta 1; beyond its threshold 20 the two agree in fp32):
+ * log(1 + e^v) = max(v, 0) + log(1 + e^-|v|). */
+static inline float softplus(float v) { return (v > 0.f ? v : 0.f) + log1p_unit(exp_vectorizable(v > 0.f ? -v : v)); }
 
 int64_t multibyte_mamba_workspace(const MambaStack *s, int64_t rows) {
     const int64_t D = s->d_model, E = s->d_inner;
@@ -27,8 +48,8 @@ int64_t multibyte_mamba_workspace(const MambaStack *s, int64_t rows) {
 int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *y, float *work) {
     const int64_t D = s->d_model, E = s->d_inner, N = s->d_state, K = s->d_conv, R = s->dt_rank, P = R + 2 * N;
     /* per row: normed input (D), x_in and z (2E), the convolution's output (E), the mixer's
-     * output before out_proj (E), (d, B, C) (P), out_proj's result (D); then dt_proj's result
-     * (E, one row at a time) */
+     * output before out_proj (E), (d, B, C) (P), out_proj's result (D); then delta (E, one row
+     * at a time) */
     float *h = work, *xz = h + B * D, *conv = xz + 2 * B * E, *mixed = conv + B * E, *dbc = mixed + B * E, *r = dbc + B * P;
     float *dt = r + B * D;
     for (int64_t i = 0; i < B * D; i++) y[i] = x[i];
@@ -39,6 +60,7 @@ int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *
         for (int64_t b = 0; b < B; b++) {
             const float *x_in = xz + b * 2 * E;
             float *state = blk->conv_state + b * (K - 1) * E, *c = conv + b * E;
+#pragma omp simd
             for (int64_t e = 0; e < E; e++) {
                 const float *taps = blk->conv_weight + e * K;
                 float acc = 0.f;
@@ -56,18 +78,18 @@ int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *
             const float *d = dbc + b * P, *Bn = d + R, *Cn = Bn + N, *c = conv + b * E, *z = xz + b * 2 * E + E;
             float *ssm = blk->ssm_state + b * E * N, *m = mixed + b * E;
             linear(blk->dt_weight, d, dt, 1, E, R);
+#pragma omp simd
+            for (int64_t e = 0; e < E; e++) dt[e] = softplus(dt[e] + blk->dt_bias[e]);
             for (int64_t e = 0; e < E; e++) {
-                const float delta = softplus(dt[e] + blk->dt_bias[e]), impulse = delta * c[e];
-                const float *A_log = blk->A_log + e * N;
-                float *h_e = ssm + e * N, out = 0.f;
-#pragma omp simd reduction(+ : out)
-                for (int64_t n = 0; n < N; n++) {
-                    const float decay = exp_vectorizable(delta * -exp_vectorizable(A_log[n]));
-                    h_e[n] = decay * h_e[n] + impulse * Bn[n];
-                    out += h_e[n] * Cn[n];
-                }
-                m[e] = (out + c[e] * blk->D[e]) * silu(z[e]);
+                const float delta = dt[e], impulse = delta * c[e];
+                const float *A = blk->A + e * N;
+                float *h_e = ssm + e * N;
+#pragma omp simd
+                for (int64_t n = 0; n < N; n++) h_e[n] = exp_vectorizable(delta * A[n]) * h_e[n] + impulse * Bn[n];
             }
+            linear_f32(ssm, Cn, m, 1, E, N); /* m[e] = sum_n C[n] state[e, n] */
+#pragma omp simd
+            for (int64_t e = 0; e < E; e++) m[e] = (m[e] + c[e] * blk->D[e]) * silu(z[e]);
         }
         linear(blk->out_proj, mixed, r, B, D, E);
         for (int64_t i = 0; i < B * D; i++) y[i] += r[i];

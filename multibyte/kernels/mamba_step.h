@@ -7,15 +7,15 @@
 
 typedef struct {
     const float *norm;        /* (D,) RMSNorm gain before the mixer */
-    const float *in_proj;     /* (2E, D) */
+    const weight_t *in_proj;  /* (2E, D) */
     const float *conv_weight; /* (E, K) */
     const float *conv_bias;   /* (E,) */
-    const float *x_proj;      /* (R + 2N, E) */
-    const float *dt_weight;   /* (E, R) */
+    const weight_t *x_proj;   /* (R + 2N, E) */
+    const weight_t *dt_weight; /* (E, R) */
     const float *dt_bias;     /* (E,) */
-    const float *A_log;       /* (E, N) */
+    const float *A;           /* (E, N): -exp(A_log), negative */
     const float *D;           /* (E,) */
-    const float *out_proj;    /* (D, E) */
+    const weight_t *out_proj; /* (D, E) */
     float *conv_state;        /* (B, K - 1, E) */
     float *ssm_state;         /* (B, E, N) */
 } MambaBlock;

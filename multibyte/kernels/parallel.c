@@ -20,10 +20,20 @@
 #include "vector_ops.h"
 
 typedef struct {
-    const float *W, *X;
+    const void *W; /* fp32, or bf16 when `bf16` */
+    int bf16;
+    const float *X;
     float *Y;
     int64_t rows, out, in, first; /* the helper's part: output rows first..out-1 */
 } Job;
+
+/* Output rows j0..j1-1 of the job's product. */
+static void linear_rows(const Job j, int64_t j0, int64_t j1) {
+    if (j.bf16)
+        linear_part_bf16(j.W, j.X, j.Y, j.rows, j.out, j.in, j0, j1);
+    else
+        linear_part_f32(j.W, j.X, j.Y, j.rows, j.out, j.in, j0, j1);
+}
 
 static int threads_allowed = 1;
 static int helper_state = 0; /* 0: not started, 1: running, -1: could not start */
@@ -71,7 +81,7 @@ static void *helper_main(void *unused) {
             }
         }
         const Job j = job;
-        linear_part(j.W, j.X, j.Y, j.rows, j.out, j.in, j.first, j.out);
+        linear_rows(j, j.first, j.out);
         seen = now;
         atomic_store(&finished, now);
     }
@@ -108,7 +118,7 @@ int multibyte_set_threads(int threads) {
     return threads_allowed;
 }
 
-int multibyte_parallel_linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+int multibyte_parallel_linear(const void *W, int bf16, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
     if (threads_allowed < 2 || out < 16) return 1;
     /* Several threads of the process may decode at once: the one that holds the helper hands
      * work over, the others compute alone. */
@@ -119,14 +129,14 @@ int multibyte_parallel_linear(const float *W, const float *X, float *Y, int64_t 
         return 1;
     }
     const int64_t first = (out / 16) * 8; /* the caller's rows: 0..first-1, whole groups of 8 */
-    job = (Job){.W = W, .X = X, .Y = Y, .rows = rows, .out = out, .in = in, .first = first};
+    job = (Job){.W = W, .bf16 = bf16, .X = X, .Y = Y, .rows = rows, .out = out, .in = in, .first = first};
     const long id = atomic_fetch_add(&posted, 1) + 1;
     if (atomic_load(&sleeping)) {
         pthread_mutex_lock(&lock);
         pthread_cond_signal(&wake);
         pthread_mutex_unlock(&lock);
     }
-    linear_part(W, X, Y, rows, out, in, 0, first);
+    linear_rows(job, 0, first);
     while (atomic_load(&finished) != id) relax();
     pthread_mutex_unlock(&owner);
     return 0;

@@ -8,6 +8,18 @@
 
 #include "parallel.h"
 
+/* The type of the model's matrices (the weights of its linear layers) in this library: fp32, or
+ * with MULTIBYTE_BF16_WEIGHTS defined bf16 (uint16_t holding the upper half of an fp32; the
+ * Python side passes them only for models whose matrices are exactly bf16 values, so the
+ * arithmetic, fp32, is the same). Norms, biases, embeddings, caches and states stay fp32. */
+#ifdef MULTIBYTE_BF16_WEIGHTS
+typedef uint16_t weight_t;
+#define WEIGHTS_BF16 1
+#else
+typedef float weight_t;
+#define WEIGHTS_BF16 0
+#endif
+
 /* e^x without a libm call, so that loops over it vectorize: x = n ln 2 + r with |r| <= ln 2 / 2,
  * e^r by its degree-7 Taylor polynomial (truncation below 1e-8 relative), 2^n put into the
  * exponent bits. Within ~2 ulp of expf; x is clamped to [-87.3, 88.7] (no subnormals, no inf),
@@ -117,13 +129,13 @@ static inline void sum_lanes8(const lanes_t *a, float *y) {
 #endif
 }
 
-/* Output rows j0..j1-1 of Y = X W^T for X (rows, in), W (out, in), Y (rows, out); j0 a multiple
- * of 8. Eight weight rows at a time, each applied to every row of X while it is in the L1 cache
+/* Output rows j0..j1-1 of Y = X W^T for X (rows, in), W (out, in) fp32, Y (rows, out); j0 a
+ * multiple of 8. Eight weight rows at a time, each applied to every row of X while it is in the L1 cache
  * (the weights are read from memory once per call), with one vector accumulator per weight row:
  * at batch 1 this is a matrix-vector product whose speed is set by how many independent
  * multiply-adds are in flight and how cheaply the accumulators are summed. The columns beyond the
  * last whole vector are added one by one. A row's result does not depend on j0 and j1. */
-static void linear_part(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1) {
+static void linear_part_f32(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1) {
     const int64_t body = in - in % LANES;
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8) {
@@ -155,10 +167,94 @@ static void linear_part(const float *W, const float *X, float *Y, int64_t rows, 
     }
 }
 
-/* Y = X W^T (see linear_part); a large product is split with the helper thread (parallel.c). */
-static void linear(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
-    if (out * in >= PARALLEL_MIN_WEIGHTS && multibyte_parallel_linear(W, X, Y, rows, out, in) == 0) return;
-    linear_part(W, X, Y, rows, out, in, 0, out);
+/* A bf16 number's value: bf16 is the upper half of an fp32. */
+static inline float bf16_value(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+#if defined(HAVE_SHUFFLEVECTOR) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define HAVE_BF16_PAIRS 1
+typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(float))));
+#if LANES == 16
+#define EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#else
+#define EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14
+#define ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15
+#endif
+#endif
+
+/* linear_part_f32 with W in bf16 (out, in): the same products in fp32, over half the bytes. A
+ * vector of 2 x LANES bf16 weights is read as LANES 32-bit words whose low halves are the even
+ * columns and high halves the odd ones; shifting and masking turn them into two fp32 vectors
+ * without moving lanes, and x is split into its even and odd columns once per 8 weight rows. */
+static void linear_part_bf16(const uint16_t *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1) {
+    const int64_t body = in - in % (2 * LANES);
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+        const uint16_t *w = W + j * in;
+        for (int64_t b = 0; b < rows; b++) {
+            const float *x = X + b * in;
+            float *y = Y + b * out + j;
+            lanes_t a[8] = {0};
+            for (int64_t i = 0; i < body; i += 2 * LANES) {
+#ifdef HAVE_BF16_PAIRS
+                const lanes_t x0 = load_lanes(x + i), x1 = load_lanes(x + i + LANES);
+                const lanes_t even = __builtin_shufflevector(x0, x1, EVEN_LANES), odd = __builtin_shufflevector(x0, x1, ODD_LANES);
+                const words_t high = (words_t){0} + 0xFFFF0000u;
+                for (int r = 0; r < 8; r++) {
+                    words_t pairs;
+                    lanes_t lo, hi;
+                    memcpy(&pairs, w + r * in + i, sizeof pairs);
+                    const words_t lo_bits = pairs << 16, hi_bits = pairs & high;
+                    memcpy(&lo, &lo_bits, sizeof lo);
+                    memcpy(&hi, &hi_bits, sizeof hi);
+                    a[r] += lo * even;
+                    a[r] += hi * odd;
+                }
+#else
+                for (int r = 0; r < 8; r++)
+                    for (int64_t half = i; half < i + 2 * LANES; half += LANES) {
+                        float v[LANES];
+                        for (int k = 0; k < LANES; k++) v[k] = bf16_value(w[r * in + half + k]);
+                        a[r] += load_lanes(v) * load_lanes(x + half);
+                    }
+#endif
+            }
+            sum_lanes8(a, y);
+            for (int64_t i = body; i < in; i++)
+                for (int r = 0; r < 8; r++) y[r] += bf16_value(w[r * in + i]) * x[i];
+        }
+    }
+    for (; j < j1; j++) { /* the last rows short of a group of 8, one at a time */
+        const uint16_t *w = W + j * in;
+        for (int64_t b = 0; b < rows; b++) {
+            const float *x = X + b * in;
+            float sum = 0.f;
+            for (int64_t i = 0; i < in; i++) sum += bf16_value(w[i]) * x[i];
+            Y[b * out + j] = sum;
+        }
+    }
+}
+
+/* Y = X W^T for an fp32 W that is not a model matrix (a KV cache's keys, a state); a large
+ * product is split with the helper thread (parallel.c). */
+static void linear_f32(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+    if (out * in >= PARALLEL_MIN_WEIGHTS && multibyte_parallel_linear(W, 0, X, Y, rows, out, in) == 0) return;
+    linear_part_f32(W, X, Y, rows, out, in, 0, out);
+}
+
+/* Y = X W^T for a model matrix (weight_t); split with the helper thread when large. */
+static void linear(const weight_t *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+    if (out * in >= PARALLEL_MIN_WEIGHTS && multibyte_parallel_linear(W, WEIGHTS_BF16, X, Y, rows, out, in) == 0) return;
+#if WEIGHTS_BF16
+    linear_part_bf16(W, X, Y, rows, out, in, 0, out);
+#else
+    linear_part_f32(W, X, Y, rows, out, in, 0, out);
+#endif
 }
 
 #endif
