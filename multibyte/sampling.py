@@ -287,20 +287,36 @@ def _as_prompt(prompt: torch.Tensor, device: torch.device, vocab_size: int = 256
 # splitting each across threads costs more in synchronisation than it saves, far more while other
 # processes use the cores (measured by benchmarks/sample_speed.py, `cpu_defaults`).
 CPU_DECODE_THREADS = 1
-# Smallest batch from which bf16 weights decode faster than fp32 on a CPU with native bf16
-# (AVX512-BF16 or AMX): below it fp32 with the native kernels (multibyte/kernels, fp32 only) is
+# Smallest batch from which bf16 PyTorch decodes faster than fp32 on a CPU with native bf16
+# (AVX512-BF16 or AMX): below it the native kernels (multibyte/kernels, fp32 arithmetic) are
 # the faster, bf16 PyTorch overtakes them between 32 and 64 rows (benchmarks/sample_speed.py,
 # `cpu_defaults`, and README "Speed on a CPU").
 CPU_BF16_MIN_BATCH = 32
 
 
-def fastest_decode_dtype(device: torch.device, batch_size: int, gpu_bf16: bool = True) -> torch.dtype:
-    """The weight dtype to decode in: on a CPU, bf16 from CPU_BF16_MIN_BATCH rows up when the CPU
-    has native bf16 and fp32 otherwise (small matrix-vector products gain nothing from bf16);
-    on a GPU, bf16 unless `gpu_bf16` is False."""
+def fastest_decode_dtype(device: torch.device, batch_size: int, bf16_trained: bool = True) -> torch.dtype:
+    """The weight dtype to decode in. On a GPU: bf16 when the model was trained in bf16
+    (`bf16_trained`, a bf16-mixed precision), else fp32. On a CPU from CPU_BF16_MIN_BATCH rows:
+    bf16 where the CPU has native bf16 arithmetic, else fp32. On a CPU below that: bf16 weights
+    for a model trained in bf16 (its matmuls saw bf16 weights), run as bf16 values in fp32
+    (`model_for_decoding`): the native kernels read them in half the bytes, faster at batch 1
+    (benchmarks/sample_speed.py, `bf16_weights`); fp32 otherwise."""
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_features.has_native_bf16() and batch_size >= CPU_BF16_MIN_BATCH else torch.float32
-    return torch.bfloat16 if gpu_bf16 else torch.float32
+        if batch_size >= CPU_BF16_MIN_BATCH:
+            return torch.bfloat16 if cpu_features.has_native_bf16() else torch.float32
+        return torch.bfloat16 if bf16_trained else torch.float32
+    return torch.bfloat16 if bf16_trained else torch.float32
+
+
+def model_for_decoding(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, batch_size: int) -> torch.nn.Module:
+    """`model` moved (in place, as nn.Module.to does) to `device` and `dtype` for sampling
+    `batch_size` rows, in eval mode. On a CPU below CPU_BF16_MIN_BATCH rows, bf16 means bf16
+    values kept in fp32: the arithmetic and the caches stay fp32 (more exact than bf16 PyTorch,
+    which at small batches is also slower) and the native kernels read the matrices as bf16
+    (`multibyte.kernels.matrices_are_bf16`)."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and batch_size < CPU_BF16_MIN_BATCH:
+        return model.to(device=device, dtype=torch.bfloat16).to(torch.float32).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 @contextmanager

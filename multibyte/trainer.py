@@ -309,16 +309,18 @@ class MultibyteTrainer(Trainer):
                 steps and draws are one call. Several times faster at batch 1
                 (benchmarks/sample_speed.py); equal to PyTorch up to rounding.
                 false: every op in PyTorch.
-            dtype: weights and caches while sampling; None picks the fastest measured: on a CPU
-                float32 below batch 32 and bfloat16 from there (with native bf16), on a GPU
-                bfloat16 when the trainer's precision is bf16. Changes the sampled bytes.
+            dtype: weights and caches while sampling; None picks the fastest measured: bfloat16
+                weights for a model trained in bf16 (the trainer's precision), else float32; on a
+                CPU from batch 32 bfloat16 where the CPU has native bf16 arithmetic. On a CPU
+                below batch 32, bfloat16 means bf16 weights with fp32 arithmetic and caches (the
+                native kernels read the weights in half the bytes). Changes the sampled bytes.
             overwrite: replace existing files in output_dir.
         """
         import torch
 
         from multibyte.codecs import IMAGE_BYTES
         from multibyte.decoders import SampleFormat, prompt_bytes, sample_to_files
-        from multibyte.sampling import fastest_decode_dtype
+        from multibyte.sampling import fastest_decode_dtype, model_for_decoding
 
         if datamodule is None:
             raise ValueError("sample: choose the output format with --data (e.g. --config image64.yaml)")
@@ -333,13 +335,13 @@ class MultibyteTrainer(Trainer):
                 raise ValueError("--stop_byte: a subword model generates tokens, not bytes; leave --stop_byte out")
             prompt_data = tokenizer.encode_array(prompt_data.tobytes(), allowed_special="all")
             unit = "tokens"
-        byte_model = model.model
         device = self.strategy.root_device
+        rows = min(batch_size, num_samples)
         if dtype is None:
-            weights_dtype = fastest_decode_dtype(device, min(batch_size, num_samples), str(self.precision).startswith("bf16"))
+            weights_dtype = fastest_decode_dtype(device, rows, str(self.precision).startswith("bf16"))
         else:
             weights_dtype = getattr(torch, dtype)
-        byte_model = byte_model.to(device=device, dtype=weights_dtype).eval()
+        byte_model = model_for_decoding(model.model, device, weights_dtype, rows)
 
         context = byte_model.config.max_seq_len
         T = len(prompt_data)
@@ -377,6 +379,7 @@ class MultibyteTrainer(Trainer):
                     "prompt": prompt,
                     "prompt_file": prompt_file,
                     "dtype": str(weights_dtype).removeprefix("torch."),
+                    "arithmetic": str(byte_model.head.weight.dtype).removeprefix("torch."),
                     "device": str(device),
                 },
                 tokenizer=tokenizer,

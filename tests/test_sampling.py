@@ -11,6 +11,7 @@ import torch
 
 from multibyte.cli import make_cli, resolve_config_path
 from architectures import ARCHITECTURES, build, tiny
+from multibyte.config import ModelConfig, StageConfig
 from multibyte.model import HierarchicalByteModel
 from multibyte.sampling import (
     allocate_decode_state,
@@ -200,10 +201,29 @@ def test_decode_dtype_follows_the_measured_crossover():
 
     cpu = torch.device("cpu")
     native = has_native_bf16()
-    assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH - 1) == torch.float32
-    assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH) == (torch.bfloat16 if native else torch.float32)
+    assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH - 1) == torch.bfloat16  # bf16 values, fp32 arithmetic
+    assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH - 1, bf16_trained=False) == torch.float32
+    for bf16_trained in (True, False):  # from 32 rows bf16 PyTorch wherever the CPU computes in bf16
+        assert fastest_decode_dtype(cpu, CPU_BF16_MIN_BATCH, bf16_trained) == (torch.bfloat16 if native else torch.float32)
     assert fastest_decode_dtype(torch.device("cuda"), 1) == torch.bfloat16
-    assert fastest_decode_dtype(torch.device("cuda"), 1, gpu_bf16=False) == torch.float32
+    assert fastest_decode_dtype(torch.device("cuda"), 1, bf16_trained=False) == torch.float32
+
+
+def test_small_cpu_batches_decode_bf16_values_in_fp32_with_the_bf16_kernels():
+    from multibyte.kernels import matrices_are_bf16
+    from multibyte.sampling import CPU_BF16_MIN_BATCH, model_for_decoding
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = HierarchicalByteModel(ModelConfig(stages=[StageConfig("attention", 32, 1, 2)], max_seq_len=64)).train()
+    original = model.head.weight.detach().clone()
+    rounded = model_for_decoding(model, cpu, torch.bfloat16, CPU_BF16_MIN_BATCH - 1)
+    assert rounded is model and not model.training  # moved in place, as nn.Module.to
+    assert model.head.weight.dtype == torch.float32 and matrices_are_bf16(model)
+    assert torch.equal(model.head.weight, original.bfloat16().float())
+    state = allocate_decode_state(model, 1, 8)
+    assert state.stage_states[0].native is None or state.stage_states[0].native.bf16_weights
+    assert model_for_decoding(model, cpu, torch.bfloat16, CPU_BF16_MIN_BATCH).head.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", ["megabyte", "mambabyte"])
