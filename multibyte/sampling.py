@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from multibyte import cpu_features
+from multibyte.kernels import NATIVE_MAX_BATCH
 from multibyte.model import DecodeState, HierarchicalByteModel
 from multibyte.model import reset_decode_state as _reset
 
@@ -287,11 +288,11 @@ def _as_prompt(prompt: torch.Tensor, device: torch.device, vocab_size: int = 256
 # splitting each across threads costs more in synchronisation than it saves, far more while other
 # processes use the cores (measured by benchmarks/sample_speed.py, `cpu_defaults`).
 CPU_DECODE_THREADS = 1
-# Smallest batch from which bf16 PyTorch decodes faster than fp32 on a CPU with native bf16
-# (AVX512-BF16 or AMX): below it the native kernels (multibyte/kernels, fp32 arithmetic) are
-# the faster, bf16 PyTorch overtakes them between 32 and 64 rows (benchmarks/sample_speed.py,
-# `cpu_defaults`, and README "Speed on a CPU").
-CPU_BF16_MIN_BATCH = 32
+# Smallest batch from which a CPU with native bf16 (AVX512-BF16 or AMX) decodes in bf16 PyTorch:
+# up to kernels.NATIVE_MAX_BATCH rows the native kernels (multibyte/kernels, fp32 arithmetic)
+# are the faster, beyond it fp32 runs in PyTorch and bf16 PyTorch is ahead of that
+# (benchmarks/sample_speed.py, `cpu_defaults`, and README "Speed on a CPU").
+CPU_BF16_MIN_BATCH = NATIVE_MAX_BATCH + 1
 
 
 def fastest_decode_dtype(device: torch.device, batch_size: int, bf16_trained: bool = True) -> torch.dtype:

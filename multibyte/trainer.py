@@ -311,8 +311,8 @@ class MultibyteTrainer(Trainer):
                 false: every op in PyTorch.
             dtype: weights and caches while sampling; None picks the fastest measured: bfloat16
                 weights for a model trained in bf16 (the trainer's precision), else float32; on a
-                CPU from batch 32 bfloat16 where the CPU has native bf16 arithmetic. On a CPU
-                below batch 32, bfloat16 means bf16 weights with fp32 arithmetic and caches (the
+                CPU from batch 33 bfloat16 where the CPU has native bf16 arithmetic. On a CPU
+                up to batch 32, bfloat16 means bf16 weights with fp32 arithmetic and caches (the
                 native kernels read the weights in half the bytes). Changes the sampled bytes.
             overwrite: replace existing files in output_dir.
         """

@@ -181,7 +181,7 @@ def load(name: str, bf16_weights: bool = False) -> Optional[ctypes.CDLL]:
 # Most rows a stack step is bound for. The kernels compute each matrix product as one dot product
 # per output and row (the weights read once per call); with more rows PyTorch's GEMM catches up
 # (benchmarks/sample_speed.py, `native_by_batch`: the shipped image preset and a 7.9M MEGABYTE at
-# batch 1 to 64), and from sampling.CPU_BF16_MIN_BATCH rows sampling decodes in bf16 PyTorch
+# batch 1 to 64), and beyond it (sampling.CPU_BF16_MIN_BATCH) sampling decodes in bf16 PyTorch
 # (bf16 arithmetic, which the kernels, fp32 throughout, do not do).
 NATIVE_MAX_BATCH = 32
 
