@@ -153,6 +153,17 @@ def test_the_kernel_is_not_bound_where_it_cannot_run():
     assert native(torch.randn(3, 1, 16)) is None  # wrong batch
 
 
+def assert_same_logits(model, states: dict, prompt: torch.Tensor, steps: int = 30) -> None:
+    """Prefill `prompt` into both decode states ({native: state}), then decode `steps` bytes (the
+    PyTorch state's greedy choices): the native state's logits must equal PyTorch's each time."""
+    with torch.no_grad():
+        logits = {native: prefill(model, state, prompt) for native, state in states.items()}
+        for t in range(steps):
+            torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-4, msg=f"byte {t}")
+            byte = logits[False].argmax(-1)
+            logits = {native: decode_step(model, state, byte) for native, state in states.items()}
+
+
 @pytest.mark.parametrize("name", ["megabyte", "megabyte-3stage", "megabyte-lags", "vanilla", "mambabyte", "hybrid", "space", "space-3stage-mamba"])
 def test_decoding_with_the_kernel_gives_the_pytorch_logits(name):
     model = build(name, seed=5)
@@ -160,12 +171,7 @@ def test_decoding_with_the_kernel_gives_the_pytorch_logits(name):
     states = {native: allocate_decode_state(model, 2, 40, native=native) for native in (False, True)}
     stacks_bound = [s.native is not None for s in states[True].stage_states]
     assert any(stacks_bound) and not any(s.native is not None for s in states[False].stage_states)
-    with torch.no_grad():
-        logits = {native: prefill(model, state, prompt) for native, state in states.items()}
-        for t in range(30):
-            torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-4, msg=f"byte {t}")
-            byte = logits[False].argmax(-1)
-            logits = {native: decode_step(model, state, byte) for native, state in states.items()}
+    assert_same_logits(model, states, prompt)
 
 
 @pytest.mark.parametrize("name", ["megabyte-lags", "vanilla", "mambabyte", "hybrid"])
@@ -180,12 +186,7 @@ def test_a_model_of_bf16_values_decodes_from_bf16_matrices_with_the_same_logits(
     bound = [s.native for s in states[True].stage_states if s.native is not None]
     assert bound and all(step.bf16_weights for step in bound)
     assert states[True].native_decode is not None
-    with torch.no_grad():
-        logits = {native: prefill(model, state, prompt) for native, state in states.items()}
-        for t in range(30):
-            torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-4, msg=f"byte {t}")
-            byte = logits[False].argmax(-1)
-            logits = {native: decode_step(model, state, byte) for native, state in states.items()}
+    assert_same_logits(model, states, prompt)
 
 
 def test_bf16_matrices_are_used_only_where_they_are_exact():
