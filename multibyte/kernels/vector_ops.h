@@ -129,6 +129,15 @@ static inline void sum_lanes8(const lanes_t *a, float *y) {
 #endif
 }
 
+/* Ask for the same columns of the next group's eight weight rows (`next` is the first, rows
+ * `stride` elements apart) while this group's are summed: a group reads eight rows side by side,
+ * eight streams the hardware prefetchers do not run ahead of once the weights no longer fit the
+ * cache. A prefetch never faults and changes no result. */
+#define prefetch_rows(next, stride)                                                  \
+    do {                                                                            \
+        for (int r_ = 0; r_ < 8; r_++) __builtin_prefetch((next) + r_ * (stride), 0, 0); \
+    } while (0)
+
 /* Output rows j0..j1-1 of Y = X W^T for X (rows, in), W (out, in) fp32, Y (rows, out); j0 a
  * multiple of 8. Eight weight rows at a time, each applied to every row of X while it is in the L1 cache
  * (the weights are read from memory once per call), with one vector accumulator per weight row:
@@ -145,6 +154,7 @@ static void linear_part_f32(const float *W, const float *X, float *Y, int64_t ro
             float *y = Y + b * out + j;
             lanes_t a[8] = {0};
             for (int64_t i = 0; i < body; i += LANES) {
+                if (b == 0 && j + 16 <= j1) prefetch_rows(w + 8 * in + i, in);
                 const lanes_t xi = load_lanes(x + i);
                 for (int r = 0; r < 8; r++) a[r] += load_lanes(w + r * in + i) * xi;
             }
@@ -201,6 +211,7 @@ static void linear_part_bf16(const uint16_t *W, const float *X, float *Y, int64_
             float *y = Y + b * out + j;
             lanes_t a[8] = {0};
             for (int64_t i = 0; i < body; i += 2 * LANES) {
+                if (b == 0 && j + 16 <= j1) prefetch_rows(w + 8 * in + i, in);
 #ifdef HAVE_BF16_PAIRS
                 const lanes_t x0 = load_lanes(x + i), x1 = load_lanes(x + i + LANES);
                 const lanes_t even = __builtin_shufflevector(x0, x1, EVEN_LANES), odd = __builtin_shufflevector(x0, x1, ODD_LANES);
