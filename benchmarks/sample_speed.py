@@ -87,29 +87,34 @@ GLOBAL = StageConfig("attention", 384, 4, 4)
 LOCAL = StageConfig("attention", 128, 2, 4)
 
 
+def preset_configs(preset: str) -> list[dict]:
+    """configs/{preset}.yaml and configs/cpu/{preset}.yaml, parsed, in the order they apply."""
+    import yaml
+
+    configs = []
+    for name in (f"{preset}.yaml", f"cpu/{preset}.yaml"):
+        with open(Path(__file__).resolve().parents[1] / "configs" / name, encoding="utf-8") as file:
+            configs.append(yaml.safe_load(file))
+    return configs
+
+
 def build_preset(preset: str = "image64") -> HierarchicalByteModel:
     """A preset's model as shipped: configs/{preset}.yaml with configs/cpu/{preset}.yaml on top
     (random weights)."""
-    import yaml
-
     from multibyte.checkpoints import config_from_dict
 
     architecture: dict = {}
-    for name in (f"{preset}.yaml", f"cpu/{preset}.yaml"):
-        with open(Path(__file__).resolve().parents[1] / "configs" / name, encoding="utf-8") as file:
-            architecture.update(yaml.safe_load(file)["model"]["architecture"])
+    for config in preset_configs(preset):
+        architecture.update(config["model"]["architecture"])
     torch.manual_seed(0)
     return HierarchicalByteModel(config_from_dict(ModelConfig, architecture)).eval()
 
 
 def preset_precision(preset: str) -> str:
-    """The trainer precision a preset trains in (configs/cpu/{preset}.yaml over configs/{preset}.yaml)."""
-    import yaml
-
+    """The trainer precision a preset trains in (the CPU config's over the base config's)."""
     precision = "32-true"
-    for name in (f"{preset}.yaml", f"cpu/{preset}.yaml"):
-        with open(Path(__file__).resolve().parents[1] / "configs" / name, encoding="utf-8") as file:
-            precision = str((yaml.safe_load(file).get("trainer") or {}).get("precision", precision))
+    for config in preset_configs(preset):
+        precision = str((config.get("trainer") or {}).get("precision", precision))
     return precision
 
 
@@ -121,8 +126,9 @@ def as_sample_runs_it(model: HierarchicalByteModel, precision: str) -> Hierarchi
 
 
 def bf16_values(model: HierarchicalByteModel) -> HierarchicalByteModel:
-    """A copy of `model` with every parameter rounded to bf16 and kept in fp32."""
-    return copy.deepcopy(model).to(torch.bfloat16).to(torch.float32)
+    """A copy of `model` with every parameter rounded to bf16 and kept in fp32 (what `sample`
+    decodes at batch 1 with --dtype bfloat16)."""
+    return model_for_decoding(copy.deepcopy(model), torch.device("cpu"), torch.bfloat16, 1)
 
 
 def build_models() -> dict[str, HierarchicalByteModel]:

@@ -302,10 +302,8 @@ def fastest_decode_dtype(device: torch.device, batch_size: int, bf16_trained: bo
     for a model trained in bf16 (its matmuls saw bf16 weights), run as bf16 values in fp32
     (`model_for_decoding`): the native kernels read them in half the bytes, faster at batch 1
     (benchmarks/sample_speed.py, `bf16_weights`); fp32 otherwise."""
-    if device.type == "cpu":
-        if batch_size >= CPU_BF16_MIN_BATCH:
-            return torch.bfloat16 if cpu_features.has_native_bf16() else torch.float32
-        return torch.bfloat16 if bf16_trained else torch.float32
+    if device.type == "cpu" and batch_size >= CPU_BF16_MIN_BATCH:
+        return torch.bfloat16 if cpu_features.has_native_bf16() else torch.float32
     return torch.bfloat16 if bf16_trained else torch.float32
 
 

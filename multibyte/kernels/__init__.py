@@ -196,8 +196,8 @@ def matrices_are_bf16(module: torch.nn.Module) -> bool:
     rounded to bf16 and kept in fp32, e.g. by `sample --dtype bfloat16` on a CPU): then the
     kernels may read bf16 copies of them and compute exactly what they would from the fp32 ones."""
     weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        return bool(weights) and all(w.dtype == torch.float32 and torch.equal(w, w.bfloat16().float()) for w in weights)
+    with torch.no_grad():  # bf16 is the upper half of an fp32: the lower 16 bits must be zero
+        return bool(weights) and all(w.dtype == torch.float32 and not (w.view(torch.int32) & 0xFFFF).any() for w in weights)
 
 
 def matrix_for_kernel(weight: torch.Tensor, bf16_weights: bool) -> torch.Tensor:

@@ -222,7 +222,7 @@ class NativeDecode:
             unit_extra=_pointer_of(state.unit_extra),
         )
         keep = tensors + counters + [state.unit_present, inner_step, positions, state.unit_extra]
-        unit_step = cls._bind_unit_step(model, state, byte_step, keep) if N == 2 else None
+        unit_step = cls._bind_unit_step(model, state, byte_step, keep, bf16_weights) if N == 2 else None
         if unit_step is None and not config.is_fixed:
             return None  # word units end at nearly every other byte: no gain without the unit step
         return cls(library, byte_step, unit_step, keep, model, state)
@@ -275,12 +275,12 @@ class NativeDecode:
         return cls(library, single, None, tensors + counters + [positions, stack_step], model, state)
 
     @staticmethod
-    def _bind_unit_step(model: Any, state: Any, byte_step: _ByteStep, keep: list) -> Optional[_UnitStep]:
+    def _bind_unit_step(model: Any, state: Any, byte_step: _ByteStep, keep: list, bf16_weights: bool) -> Optional[_UnitStep]:
         """The global stage's step of a two-stage model, or None where the kernel does not run
-        it (pooling by attention, a global stack that is not attention, weights not fp32)."""
+        it (pooling by attention, a global stack that is not attention, weights not fp32, or a
+        global stack bound for another matrix format than the local one's `bf16_weights`)."""
         outer, inner = model.stages
         outer_step = state.stage_states[0].native
-        bf16_weights = state.stage_states[-1].native.bf16_weights
         if outer.pool is not None or not isinstance(outer_step, NativeAttentionStep) or outer_step.bf16_weights != bf16_weights:
             return None
         D0, S = outer.config.d_model, inner.siblings
