@@ -69,6 +69,7 @@ from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
 from multibyte.progress import progress_bar
 from multibyte.reference_codecs import CodecResult, reference_codecs
+from multibyte.weight_formats import matrix_format
 
 LN2 = math.log(2.0)
 
@@ -481,6 +482,7 @@ def run_benchmark(
             "seq_len": seq_len,
             "seq_unit": "bytes" if tokenizer is None else "tokens",
             "precision": precision,
+            "weights": matrix_format(model),
             "device": str(model.head.weight.device),
             "tokenizer": tokenizer,
             "adapt": None if adapt is None else {**adapt.to_dict(), "batch_size": batch_size or DEFAULT_ADAPT_WINDOWS},
@@ -531,6 +533,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Model: {model['parameters']:,} parameters, {shape}, {model['precision']} on {model['device']}"
+        + (f", matrices rounded to {model['weights']}" if model.get("weights", "float32") != "float32" else "")
         + (f", checkpoint `{model['checkpoint']}`." if model["checkpoint"] else ", untrained (no checkpoint)."),
     ]
     if model.get("adapt"):

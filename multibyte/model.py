@@ -43,12 +43,13 @@ from torch.utils.checkpoint import checkpoint
 
 from multibyte.chunked_loss import head_nll
 from multibyte.config import ModelConfig, StageConfig
-from multibyte.kernels import bind_stack_step, matrices_are_bf16
+from multibyte.kernels import bind_stack_step
 from multibyte.kernels.decode_run import NativeDecode
 from multibyte.mixers import build_mixer
 from multibyte.mixers.attention import KVCache
 from multibyte.mixers.rotary import segment_positions
 from multibyte.patchers import build_patcher, unit_starts
+from multibyte.weight_formats import matrix_format
 
 HASH_MODULUS = 2_147_483_647  # 2^31 - 1: rolling n-gram hashes stay far from int64 overflow
 
@@ -678,11 +679,12 @@ class HierarchicalByteModel(nn.Module):
                 if isinstance(layer_state, KVCache):
                     layer_state.make_static()
         elif native:
-            # A model whose matrices are all bf16 values (rounded for sampling) runs the kernels'
-            # bf16-weight variant: the same arithmetic, half the bytes read per step.
-            bf16_weights = device.type == "cpu" and dtype == torch.float32 and matrices_are_bf16(self)
+            # A model whose matrices all lie on the bf16 or int8 grid (rounded for sampling) runs
+            # the kernels' variant for that format: the same arithmetic, a half or a quarter of the
+            # bytes read per step.
+            weight_format = matrix_format(self) if device.type == "cpu" and dtype == torch.float32 else "float32"
             for stage, states in zip(self.stages, stage_states):
-                states.native = bind_stack_step(stage.stack, states, bf16_weights)
+                states.native = bind_stack_step(stage.stack, states, weight_format)
         w0 = self.stages[0].byte_width
         has_extra = self.position_embedding is not None or self.hash_embedding is not None
         state = DecodeState(

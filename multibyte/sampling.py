@@ -38,6 +38,7 @@ from multibyte import cpu_features
 from multibyte.kernels import NATIVE_MAX_BATCH
 from multibyte.model import DecodeState, HierarchicalByteModel
 from multibyte.model import reset_decode_state as _reset
+from multibyte.weight_formats import round_matrices
 
 __all__ = [
     "DecodeState",
@@ -307,12 +308,19 @@ def fastest_decode_dtype(device: torch.device, batch_size: int, bf16_trained: bo
     return torch.bfloat16 if bf16_trained else torch.float32
 
 
-def model_for_decoding(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, batch_size: int) -> torch.nn.Module:
+def model_for_decoding(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype, batch_size: int, quantize: Optional[str] = None
+) -> torch.nn.Module:
     """`model` moved (in place, as nn.Module.to does) to `device` and `dtype` for sampling
     `batch_size` rows, in eval mode. On a CPU below CPU_BF16_MIN_BATCH rows, bf16 means bf16
     values kept in fp32: the arithmetic and the caches stay fp32 (more exact than bf16 PyTorch,
     which at small batches is also slower) and the native kernels read the matrices as bf16
-    (`multibyte.kernels.matrices_are_bf16`)."""
+    (`multibyte.weight_formats.matrix_format`). `quantize` ("int8"; `dtype` must be fp32) rounds
+    every matrix to that grid in place, kept in fp32, which the kernels read in the grid's format."""
+    if quantize is not None:
+        if dtype != torch.float32:
+            raise ValueError(f"quantize={quantize!r} keeps fp32 weights and arithmetic, got dtype {dtype}")
+        return round_matrices(model.to(device=device, dtype=dtype), quantize).eval()
     if device.type == "cpu" and dtype == torch.bfloat16 and batch_size < CPU_BF16_MIN_BATCH:
         return model.to(device=device, dtype=torch.bfloat16).to(torch.float32).eval()
     return model.to(device=device, dtype=dtype).eval()

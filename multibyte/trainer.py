@@ -41,6 +41,7 @@ from multibyte.checkpoints import (
 from multibyte.decoders import check_writable
 from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
+from multibyte.weight_formats import round_matrices
 
 # Subcommand name -> the method arguments LightningCLI fills in itself (not exposed as flags).
 EXTRA_SUBCOMMANDS: dict[str, set[str]] = {
@@ -270,6 +271,7 @@ class MultibyteTrainer(Trainer):
         compile: bool = False,
         native: bool = True,
         dtype: Optional[Literal["float32", "bfloat16"]] = None,
+        quantize: Optional[Literal["int8"]] = None,
         overwrite: bool = False,
     ) -> list[str]:
         """Generate from a checkpoint: 64x64 PNGs (and a grid), WAVs or UTF-8 text, by modality.
@@ -314,6 +316,11 @@ class MultibyteTrainer(Trainer):
                 CPU from batch 33 bfloat16 where the CPU has native bf16 arithmetic. On a CPU
                 up to batch 32, bfloat16 means bf16 weights with fp32 arithmetic and caches (the
                 native kernels read the weights in half the bytes). Changes the sampled bytes.
+            quantize: int8 rounds every matrix of the model to int8 with one scale per output
+                row (weight-only; multibyte/weight_formats.py), kept in fp32 with fp32
+                arithmetic: on a CPU the native kernels read a quarter of fp32's bytes, the
+                fastest batch-1 decoding of a large stack (benchmarks/sample_speed.py). Changes
+                the sampled bytes; `bench --quantize int8` measures what it costs in bits.
             overwrite: replace existing files in output_dir.
         """
         import torch
@@ -337,11 +344,15 @@ class MultibyteTrainer(Trainer):
             unit = "tokens"
         device = self.strategy.root_device
         rows = min(batch_size, num_samples)
-        if dtype is None:
+        if quantize is not None and dtype not in (None, "float32"):
+            raise ValueError(f"--quantize {quantize} decodes with fp32 arithmetic: leave --dtype out (or set float32), got --dtype {dtype}")
+        if quantize is not None:
+            weights_dtype = torch.float32
+        elif dtype is None:
             weights_dtype = fastest_decode_dtype(device, rows, str(self.precision).startswith("bf16"))
         else:
             weights_dtype = getattr(torch, dtype)
-        byte_model = model_for_decoding(model.model, device, weights_dtype, rows)
+        byte_model = model_for_decoding(model.model, device, weights_dtype, rows, quantize)
 
         context = byte_model.config.max_seq_len
         T = len(prompt_data)
@@ -460,6 +471,7 @@ class MultibyteTrainer(Trainer):
         ngram_options: NgramConfig = NgramConfig(),
         lpc: Optional[bool] = None,
         lpc_options: LpcConfig = LpcConfig(),
+        quantize: Optional[Literal["int8"]] = None,
     ) -> dict[str, Any]:
         """Density benchmark: bits per byte (bits/dim) on a split beside the reference codecs.
 
@@ -508,6 +520,9 @@ class MultibyteTrainer(Trainer):
                 for audio), where possible; --lpc false (or --no-lpc) turns it off.
             lpc_options: its order, history, refit, scale_window, min_scale, ridge,
                 learning_rate and initial_weight, e.g. --lpc_options.order 32.
+            quantize: int8 scores the model with every matrix rounded as `sample --quantize
+                int8` rounds it: what weight-only int8 costs in bits (the report's
+                model.weights says which grid the matrices are on).
         """
         from multibyte.bench import markdown_table, run_benchmark, write_report
 
@@ -523,6 +538,8 @@ class MultibyteTrainer(Trainer):
         adapting = adapt_wanted(adapt, data_spec_of(datamodule).modality)
         mixing, asked = mixing_wanted(ngram, ngram_options, lpc, lpc_options, data_spec_of(datamodule).modality)
         byte_model = self._byte_model(model, ckpt_path)
+        if quantize is not None:
+            round_matrices(byte_model, quantize)
         self._tokenizer(model, datamodule, ckpt_path, prepare=True)  # refuses data of another tokenizer
         # Under a multi-process strategy (ddp, torchrun, SLURM) every rank scores its share of
         # the windows; rank 0 runs the codecs and writes the report.

@@ -226,6 +226,27 @@ def test_cli_bench(tmp_path, capsys):
     assert "| model + strided |" in capsys.readouterr().out
 
 
+def test_cli_bench_scores_the_int8_rounded_model_with_quantize(tmp_path):
+    # --quantize int8 scores what `sample --quantize int8` decodes: the report says the matrices are
+    # on the int8 grid, and the bits move by the rounding, a little.
+    architecture = dataclasses.asdict(tiny_megabyte(max_seq_len=64).config)
+    reports = {}
+    for quantize in ([], ["--quantize", "int8"]):
+        out = tmp_path / ("int8" if quantize else "float32")
+        main(
+            [
+                "bench",
+                *("--seed_everything", "0", "--model.architecture", json.dumps(architecture), "--trainer.logger", "false"),
+                *("--data", "datamodules.TextDataModule", "--data.seq_len", "64", "--data.cache_dir", str(tmp_path)),
+                *("--max_bytes", "2000", "--codecs", "false", "--ngram", "false", "--output_dir", str(out), *quantize),
+            ]
+        )
+        report = json.loads((out / "bench-text-test.json").read_text())
+        reports[report["model"]["weights"]] = report["results"][0]["bits_per_byte"]
+    assert set(reports) == {"float32", "int8"}
+    assert reports["int8"] != reports["float32"] and reports["int8"] == pytest.approx(reports["float32"], rel=0.01)
+
+
 # ------------------------------------------------------------------------------------------------
 # Adaptation's default group of windows
 # ------------------------------------------------------------------------------------------------

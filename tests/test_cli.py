@@ -190,12 +190,14 @@ def tiny_flags(root: Path) -> list[str]:
         (["sample", "--top_p", "0", "--ckpt_path", "{ckpt}"], "--top_p must lie in (0, 1], got 0.0"),
         (["sample", "--temperature", "-1", "--ckpt_path", "{ckpt}"], "--temperature must be >= 0 (0 is greedy), got -1.0"),
         (["sample", "--num_samples", "0", "--ckpt_path", "{ckpt}"], "--num_samples must be at least 1, got 0"),
+        (["sample", "--quantize", "int8", "--dtype", "bfloat16", "--ckpt_path", "{ckpt}"],
+         "--quantize int8 decodes with fp32 arithmetic: leave --dtype out (or set float32), got --dtype bfloat16"),
         (["compress", "--lanes", "0", "--input_file", "{book}", "--ckpt_path", "{ckpt}"], "--lanes must lie in 1..65535, got 0"),
         (["test", "--ckpt_path", "{root}/nothing.ckpt"], "checkpoint {root}/nothing.ckpt: no such file or directory"),
         (["fit", "--data.data_path", "{root}/nothing.txt"], "nothing.txt"),
     ],
     ids=["min_lr_ratio", "learning_rate", "n_heads", "lightning-flag", "bench-batch", "top_p-high", "top_p-zero",
-         "temperature", "num_samples", "lanes", "missing-ckpt", "missing-data"],
+         "temperature", "num_samples", "quantize-dtype", "lanes", "missing-ckpt", "missing-data"],
 )
 def test_bad_values_are_one_line_and_exit_2(args, message, tiny_run, capsys):
     def fill(text: str) -> str:

@@ -28,6 +28,7 @@ from multibyte.kernels.mamba import NativeMambaStep
 from multibyte.mixers.mamba import MambaState
 from multibyte.model import HierarchicalByteModel, Stack
 from multibyte.sampling import allocate_decode_state, decode_step, exponential_noise, generate, prefill, sample_with_noise
+from multibyte.weight_formats import matrix_format, round_matrices, rounded
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the native kernels")
 
@@ -174,33 +175,45 @@ def test_decoding_with_the_kernel_gives_the_pytorch_logits(name):
     assert_same_logits(model, states, prompt)
 
 
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
 @pytest.mark.parametrize("name", ["megabyte-lags", "vanilla", "mambabyte", "hybrid"])
-def test_a_model_of_bf16_values_decodes_from_bf16_matrices_with_the_same_logits(name):
-    # Every parameter rounded to bf16 and kept in fp32 (sample --dtype bfloat16 on a CPU): the
-    # kernels read bf16 copies of the matrices and must compute what PyTorch computes from the
-    # fp32 ones.
-    model = build(name, seed=5).to(torch.bfloat16).to(torch.float32)
-    assert kernels.matrices_are_bf16(model) and not kernels.matrices_are_bf16(build(name, seed=5))
+def test_a_model_on_a_compact_grid_decodes_from_compact_matrices_with_the_same_logits(name, fmt):
+    # Every matrix rounded to the bf16 or int8 grid and kept in fp32 (sample --dtype bfloat16 on a
+    # CPU, sample --quantize int8): the kernels read bf16 or packed int8 copies of the matrices
+    # and must compute what PyTorch computes from the fp32 ones.
+    model = round_matrices(build(name, seed=5), fmt)
+    assert matrix_format(model) == fmt and matrix_format(build(name, seed=5)) == "float32"
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))
     states = {native: allocate_decode_state(model, 2, 40, native=native) for native in (False, True)}
     bound = [s.native for s in states[True].stage_states if s.native is not None]
-    assert bound and all(step.bf16_weights for step in bound)
+    assert bound and all(step.weight_format == fmt for step in bound)
     assert states[True].native_decode is not None
     assert_same_logits(model, states, prompt)
 
 
-def test_bf16_matrices_are_used_only_where_they_are_exact():
+def test_compact_matrices_are_used_only_where_the_weights_are_on_their_grid():
     linear = torch.nn.Linear(3, 2, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[1.0, -0.5, 2.0**-20], [3.0, 0.0, 256.0]]))  # all exact in bf16
-        assert kernels.matrices_are_bf16(linear)
+        assert matrix_format(linear) == "bfloat16"
         linear.weight[0, 0] = 1.0 + 2.0**-8  # bf16 keeps 8 significant bits: 1 + 2^-8 is not one
-        assert not kernels.matrices_are_bf16(linear)
-    assert not kernels.matrices_are_bf16(torch.nn.LayerNorm(4))  # no matrices at all
-    copy = kernels.matrix_for_kernel(torch.tensor([[1.0, 2.5]]), True)
+        assert matrix_format(linear) == "float32"
+        # int8 grid of row 0: scale 2.54 / 127 = 0.02, values 0.02 * (127, -50, 1); row 1 all zero
+        linear.weight.copy_(torch.tensor([[127.0, -50.0, 1.0], [0.0, 0.0, 0.0]]) * torch.tensor([[0.02], [1.0]]))
+        assert matrix_format(linear) == "int8"
+        linear.weight[0, 1] += 0.005  # a quarter step off the grid
+        assert matrix_format(linear) == "float32"
+    assert matrix_format(torch.nn.LayerNorm(4)) == "float32"  # no matrices at all
+    copy = kernels.matrix_for_kernel(torch.tensor([[1.0, 2.5]]), "bfloat16")
     assert copy.dtype == torch.bfloat16 and copy.is_contiguous() and copy.tolist() == [[1.0, 2.5]]
-    assert kernels.library_path("decode_run", True).name.startswith("decode_run-bf16w-")
-    assert kernels.library_path("decode_run", True) != kernels.library_path("decode_run")
+    # packed int8: the rows' fp32 scales, then the values row by row
+    packed = kernels.matrix_for_kernel(torch.tensor([[2.54, -1.0, 0.02], [0.0, 0.0, 0.0]]), "int8")
+    assert packed.dtype == torch.uint8 and packed.numel() == 2 * 4 + 2 * 3
+    assert packed[:8].view(torch.float32).tolist() == pytest.approx([0.02, 0.0])
+    assert packed[8:].view(torch.int8).tolist() == [127, -50, 1, 0, 0, 0]
+    for fmt, suffix in (("bfloat16", "-bf16w-"), ("int8", "-int8w-")):
+        assert kernels.library_path("decode_run", fmt).name.startswith("decode_run" + suffix)
+        assert kernels.library_path("decode_run", fmt) != kernels.library_path("decode_run")
 
 
 def test_generate_uses_the_kernels_and_draws_the_same_bytes():
@@ -555,19 +568,20 @@ def linear_builds() -> list:
     return builds
 
 
-@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("extra", linear_builds(), ids=lambda flags: " ".join(flags) or "as-built")
 def test_the_matrix_vector_product_sums_every_row_and_column(extra, weights, tmp_path):
     # Rows of W in groups of eight and a remainder, columns in whole vectors (bf16: pairs of
-    # vectors) and a remainder, one or several rows of X: every path of `linear` against a
-    # float64 product, for fp32 matrices and for the bf16 ones of the bf16-weight libraries.
+    # vectors, int8: four) and a remainder, one or several rows of X: every path of `linear`
+    # against a float64 product, for fp32 matrices and for the bf16 and packed int8 ones of the
+    # compact-weight libraries.
     compiler = kernels._compiler()
     if compiler is None:
         pytest.skip("no C compiler")
     (tmp_path / "driver.c").write_text(LINEAR_DRIVER)
     library = tmp_path / "linear.so"
     sources = [str(tmp_path / "driver.c"), str(kernels.SOURCES / "parallel.c")]
-    flags = kernels.FLAGS + (kernels.BF16_WEIGHT_FLAGS if weights == "bf16" else [])
+    flags = kernels.FLAGS + kernels.WEIGHT_FORMAT_FLAGS[weights]
     command = [compiler, *flags, *extra, f"-I{kernels.SOURCES}", "-o", str(library), *sources, "-lm"]
     subprocess.run(command, check=True, capture_output=True)
     loaded = ctypes.CDLL(str(library))
@@ -575,21 +589,23 @@ def test_the_matrix_vector_product_sums_every_row_and_column(extra, weights, tmp
     call.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     set_threads.argtypes, set_threads.restype = [ctypes.c_int], ctypes.c_int
     generator = torch.Generator().manual_seed(0)
-    small = itertools.product((1, 3), (1, 7, 8, 13, 24), (1, 5, 8, 16, 24, 37, 96))
+    small = itertools.product((1, 3), (1, 7, 8, 13, 24), (1, 5, 8, 16, 24, 37, 64, 96, 130))
     large = [(1, 1536, 384), (2, 389, 400), (1, 24, 6000)]  # split between two threads: >= 128K weights
     for rows, out, width in [*small, *large]:
         W = torch.randn(out, width, generator=generator)
         X = torch.randn(rows, width, generator=generator)
-        if weights == "bf16":
-            W = W.bfloat16()  # the kernel reads these 16-bit values; the product is of their fp32 values
+        W = rounded(W, weights)  # the product is of these values; the kernel reads them packed
+        packed = kernels.matrix_for_kernel(W, weights)
         results = []
         for threads in (1, 2):
             assert set_threads(threads) == threads
             Y = torch.full((rows, out), float("nan"))
-            call(W.data_ptr(), X.data_ptr(), Y.data_ptr(), rows, out, width)
+            call(packed.data_ptr(), X.data_ptr(), Y.data_ptr(), rows, out, width)
             results.append(Y)
         expected = (X.double() @ W.double().T).float()
-        torch.testing.assert_close(results[0], expected, rtol=1e-5, atol=2e-5, msg=f"rows {rows}, out {out}, in {width}")
+        # fp32 sums of `width` products: rounding grows with the sums' typical size, sqrt(width)
+        atol = 4e-6 * (width**0.5 * float(X.std(correction=0) * W.std(correction=0)) + 1)
+        torch.testing.assert_close(results[0], expected, rtol=1e-5, atol=atol, msg=f"rows {rows}, out {out}, in {width}")
         assert torch.equal(results[1], results[0]), f"two threads differ at rows {rows}, out {out}, in {width}"
 
 

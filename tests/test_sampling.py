@@ -210,8 +210,8 @@ def test_decode_dtype_follows_the_measured_crossover():
 
 
 def test_small_cpu_batches_decode_bf16_values_in_fp32_with_the_bf16_kernels():
-    from multibyte.kernels import matrices_are_bf16
     from multibyte.sampling import CPU_BF16_MIN_BATCH, model_for_decoding
+    from multibyte.weight_formats import matrix_format
 
     cpu = torch.device("cpu")
     torch.manual_seed(0)
@@ -219,11 +219,32 @@ def test_small_cpu_batches_decode_bf16_values_in_fp32_with_the_bf16_kernels():
     original = model.head.weight.detach().clone()
     rounded = model_for_decoding(model, cpu, torch.bfloat16, CPU_BF16_MIN_BATCH - 1)
     assert rounded is model and not model.training  # moved in place, as nn.Module.to
-    assert model.head.weight.dtype == torch.float32 and matrices_are_bf16(model)
+    assert model.head.weight.dtype == torch.float32 and matrix_format(model) == "bfloat16"
     assert torch.equal(model.head.weight, original.bfloat16().float())
     state = allocate_decode_state(model, 1, 8)
-    assert state.stage_states[0].native is None or state.stage_states[0].native.bf16_weights
+    assert state.stage_states[0].native is None or state.stage_states[0].native.weight_format == "bfloat16"
     assert model_for_decoding(model, cpu, torch.bfloat16, CPU_BF16_MIN_BATCH).head.weight.dtype == torch.bfloat16
+
+
+def test_quantize_int8_rounds_the_matrices_alone_and_decodes_with_the_int8_kernels():
+    from multibyte.sampling import model_for_decoding
+    from multibyte.weight_formats import int8_rows, matrix_format
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = HierarchicalByteModel(ModelConfig(stages=[StageConfig("attention", 32, 1, 2)], max_seq_len=64)).train()
+    head, norm = model.head.weight.detach().clone(), model.stages[0].stack.final_norm.weight.detach().clone()
+    assert model_for_decoding(model, cpu, torch.float32, 1, "int8") is model and not model.training
+    assert model.head.weight.dtype == torch.float32 and matrix_format(model) == "int8"
+    q, scale = int8_rows(head)  # each row: its largest weight is +-127 steps of max|w| / 127
+    assert torch.equal(q.abs().amax(dim=1), torch.full((head.shape[0],), 127, dtype=torch.int8))
+    assert torch.allclose(model.head.weight, q.float() * scale[:, None]) and not torch.equal(model.head.weight, head)
+    assert (model.head.weight - head).abs().max() <= scale.max() / 2 * (1 + 1e-6)  # at most half a step away
+    assert torch.equal(model.stages[0].stack.final_norm.weight, norm)  # norms (and embeddings) untouched
+    state = allocate_decode_state(model, 1, 8)
+    assert state.stage_states[0].native is None or state.stage_states[0].native.weight_format == "int8"
+    with pytest.raises(ValueError, match="quantize='int8' keeps fp32"):
+        model_for_decoding(model, cpu, torch.bfloat16, 1, "int8")
 
 
 @pytest.mark.parametrize("name", ["megabyte", "mambabyte"])

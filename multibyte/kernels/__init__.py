@@ -22,11 +22,13 @@ callers run their PyTorch reference. Tests hold every kernel to its reference
 
 `bind_stack_step` picks the one for a stack; `multibyte.model.StackStates.native` holds it.
 
-Each library also comes in a variant that reads the model's matrices (the weights of its linear
-layers) as bf16 (`-DMULTIBYTE_BF16_WEIGHTS`, `load(name, bf16_weights=True)`), used for models
-whose matrices are all exact bf16 values (`matrices_are_bf16`, e.g. `sample --dtype bfloat16`
-on a CPU): the same fp32 arithmetic over half the bytes, which is what a batch-1 step of a large
-stack waits for. The bindings then hold bf16 copies of the matrices (`matrix_for_kernel`).
+Each library also comes in variants that read the model's matrices (the weights of its linear
+layers) in a compact format: bf16 (`-DMULTIBYTE_BF16_WEIGHTS`, `load(name, "bfloat16")`) and
+int8 with a scale per row (`-DMULTIBYTE_INT8_WEIGHTS`, `load(name, "int8")`), used for models
+whose matrices all lie on that grid (`multibyte.weight_formats`: e.g. `sample --dtype bfloat16`
+on a CPU, `sample --quantize int8`): the same fp32 arithmetic over a half or a quarter of the
+bytes, which is what a batch-1 step of a large stack waits for. The bindings then hold copies of
+the matrices in that format (`matrix_for_kernel`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from typing import Optional
 
 import torch
 
+from multibyte.weight_formats import check_format, int8_rows
+
 # -ffp-contract=fast: in ISO C mode (-std=c11) GCC would not fuse a * b + c into one FMA.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-std=c11", "-pthread", "-shared", "-fPIC"]
 SOURCES = Path(__file__).resolve().parent
@@ -56,10 +60,11 @@ LIBRARY_SOURCES = {
     "decode_run": ("decode_run.c", "attention_step.c", "mamba_step.c", "parallel.c"),
 }
 
-# What the bf16-weight variant of a library adds to FLAGS.
-BF16_WEIGHT_FLAGS = ["-DMULTIBYTE_BF16_WEIGHTS"]
+# What each weight-format variant of a library adds to FLAGS, and to its file name.
+WEIGHT_FORMAT_FLAGS = {"float32": [], "bfloat16": ["-DMULTIBYTE_BF16_WEIGHTS"], "int8": ["-DMULTIBYTE_INT8_WEIGHTS"]}
+_WEIGHT_FORMAT_SUFFIX = {"float32": "", "bfloat16": "-bf16w", "int8": "-int8w"}
 
-_loaded: dict[tuple[str, bool], Optional[ctypes.CDLL]] = {}
+_loaded: dict[tuple[str, str], Optional[ctypes.CDLL]] = {}
 _lock = threading.Lock()
 
 
@@ -123,28 +128,28 @@ def _sources(name: str) -> list[Path]:
     return [SOURCES / file for file in LIBRARY_SOURCES.get(name, (f"{name}.c",))]
 
 
-def _flags(bf16_weights: bool) -> list[str]:
-    return FLAGS + BF16_WEIGHT_FLAGS if bf16_weights else FLAGS
+def _flags(weight_format: str) -> list[str]:
+    return FLAGS + WEIGHT_FORMAT_FLAGS[check_format(weight_format)]
 
 
-def library_path(name: str, bf16_weights: bool = False) -> Optional[Path]:
-    """Where `name`'s library (its bf16-weight variant with `bf16_weights`) for this CPU,
-    compiler and sources (its C files and the shared headers) lives (None: no compiler)."""
+def library_path(name: str, weight_format: str = "float32") -> Optional[Path]:
+    """Where `name`'s library (its variant reading the matrices in `weight_format`) for this
+    CPU, compiler and sources (its C files and the shared headers) lives (None: no compiler)."""
     compiler = _compiler()
     if compiler is None:
         return None
     sources = [path.read_bytes() for path in _sources(name)] + [header.read_bytes() for header in sorted(SOURCES.glob("*.h"))]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join(_flags(bf16_weights)).encode(), compiler.encode(), _cpu_identity().encode()]))
-    return cache_folder() / f"{name}{'-bf16w' if bf16_weights else ''}-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(_flags(weight_format)).encode(), compiler.encode(), _cpu_identity().encode()]))
+    return cache_folder() / f"{name}{_WEIGHT_FORMAT_SUFFIX[weight_format]}-{key.hexdigest()[:16]}.so"
 
 
-def _build(name: str, target: Path, bf16_weights: bool = False) -> None:
+def _build(name: str, target: Path, weight_format: str = "float32") -> None:
     """Compile `name`'s C files into `target`, atomically (concurrent processes may build too)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(handle)
     try:
-        command = [_compiler(), *_flags(bf16_weights), "-o", temporary, *map(str, _sources(name)), "-lm"]
+        command = [_compiler(), *_flags(weight_format), "-o", temporary, *map(str, _sources(name)), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
@@ -153,28 +158,28 @@ def _build(name: str, target: Path, bf16_weights: bool = False) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
-def load(name: str, bf16_weights: bool = False) -> Optional[ctypes.CDLL]:
+def load(name: str, weight_format: str = "float32") -> Optional[ctypes.CDLL]:
     """The compiled kernel library `name` (built on first use; its variant reading the model's
-    matrices as bf16 with `bf16_weights`), or None when native kernels are off or cannot be
-    built here (one warning says why)."""
+    matrices in `weight_format`), or None when native kernels are off or cannot be built here
+    (one warning says why)."""
     if not enabled():
         return None
     with _lock:
-        if (name, bf16_weights) in _loaded:
-            return _loaded[name, bf16_weights]
+        if (name, weight_format) in _loaded:
+            return _loaded[name, weight_format]
         library = None
         try:
-            path = library_path(name, bf16_weights)
+            path = library_path(name, weight_format)
             if path is None:
                 raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on the PATH")
             if not path.exists():
-                _build(name, path, bf16_weights)
+                _build(name, path, weight_format)
             library = ctypes.CDLL(str(path))
             library.multibyte_set_threads.argtypes, library.multibyte_set_threads.restype = [ctypes.c_int], ctypes.c_int
             library.multibyte_set_threads(native_threads())
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             warnings.warn(f"native kernel {name!r} unavailable, using the PyTorch reference: {error}", RuntimeWarning, stacklevel=2)
-        _loaded[name, bf16_weights] = library
+        _loaded[name, weight_format] = library
         return library
 
 
@@ -191,27 +196,27 @@ def usable(t: Optional[torch.Tensor]) -> bool:
     return t is not None and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
-def matrices_are_bf16(module: torch.nn.Module) -> bool:
-    """Whether every linear layer's weight in `module` is fp32 holding exact bf16 values (a model
-    rounded to bf16 and kept in fp32, e.g. by `sample --dtype bfloat16` on a CPU): then the
-    kernels may read bf16 copies of them and compute exactly what they would from the fp32 ones."""
-    weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():  # bf16 is the upper half of an fp32: the lower 16 bits must be zero
-        return bool(weights) and all(w.dtype == torch.float32 and not (w.view(torch.int32) & 0xFFFF).any() for w in weights)
+def matrix_for_kernel(weight: torch.Tensor, weight_format: str) -> torch.Tensor:
+    """What a kernel's matrix pointer points at: the fp32 weight itself (float32), a contiguous
+    bf16 copy (bfloat16), or for int8 one uint8 buffer holding the rows' fp32 scales (out,)
+    followed by the int8 values (out, in) (vector_ops.h's packed matrix). The caller keeps it
+    alive and checked that the weight lies on the format's grid
+    (`multibyte.weight_formats.matrix_format`), so the kernel computes what PyTorch computes
+    from the fp32 weight, up to rounding."""
+    if check_format(weight_format) == "bfloat16":
+        return weight.detach().to(torch.bfloat16).contiguous()
+    if weight_format == "int8":
+        q, scale = int8_rows(weight)
+        return torch.cat([scale.contiguous().view(torch.uint8), q.contiguous().view(torch.uint8).flatten()])
+    return weight
 
 
-def matrix_for_kernel(weight: torch.Tensor, bf16_weights: bool) -> torch.Tensor:
-    """What a kernel's matrix pointer points at: the fp32 weight itself, or with `bf16_weights`
-    a contiguous bf16 copy (the caller keeps it alive, and checked `matrices_are_bf16`)."""
-    return weight.detach().to(torch.bfloat16).contiguous() if bf16_weights else weight
-
-
-def load_stack_step(kind: str, stack_struct: type, bf16_weights: bool = False) -> Optional[ctypes.CDLL]:
-    """`load(f"{kind}_step", bf16_weights)` with its two entry points typed, the contract of every stack step
+def load_stack_step(kind: str, stack_struct: type, weight_format: str = "float32") -> Optional[ctypes.CDLL]:
+    """`load(f"{kind}_step", weight_format)` with its two entry points typed, the contract of every stack step
     kernel: `int multibyte_{kind}_step(const Stack *, int64_t rows, const float *x, float *y,
     float *work)` (0: done; nonzero: declined, nothing written) and `int64_t
     multibyte_{kind}_workspace(const Stack *, int64_t rows)` (floats of `work`)."""
-    library = load(f"{kind}_step", bf16_weights)
+    library = load(f"{kind}_step", weight_format)
     if library is not None and not hasattr(library, "_multibyte_typed"):
         stack = ctypes.POINTER(stack_struct)
         step, workspace = getattr(library, f"multibyte_{kind}_step"), getattr(library, f"multibyte_{kind}_workspace")
@@ -225,14 +230,14 @@ class NativeStackStep:
     """A stack's one-position decoding step as one native call (a kernel loaded by
     `load_stack_step`), bound to one stack and one set of per-block states: the pointers in
     `stack_struct` are read once, at binding, so a parameter object replaced afterwards is not
-    seen (values changed in place, as an optimizer step does, are; not with `bf16_weights`, whose
-    matrices are copies taken at binding).
+    seen (values changed in place, as an optimizer step does, are; not in a compact
+    `weight_format`, whose matrices are copies taken at binding).
 
     Call with x (B, 1, D) fp32: returns the stack's (B, 1, D) output and advances the states, or
     None (nothing changed) when it cannot take this call; the caller then runs the reference."""
 
-    def __init__(self, library: ctypes.CDLL, kind: str, stack_struct: ctypes.Structure, keep: list, batch_size: int, bf16_weights: bool = False) -> None:
-        self.bf16_weights = bf16_weights  # the struct points at bf16 copies of the matrices
+    def __init__(self, library: ctypes.CDLL, kind: str, stack_struct: ctypes.Structure, keep: list, batch_size: int, weight_format: str = "float32") -> None:
+        self.weight_format = weight_format  # the format of the matrices the struct points at
         self._kernel = getattr(library, f"multibyte_{kind}_step")
         self.struct = stack_struct
         self._stack_ref = ctypes.byref(stack_struct)
@@ -255,15 +260,15 @@ class NativeStackStep:
         """Host bookkeeping after a step the kernel took (none by default)."""
 
 
-def bind_stack_step(stack: torch.nn.Module, states: list, bf16_weights: bool = False) -> Optional[NativeStackStep]:
+def bind_stack_step(stack: torch.nn.Module, states: list, weight_format: str = "float32") -> Optional[NativeStackStep]:
     """The native one-position step of `stack` (a `multibyte.model.Stack`) on its decoding
-    `states`, or None where no kernel can run it (see each kernel's `bind`); with `bf16_weights`
-    (the caller checked `matrices_are_bf16`) the kernels read bf16 copies of its matrices."""
+    `states`, or None where no kernel can run it (see each kernel's `bind`); the kernels read
+    its matrices in `weight_format` (the caller checked `multibyte.weight_formats.matrix_format`)."""
     from multibyte.kernels.attention import NativeAttentionStep
     from multibyte.kernels.mamba import NativeMambaStep
 
     for kernel in (NativeAttentionStep, NativeMambaStep):
-        step = kernel.bind(stack, states, bf16_weights)
+        step = kernel.bind(stack, states, weight_format)
         if step is not None:
             return step
     return None

@@ -45,8 +45,8 @@ class _Stack(ctypes.Structure):
 class NativeAttentionStep(NativeStackStep):
     """`attention_step.c` bound to an attention stack and its KV caches."""
 
-    def __init__(self, library: ctypes.CDLL, stack: _Stack, keep: list, states: list[KVCache], batch_size: int, bf16_weights: bool = False) -> None:
-        super().__init__(library, "attention", stack, keep, batch_size, bf16_weights)
+    def __init__(self, library: ctypes.CDLL, stack: _Stack, keep: list, states: list[KVCache], batch_size: int, weight_format: str = "float32") -> None:
+        super().__init__(library, "attention", stack, keep, batch_size, weight_format)
         self.states = states
 
     def _advanced(self) -> None:
@@ -54,12 +54,12 @@ class NativeAttentionStep(NativeStackStep):
             state.bound += 1
 
     @classmethod
-    def bind(cls, stack: torch.nn.Module, states: list, bf16_weights: bool = False) -> Optional["NativeAttentionStep"]:
+    def bind(cls, stack: torch.nn.Module, states: list, weight_format: str = "float32") -> Optional["NativeAttentionStep"]:
         """The native step of `stack` (a `multibyte.model.Stack`) on `states` (its per-block
         decoding states), or None when the kernel cannot run it: a block that is not attention,
         weights or caches not contiguous fp32 on the CPU, static caches (compiled decoding), norms
         with different eps, more than NATIVE_MAX_BATCH rows, or no kernel library on this machine.
-        `bf16_weights`: read bf16 copies of the matrices (`multibyte.kernels.matrix_for_kernel`)."""
+        `weight_format`: the format the kernel reads the matrices in (`multibyte.kernels.matrix_for_kernel`)."""
         blocks = list(stack.blocks)
         if not blocks or len(states) != len(blocks) or not isinstance(states[0], KVCache):
             return None
@@ -96,14 +96,14 @@ class NativeAttentionStep(NativeStackStep):
             if any(m.bias is not None for m in linears):
                 return None
             for i in (1, 2, 4, 5):  # qkv, out_proj, up, down
-                tensors[i] = None if tensors[i] is None else matrix_for_kernel(tensors[i], bf16_weights)
+                tensors[i] = None if tensors[i] is None else matrix_for_kernel(tensors[i], weight_format)
             keep += tensors + [state.lengths]
             pointers = [0 if t is None else t.data_ptr() for t in tensors] + [state.lengths.data_ptr()]
             for field, pointer in zip(_Block._fields_, pointers):
                 setattr(c_block, field[0], pointer)
         if not usable(stack.final_norm.weight):
             return None
-        library = load_stack_step("attention", _Stack, bf16_weights)
+        library = load_stack_step("attention", _Stack, weight_format)
         if library is None:
             return None
         batch_size, _, slots, _ = states[0].keys.shape
@@ -119,4 +119,4 @@ class NativeAttentionStep(NativeStackStep):
             blocks=c_blocks,
         )
         keep.append(c_blocks)
-        return cls(library, c_stack, keep, list(states), batch_size, bf16_weights)
+        return cls(library, c_stack, keep, list(states), batch_size, weight_format)

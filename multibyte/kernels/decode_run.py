@@ -102,8 +102,8 @@ class _DrawRule(ctypes.Structure):
     _fields_ = [("temperature", ctypes.c_float), ("top_k", ctypes.c_int64), ("top_p", ctypes.c_float), ("stop", ctypes.c_int64)]
 
 
-def _library(bf16_weights: bool = False) -> Optional[ctypes.CDLL]:
-    library = load("decode_run", bf16_weights)
+def _library(weight_format: str = "float32") -> Optional[ctypes.CDLL]:
+    library = load("decode_run", weight_format)
     if library is not None and not hasattr(library, "_multibyte_decode_typed"):
         byte, unit, single, i64 = ctypes.POINTER(_ByteStep), ctypes.POINTER(_UnitStep), ctypes.POINTER(_SingleStage), ctypes.c_int64
         rule = ctypes.POINTER(_DrawRule)
@@ -172,7 +172,7 @@ class NativeDecode:
         or Mamba step), or None where the byte step cannot run: something besides the byte
         embedding and the context enters the innermost input, hashed n-gram embeddings, a head
         with a bias, weights not fp32. The model's matrices are read as its stack steps read
-        them: bf16 copies where those were bound with `bf16_weights`."""
+        them (their `weight_format`)."""
         config = model.config
         N = config.num_stages
         if state.static or not (config.is_fixed or cls._can_run_word_units(model, state)):
@@ -196,9 +196,9 @@ class NativeDecode:
             return None
         if state.unit_present.dtype != torch.bool or not state.unit_present.is_contiguous() or state.unit_lengths.shape[1] != N - 1:
             return None
-        bf16_weights = inner_step.bf16_weights
-        tensors[2] = matrix_for_kernel(head.weight, bf16_weights)
-        library = _library(bf16_weights)
+        weight_format = inner_step.weight_format
+        tensors[2] = matrix_for_kernel(head.weight, weight_format)
+        library = _library(weight_format)
         if library is None:
             return None
         byte_step = _ByteStep(
@@ -222,7 +222,7 @@ class NativeDecode:
             unit_extra=_pointer_of(state.unit_extra),
         )
         keep = tensors + counters + [state.unit_present, inner_step, positions, state.unit_extra]
-        unit_step = cls._bind_unit_step(model, state, byte_step, keep, bf16_weights) if N == 2 else None
+        unit_step = cls._bind_unit_step(model, state, byte_step, keep, weight_format) if N == 2 else None
         if unit_step is None and not config.is_fixed:
             return None  # word units end at nearly every other byte: no gain without the unit step
         return cls(library, byte_step, unit_step, keep, model, state)
@@ -255,8 +255,8 @@ class NativeDecode:
             return None
         if not all(_host_counter(t) for t in counters):
             return None
-        tensors[1] = matrix_for_kernel(head.weight, stack_step.bf16_weights)
-        library = _library(stack_step.bf16_weights)
+        tensors[1] = matrix_for_kernel(head.weight, stack_step.weight_format)
+        library = _library(stack_step.weight_format)
         if library is None:
             return None
         single = _SingleStage(
@@ -275,13 +275,13 @@ class NativeDecode:
         return cls(library, single, None, tensors + counters + [positions, stack_step], model, state)
 
     @staticmethod
-    def _bind_unit_step(model: Any, state: Any, byte_step: _ByteStep, keep: list, bf16_weights: bool) -> Optional[_UnitStep]:
+    def _bind_unit_step(model: Any, state: Any, byte_step: _ByteStep, keep: list, weight_format: str) -> Optional[_UnitStep]:
         """The global stage's step of a two-stage model, or None where the kernel does not run
         it (pooling by attention, a global stack that is not attention, weights not fp32, or a
-        global stack bound for another matrix format than the local one's `bf16_weights`)."""
+        global stack bound for another matrix format than the local one's `weight_format`)."""
         outer, inner = model.stages
         outer_step = state.stage_states[0].native
-        if outer.pool is not None or not isinstance(outer_step, NativeAttentionStep) or outer_step.bf16_weights != bf16_weights:
+        if outer.pool is not None or not isinstance(outer_step, NativeAttentionStep) or outer_step.weight_format != weight_format:
             return None
         D0, S = outer.config.d_model, inner.siblings
         if D0 % S or inner.from_parent is None or outer.byte_width * outer.slots != D0:
@@ -295,9 +295,9 @@ class NativeDecode:
             return None
         if lags is not None and (lags.dtype != torch.int64 or not lags.is_contiguous() or lags.device.type != "cpu"):
             return None
-        tensors[1] = matrix_for_kernel(tensors[1], bf16_weights)  # from_parent
+        tensors[1] = matrix_for_kernel(tensors[1], weight_format)  # from_parent
         if lags is not None:
-            optional[0] = matrix_for_kernel(optional[0], bf16_weights)  # lag_proj
+            optional[0] = matrix_for_kernel(optional[0], weight_format)  # lag_proj
         keep += tensors + optional + [lags, outer_step]
         return _UnitStep(
             inner=ctypes.pointer(byte_step),

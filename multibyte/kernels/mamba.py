@@ -44,11 +44,11 @@ class NativeMambaStep(NativeStackStep):
     """`mamba_step.c` bound to a Mamba stack and its recurrent states."""
 
     @classmethod
-    def bind(cls, stack: torch.nn.Module, states: list, bf16_weights: bool = False) -> Optional["NativeMambaStep"]:
+    def bind(cls, stack: torch.nn.Module, states: list, weight_format: str = "float32") -> Optional["NativeMambaStep"]:
         """The native step of `stack` on `states`, or None when the kernel cannot run it: a block
         that is not a Mamba mixer alone, weights or states not contiguous fp32 on the CPU, norms
         with different eps, more than NATIVE_MAX_BATCH rows, or no kernel library here.
-        `bf16_weights`: read bf16 copies of the matrices (`multibyte.kernels.matrix_for_kernel`)."""
+        `weight_format`: the format the kernel reads the matrices in (`multibyte.kernels.matrix_for_kernel`)."""
         blocks = list(stack.blocks)
         if not blocks or len(states) != len(blocks) or not isinstance(states[0], MambaState):
             return None
@@ -80,15 +80,15 @@ class NativeMambaStep(NativeStackStep):
             if not all(usable(t) for t in tensors) or state.conv.shape[0] != batch_size:
                 return None
             for i in (1, 4, 5, 9):  # in_proj, x_proj, dt_proj, out_proj
-                tensors[i] = matrix_for_kernel(tensors[i], bf16_weights)
+                tensors[i] = matrix_for_kernel(tensors[i], weight_format)
             keep += tensors
             for name, tensor in zip(_BLOCK_FIELDS, tensors):
                 setattr(c_block, name, tensor.data_ptr())
         if not usable(stack.final_norm.weight):
             return None
-        library = load_stack_step("mamba", _Stack, bf16_weights)
+        library = load_stack_step("mamba", _Stack, weight_format)
         if library is None:
             return None
         c_stack = _Stack(*dims, n_blocks=len(blocks), eps=eps, final_norm=stack.final_norm.weight.data_ptr(), blocks=c_blocks)
         keep.append(c_blocks)
-        return cls(library, "mamba", c_stack, keep, batch_size, bf16_weights)
+        return cls(library, "mamba", c_stack, keep, batch_size, weight_format)

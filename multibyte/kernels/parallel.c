@@ -20,20 +20,15 @@
 #include "vector_ops.h"
 
 typedef struct {
-    const void *W; /* fp32, or bf16 when `bf16` */
-    int bf16;
+    const void *W; /* in `format` (vector_ops.h's WEIGHTS_...) */
+    int format;
     const float *X;
     float *Y;
     int64_t rows, out, in, first; /* the helper's part: output rows first..out-1 */
 } Job;
 
 /* Output rows j0..j1-1 of the job's product. */
-static void linear_rows(const Job j, int64_t j0, int64_t j1) {
-    if (j.bf16)
-        linear_part_bf16(j.W, j.X, j.Y, j.rows, j.out, j.in, j0, j1);
-    else
-        linear_part_f32(j.W, j.X, j.Y, j.rows, j.out, j.in, j0, j1);
-}
+static void linear_rows(const Job j, int64_t j0, int64_t j1) { linear_part(j.W, j.format, j.X, j.Y, j.rows, j.out, j.in, j0, j1); }
 
 static int threads_allowed = 1;
 static int helper_state = 0; /* 0: not started, 1: running, -1: could not start */
@@ -118,7 +113,7 @@ int multibyte_set_threads(int threads) {
     return threads_allowed;
 }
 
-int multibyte_parallel_linear(const void *W, int bf16, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+int multibyte_parallel_linear(const void *W, int format, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
     if (threads_allowed < 2 || out < 16) return 1;
     /* Several threads of the process may decode at once: the one that holds the helper hands
      * work over, the others compute alone. */
@@ -129,7 +124,7 @@ int multibyte_parallel_linear(const void *W, int bf16, const float *X, float *Y,
         return 1;
     }
     const int64_t first = (out / 16) * 8; /* the caller's rows: 0..first-1, whole groups of 8 */
-    job = (Job){.W = W, .bf16 = bf16, .X = X, .Y = Y, .rows = rows, .out = out, .in = in, .first = first};
+    job = (Job){.W = W, .format = format, .X = X, .Y = Y, .rows = rows, .out = out, .in = in, .first = first};
     const long id = atomic_fetch_add(&posted, 1) + 1;
     if (atomic_load(&sleeping)) {
         pthread_mutex_lock(&lock);

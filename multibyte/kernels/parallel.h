@@ -12,10 +12,10 @@
  * now in force. Set from Python (`multibyte.kernels.native_threads`). */
 int multibyte_set_threads(int threads);
 
-/* Y = X W^T as `linear` (vector_ops.h) for W fp32 (bf16 = 0) or bf16 (bf16 = 1), the output
- * rows split between the caller and a helper thread; returns 0, or 1 (nothing written) when
- * there is no helper (one thread allowed, or it could not start): the caller then computes it
- * alone. */
-int multibyte_parallel_linear(const void *W, int bf16, const float *X, float *Y, int64_t rows, int64_t out, int64_t in);
+/* Y = X W^T as `linear` (vector_ops.h) for W in `format` (WEIGHTS_F32, WEIGHTS_BF16 or
+ * WEIGHTS_INT8), the output rows split between the caller and a helper thread; returns 0, or 1
+ * (nothing written) when there is no helper (one thread allowed, or it could not start): the
+ * caller then computes it alone. */
+int multibyte_parallel_linear(const void *W, int format, const float *X, float *Y, int64_t rows, int64_t out, int64_t in);
 
 #endif

@@ -8,16 +8,27 @@
 
 #include "parallel.h"
 
-/* The type of the model's matrices (the weights of its linear layers) in this library: fp32, or
- * with MULTIBYTE_BF16_WEIGHTS defined bf16 (uint16_t holding the upper half of an fp32; the
- * Python side passes them only for models whose matrices are exactly bf16 values, so the
- * arithmetic, fp32, is the same). Norms, biases, embeddings, caches and states stay fp32. */
-#ifdef MULTIBYTE_BF16_WEIGHTS
-typedef uint16_t weight_t;
+/* The formats a matrix product reads its weights in (multibyte.weight_formats). */
+#define WEIGHTS_F32 0
 #define WEIGHTS_BF16 1
+#define WEIGHTS_INT8 2
+
+/* The type of the model's matrices (the weights of its linear layers) in this library: fp32;
+ * with MULTIBYTE_BF16_WEIGHTS defined bf16 (uint16_t holding the upper half of an fp32); with
+ * MULTIBYTE_INT8_WEIGHTS defined a packed int8 matrix (out, in): its rows' fp32 scales (out,)
+ * followed by the int8 values (out, in), row by row. The Python side passes the compact formats
+ * only for models whose matrices are on that grid (multibyte.weight_formats.matrix_format), so
+ * the arithmetic, fp32, is the same up to rounding. Norms, biases, embeddings, caches and states
+ * stay fp32. */
+#if defined(MULTIBYTE_BF16_WEIGHTS)
+typedef uint16_t weight_t;
+#define WEIGHT_FORMAT WEIGHTS_BF16
+#elif defined(MULTIBYTE_INT8_WEIGHTS)
+typedef uint8_t weight_t;
+#define WEIGHT_FORMAT WEIGHTS_INT8
 #else
 typedef float weight_t;
-#define WEIGHTS_BF16 0
+#define WEIGHT_FORMAT WEIGHTS_F32
 #endif
 
 /* e^x without a libm call, so that loops over it vectorize: x = n ln 2 + r with |r| <= ln 2 / 2,
@@ -251,21 +262,94 @@ static void linear_part_bf16(const uint16_t *W, const float *X, float *Y, int64_
     }
 }
 
+#if defined(__has_builtin) && !defined(MULTIBYTE_LANE_BY_LANE_SUM)
+#if __has_builtin(__builtin_convertvector)
+#define HAVE_CONVERTVECTOR 1
+#endif
+#endif
+
+/* LANES int8 values as fp32 lanes (one sign-extending load and one conversion on x86). */
+static inline lanes_t int8_lanes(const int8_t *p) {
+#ifdef HAVE_CONVERTVECTOR
+    typedef int8_t bytes_t __attribute__((vector_size(LANES)));
+    bytes_t v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, lanes_t);
+#else
+    float v[LANES];
+    for (int k = 0; k < LANES; k++) v[k] = (float)p[k];
+    return load_lanes(v);
+#endif
+}
+
+/* linear_part_f32 with a packed int8 W (weight_t of the int8 build: (out,) fp32 row scales, then
+ * (out, in) int8): y[j] = scale[j] * sum_i q[j, i] x[i], a quarter of fp32's bytes. The columns go
+ * 4 x LANES at a time (a 64-byte cache line of a row with AVX-512), so the prefetch asks for each
+ * line once. */
+static void linear_part_int8(const uint8_t *packed, const float *X, float *Y, int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1) {
+    const int8_t *W = (const int8_t *)(packed + out * (int64_t)sizeof(float));
+    const int64_t body = in - in % (4 * LANES);
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
+        const int8_t *w = W + j * in;
+        float scale[8];
+        memcpy(scale, packed + j * (int64_t)sizeof(float), sizeof scale);
+        for (int64_t b = 0; b < rows; b++) {
+            const float *x = X + b * in;
+            float *y = Y + b * out + j;
+            lanes_t a[8] = {0};
+            for (int64_t i = 0; i < body; i += 4 * LANES) {
+                if (b == 0 && j + 16 <= j1) prefetch_rows(w + 8 * in + i, in);
+                const lanes_t x0 = load_lanes(x + i), x1 = load_lanes(x + i + LANES);
+                const lanes_t x2 = load_lanes(x + i + 2 * LANES), x3 = load_lanes(x + i + 3 * LANES);
+                for (int r = 0; r < 8; r++) {
+                    const int8_t *wr = w + r * in + i;
+                    a[r] += int8_lanes(wr) * x0;
+                    a[r] += int8_lanes(wr + LANES) * x1;
+                    a[r] += int8_lanes(wr + 2 * LANES) * x2;
+                    a[r] += int8_lanes(wr + 3 * LANES) * x3;
+                }
+            }
+            sum_lanes8(a, y);
+            for (int64_t i = body; i < in; i++)
+                for (int r = 0; r < 8; r++) y[r] += (float)w[r * in + i] * x[i];
+            for (int r = 0; r < 8; r++) y[r] *= scale[r];
+        }
+    }
+    for (; j < j1; j++) { /* the last rows short of a group of 8, one at a time */
+        const int8_t *w = W + j * in;
+        float scale;
+        memcpy(&scale, packed + j * (int64_t)sizeof(float), sizeof scale);
+        for (int64_t b = 0; b < rows; b++) {
+            const float *x = X + b * in;
+            float sum = 0.f;
+            for (int64_t i = 0; i < in; i++) sum += (float)w[i] * x[i];
+            Y[b * out + j] = scale * sum;
+        }
+    }
+}
+
+/* Output rows j0..j1-1 of Y = X W^T with W in `format` (WEIGHTS_F32, _BF16 or _INT8). */
+static inline void linear_part(const void *W, int format, const float *X, float *Y, int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1) {
+    if (format == WEIGHTS_BF16)
+        linear_part_bf16(W, X, Y, rows, out, in, j0, j1);
+    else if (format == WEIGHTS_INT8)
+        linear_part_int8(W, X, Y, rows, out, in, j0, j1);
+    else
+        linear_part_f32(W, X, Y, rows, out, in, j0, j1);
+}
+
 /* Y = X W^T for an fp32 W that is not a model matrix (a KV cache's keys, a state); a large
  * product is split with the helper thread (parallel.c). */
 static void linear_f32(const float *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
-    if (out * in >= PARALLEL_MIN_WEIGHTS && multibyte_parallel_linear(W, 0, X, Y, rows, out, in) == 0) return;
+    if (out * in >= PARALLEL_MIN_WEIGHTS && multibyte_parallel_linear(W, WEIGHTS_F32, X, Y, rows, out, in) == 0) return;
     linear_part_f32(W, X, Y, rows, out, in, 0, out);
 }
 
 /* Y = X W^T for a model matrix (weight_t); split with the helper thread when large. */
 static void linear(const weight_t *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
-    if (out * in >= PARALLEL_MIN_WEIGHTS && multibyte_parallel_linear(W, WEIGHTS_BF16, X, Y, rows, out, in) == 0) return;
-#if WEIGHTS_BF16
-    linear_part_bf16(W, X, Y, rows, out, in, 0, out);
-#else
-    linear_part_f32(W, X, Y, rows, out, in, 0, out);
-#endif
+    if (out * in >= PARALLEL_MIN_WEIGHTS && multibyte_parallel_linear(W, WEIGHT_FORMAT, X, Y, rows, out, in) == 0) return;
+    linear_part(W, WEIGHT_FORMAT, X, Y, rows, out, in, 0, out);
 }
 
 #endif
