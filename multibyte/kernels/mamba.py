@@ -73,8 +73,9 @@ class NativeMambaStep(NativeStackStep):
                 return None
             with torch.no_grad():
                 A = m._A().contiguous()  # the reference's -exp(A_log), once per binding instead of per step
+                taps = m.conv1d.weight[:, 0].t().contiguous()  # (K, E): each tap's row over the channels
             tensors = [
-                block.mixer_norm.weight, m.in_proj.weight, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight,
+                block.mixer_norm.weight, m.in_proj.weight, taps, m.conv1d.bias, m.x_proj.weight,
                 m.dt_proj.weight, m.dt_proj.bias, A, m.D, m.out_proj.weight, state.conv, state.ssm,
             ]  # fmt: skip
             if not all(usable(t) for t in tensors) or state.conv.shape[0] != batch_size:

@@ -58,16 +58,17 @@ int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *
         rms_norm_rows(y, blk->norm, h, B, D, s->eps);
         linear(blk->in_proj, h, xz, B, 2 * E, D);
         for (int64_t b = 0; b < B; b++) {
-            const float *x_in = xz + b * 2 * E;
+            const float *x_in = xz + b * 2 * E, *taps = blk->conv_weight;
             float *state = blk->conv_state + b * (K - 1) * E, *c = conv + b * E;
+            /* tap by tap over all channels (the taps come transposed, (K, E)): unit-stride loops */
 #pragma omp simd
-            for (int64_t e = 0; e < E; e++) {
-                const float *taps = blk->conv_weight + e * K;
-                float acc = 0.f;
-                for (int64_t k = 0; k < K - 1; k++) acc += state[k * E + e] * taps[k];
-                acc += x_in[e] * taps[K - 1];
-                c[e] = silu(acc + blk->conv_bias[e]);
+            for (int64_t e = 0; e < E; e++) c[e] = 0.f;
+            for (int64_t k = 0; k < K - 1; k++) {
+#pragma omp simd
+                for (int64_t e = 0; e < E; e++) c[e] += state[k * E + e] * taps[k * E + e];
             }
+#pragma omp simd
+            for (int64_t e = 0; e < E; e++) c[e] = silu(c[e] + x_in[e] * taps[(K - 1) * E + e] + blk->conv_bias[e]);
             for (int64_t k = 0; k + 1 < K - 1; k++)
                 for (int64_t e = 0; e < E; e++) state[k * E + e] = state[(k + 1) * E + e];
             if (K > 1)

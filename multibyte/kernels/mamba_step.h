@@ -8,7 +8,7 @@
 typedef struct {
     const float *norm;        /* (D,) RMSNorm gain before the mixer */
     const weight_t *in_proj;  /* (2E, D) */
-    const float *conv_weight; /* (E, K) */
+    const float *conv_weight; /* (K, E): tap k of every channel, contiguous */
     const float *conv_bias;   /* (E,) */
     const weight_t *x_proj;   /* (R + 2N, E) */
     const weight_t *dt_weight; /* (E, R) */

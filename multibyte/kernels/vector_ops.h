@@ -213,7 +213,7 @@ typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(float))));
  * columns and high halves the odd ones; shifting and masking turn them into two fp32 vectors
  * without moving lanes, and x is split into its even and odd columns once per 8 weight rows. */
 static void linear_part_bf16(const uint16_t *W, const float *X, float *Y, int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1) {
-    const int64_t body = in - in % (2 * LANES);
+    const int64_t body = in - in % (2 * LANES), vectors = in - in % LANES;
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8) {
         const uint16_t *w = W + j * in;
@@ -246,8 +246,16 @@ static void linear_part_bf16(const uint16_t *W, const float *X, float *Y, int64_
                     }
 #endif
             }
+            for (int64_t i = body; i < vectors; i += LANES) { /* short rows (Mamba's dt_proj) */
+                const lanes_t xi = load_lanes(x + i);
+                for (int r = 0; r < 8; r++) {
+                    float v[LANES];
+                    for (int k = 0; k < LANES; k++) v[k] = bf16_value(w[r * in + i + k]);
+                    a[r] += load_lanes(v) * xi;
+                }
+            }
             sum_lanes8(a, y);
-            for (int64_t i = body; i < in; i++)
+            for (int64_t i = vectors; i < in; i++)
                 for (int r = 0; r < 8; r++) y[r] += bf16_value(w[r * in + i]) * x[i];
         }
     }
@@ -262,19 +270,17 @@ static void linear_part_bf16(const uint16_t *W, const float *X, float *Y, int64_
     }
 }
 
-#if defined(__has_builtin) && !defined(MULTIBYTE_LANE_BY_LANE_SUM)
-#if __has_builtin(__builtin_convertvector)
-#define HAVE_CONVERTVECTOR 1
+/* LANES int8 values as fp32 lanes: on x86 one sign-extending load and one conversion (by
+ * intrinsics: GCC lowers __builtin_convertvector from int8 to fp32 vectors one element at a time);
+ * elsewhere a loop the compiler may vectorize. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && LANES == 8)
+#include <immintrin.h>
 #endif
-#endif
-
-/* LANES int8 values as fp32 lanes (one sign-extending load and one conversion on x86). */
 static inline lanes_t int8_lanes(const int8_t *p) {
-#ifdef HAVE_CONVERTVECTOR
-    typedef int8_t bytes_t __attribute__((vector_size(LANES)));
-    bytes_t v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, lanes_t);
+#if defined(__AVX512F__) && LANES == 16
+    return (lanes_t)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__) && LANES == 8
+    return (lanes_t)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 #else
     float v[LANES];
     for (int k = 0; k < LANES; k++) v[k] = (float)p[k];
@@ -288,7 +294,7 @@ static inline lanes_t int8_lanes(const int8_t *p) {
  * line once. */
 static void linear_part_int8(const uint8_t *packed, const float *X, float *Y, int64_t rows, int64_t out, int64_t in, int64_t j0, int64_t j1) {
     const int8_t *W = (const int8_t *)(packed + out * (int64_t)sizeof(float));
-    const int64_t body = in - in % (4 * LANES);
+    const int64_t body = in - in % (4 * LANES), vectors = in - in % LANES;
     int64_t j = j0;
     for (; j + 8 <= j1; j += 8) {
         const int8_t *w = W + j * in;
@@ -310,8 +316,12 @@ static void linear_part_int8(const uint8_t *packed, const float *X, float *Y, in
                     a[r] += int8_lanes(wr + 3 * LANES) * x3;
                 }
             }
+            for (int64_t i = body; i < vectors; i += LANES) { /* short rows (Mamba's dt_proj) */
+                const lanes_t xi = load_lanes(x + i);
+                for (int r = 0; r < 8; r++) a[r] += int8_lanes(w + r * in + i) * xi;
+            }
             sum_lanes8(a, y);
-            for (int64_t i = body; i < in; i++)
+            for (int64_t i = vectors; i < in; i++)
                 for (int r = 0; r < 8; r++) y[r] += (float)w[r * in + i] * x[i];
             for (int r = 0; r < 8; r++) y[r] *= scale[r];
         }
