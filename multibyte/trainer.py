@@ -41,7 +41,7 @@ from multibyte.checkpoints import (
 from multibyte.decoders import check_writable
 from multibyte.data_spec import data_spec_of
 from multibyte.model import HierarchicalByteModel
-from multibyte.weight_formats import round_matrices
+from multibyte.weight_formats import matrix_format, round_matrices
 
 # Subcommand name -> the method arguments LightningCLI fills in itself (not exposed as flags).
 EXTRA_SUBCOMMANDS: dict[str, set[str]] = {
@@ -391,6 +391,8 @@ class MultibyteTrainer(Trainer):
                     "prompt_file": prompt_file,
                     "dtype": str(weights_dtype).removeprefix("torch."),
                     "arithmetic": str(byte_model.head.weight.dtype).removeprefix("torch."),
+                    # the grid the matrices' values lie on (bf16 or int8 values held in fp32)
+                    "matrices": matrix_format(byte_model) if byte_model.head.weight.dtype == torch.float32 else str(weights_dtype).removeprefix("torch."),
                     "device": str(device),
                 },
                 tokenizer=tokenizer,

@@ -335,6 +335,15 @@ def test_sample_subcommand_writes_text_continuing_the_prompt(text_checkpoint, tm
     assert json.loads((tmp_path / "d" / "sample_info.json").read_text())["native"] is False
     for name in ("sample_000.txt", "sample_001.txt"):
         assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
+    # --quantize int8: the int8-rounded model, recorded, the same greedy bytes natively and in PyTorch.
+    assert json.loads((tmp_path / "c" / "sample_info.json").read_text())["matrices"] == "bfloat16"  # the CPU default
+    sample_cli(text_checkpoint, tmp_path / "e", *greedy, "--quantize", "int8")
+    sample_cli(text_checkpoint, tmp_path / "f", *greedy, "--quantize", "int8", "--native", "false")
+    for folder in ("e", "f"):
+        info = json.loads((tmp_path / folder / "sample_info.json").read_text())
+        assert (info["matrices"], info["arithmetic"]) == ("int8", "float32")
+    for name in ("sample_000.txt", "sample_001.txt"):
+        assert (tmp_path / "e" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
 
 
 def test_sample_subcommand_errors_name_the_file(text_checkpoint, tmp_path):
