@@ -40,6 +40,39 @@ static inline float log1p_unit(float u) {
  * log(1 + e^v) = max(v, 0) + log(1 + e^-|v|). */
 static inline float softplus(float v) { return (v > 0.f ? v : 0.f) + log1p_unit(exp_vectorizable(v > 0.f ? -v : v)); }
 
+/* One row's work per channel after x_proj, for channels e0..e1-1 (e0 a multiple of 8). */
+typedef struct {
+    const MambaStack *s;
+    const MambaBlock *blk;
+    const float *d, *Bn, *Cn; /* x_proj's output: (R), (N), (N) */
+    const float *c, *z;       /* the convolution's output (E), the gate's input (E) */
+    float *ssm, *m, *dt;      /* the state (E, N), the output (E), delta (E) */
+} Channels;
+
+/* delta = softplus(dt_proj(d) + dt_bias); the state update; m = (C . state + D s) * SiLU(z). */
+static void channels(const void *context, int64_t e0, int64_t e1) {
+    const Channels *j = context;
+    const MambaBlock *blk = j->blk;
+    const int64_t E = j->s->d_inner, N = j->s->d_state, R = j->s->dt_rank;
+    float *dt = j->dt, *m = j->m;
+    linear_part(blk->dt_weight, WEIGHT_FORMAT, j->d, dt, 1, E, R, e0, e1);
+#pragma omp simd
+    for (int64_t e = e0; e < e1; e++) dt[e] = softplus(dt[e] + blk->dt_bias[e]);
+    for (int64_t e = e0; e < e1; e++) {
+        const float delta = dt[e], impulse = delta * j->c[e];
+        const float *A = blk->A + e * N;
+        float *h_e = j->ssm + e * N;
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) h_e[n] = exp_vectorizable(delta * A[n]) * h_e[n] + impulse * j->Bn[n];
+    }
+    linear_part_f32(j->ssm, j->Cn, m, 1, E, N, e0, e1); /* m[e] = sum_n C[n] state[e, n] */
+#pragma omp simd
+    for (int64_t e = e0; e < e1; e++) m[e] = (m[e] + j->c[e] * blk->D[e]) * silu(j->z[e]);
+}
+
+/* Channels from which a row's per-channel work is split between two threads. */
+#define PARALLEL_MIN_CHANNELS 256
+
 int64_t multibyte_mamba_workspace(const MambaStack *s, int64_t rows) {
     const int64_t D = s->d_model, E = s->d_inner;
     return rows * (2 * D + 4 * E + s->dt_rank + 2 * s->d_state) + E;
@@ -76,21 +109,10 @@ int multibyte_mamba_step(const MambaStack *s, int64_t B, const float *x, float *
         }
         linear(blk->x_proj, conv, dbc, B, P, E);
         for (int64_t b = 0; b < B; b++) {
-            const float *d = dbc + b * P, *Bn = d + R, *Cn = Bn + N, *c = conv + b * E, *z = xz + b * 2 * E + E;
-            float *ssm = blk->ssm_state + b * E * N, *m = mixed + b * E;
-            linear(blk->dt_weight, d, dt, 1, E, R);
-#pragma omp simd
-            for (int64_t e = 0; e < E; e++) dt[e] = softplus(dt[e] + blk->dt_bias[e]);
-            for (int64_t e = 0; e < E; e++) {
-                const float delta = dt[e], impulse = delta * c[e];
-                const float *A = blk->A + e * N;
-                float *h_e = ssm + e * N;
-#pragma omp simd
-                for (int64_t n = 0; n < N; n++) h_e[n] = exp_vectorizable(delta * A[n]) * h_e[n] + impulse * Bn[n];
-            }
-            linear_f32(ssm, Cn, m, 1, E, N); /* m[e] = sum_n C[n] state[e, n] */
-#pragma omp simd
-            for (int64_t e = 0; e < E; e++) m[e] = (m[e] + c[e] * blk->D[e]) * silu(z[e]);
+            const float *d = dbc + b * P;
+            const Channels job = {s, blk, d, d + R, d + R + N, conv + b * E, xz + b * 2 * E + E, blk->ssm_state + b * E * N, mixed + b * E, dt};
+            /* the channels are independent: split them with the helper thread when there are many */
+            if (E < PARALLEL_MIN_CHANNELS || multibyte_parallel_for(channels, &job, (E / 16) * 8, E) != 0) channels(&job, 0, E);
         }
         linear(blk->out_proj, mixed, r, B, D, E);
         for (int64_t i = 0; i < B * D; i++) y[i] += r[i];

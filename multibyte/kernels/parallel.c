@@ -20,15 +20,24 @@
 #include "vector_ops.h"
 
 typedef struct {
+    multibyte_range_fn run;
+    const void *context;
+    int64_t first, end; /* the helper's part: first..end-1 */
+} Job;
+
+typedef struct {
     const void *W; /* in `format` (vector_ops.h's WEIGHTS_...) */
     int format;
     const float *X;
     float *Y;
-    int64_t rows, out, in, first; /* the helper's part: output rows first..out-1 */
-} Job;
+    int64_t rows, out, in;
+} Product;
 
-/* Output rows j0..j1-1 of the job's product. */
-static void linear_rows(const Job j, int64_t j0, int64_t j1) { linear_part(j.W, j.format, j.X, j.Y, j.rows, j.out, j.in, j0, j1); }
+/* Output rows j0..j1-1 of a product. */
+static void product_rows(const void *context, int64_t j0, int64_t j1) {
+    const Product *p = context;
+    linear_part(p->W, p->format, p->X, p->Y, p->rows, p->out, p->in, j0, j1);
+}
 
 static int threads_allowed = 1;
 static int helper_state = 0; /* 0: not started, 1: running, -1: could not start */
@@ -76,7 +85,7 @@ static void *helper_main(void *unused) {
             }
         }
         const Job j = job;
-        linear_rows(j, j.first, j.out);
+        j.run(j.context, j.first, j.end);
         seen = now;
         atomic_store(&finished, now);
     }
@@ -113,8 +122,8 @@ int multibyte_set_threads(int threads) {
     return threads_allowed;
 }
 
-int multibyte_parallel_linear(const void *W, int format, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
-    if (threads_allowed < 2 || out < 16) return 1;
+int multibyte_parallel_for(multibyte_range_fn run, const void *context, int64_t first, int64_t end) {
+    if (threads_allowed < 2 || first <= 0 || first >= end) return 1;
     /* Several threads of the process may decode at once: the one that holds the helper hands
      * work over, the others compute alone. */
     if (pthread_mutex_trylock(&owner) != 0) return 1;
@@ -123,16 +132,21 @@ int multibyte_parallel_linear(const void *W, int format, const float *X, float *
         pthread_mutex_unlock(&owner);
         return 1;
     }
-    const int64_t first = (out / 16) * 8; /* the caller's rows: 0..first-1, whole groups of 8 */
-    job = (Job){.W = W, .format = format, .X = X, .Y = Y, .rows = rows, .out = out, .in = in, .first = first};
+    job = (Job){.run = run, .context = context, .first = first, .end = end};
     const long id = atomic_fetch_add(&posted, 1) + 1;
     if (atomic_load(&sleeping)) {
         pthread_mutex_lock(&lock);
         pthread_cond_signal(&wake);
         pthread_mutex_unlock(&lock);
     }
-    linear_rows(job, 0, first);
+    run(context, 0, first);
     while (atomic_load(&finished) != id) relax();
     pthread_mutex_unlock(&owner);
     return 0;
+}
+
+int multibyte_parallel_linear(const void *W, int format, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
+    if (out < 16) return 1;
+    const Product product = {.W = W, .format = format, .X = X, .Y = Y, .rows = rows, .out = out, .in = in};
+    return multibyte_parallel_for(product_rows, &product, (out / 16) * 8, out); /* the caller: whole groups of 8 */
 }
