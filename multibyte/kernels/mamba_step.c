@@ -15,6 +15,7 @@
  * the transcendental functions are the polynomial ones of vector_ops.h (a libm call per element
  * would cost as much as the block's products), and the readout sum_n C[n] state[e, n] is a
  * matrix-vector product of the (E, N) state with C, eight rows at a time like the projections.
+ * Everything per channel after x_proj (`channels`) is split between two threads when E is large.
  */
 #include "mamba_step.h"
 

@@ -1,10 +1,13 @@
-/* A helper thread for the large matrix-vector products of a decoding step.
+/* A helper thread for the large matrix-vector products of a decoding step (and other work that
+ * splits into independent ranges: the Mamba step's channels).
  *
  * A batch-1 step of a large stack (MambaByte's 30 MB of weights, a MEGABYTE global model) reads
  * every weight once; one core cannot draw what the memory system can deliver, two together come
- * much closer. So `multibyte_parallel_linear` hands the second half of a product's output rows to
- * one helper thread and computes the first half itself. Each output row is computed by one thread
- * with the same code as alone, so the result is bit-identical to `linear`'s.
+ * much closer, and weights read in int8 are bound by their conversions, which two cores do twice as
+ * fast. So `multibyte_parallel_for` hands the second part of a range to one helper thread and runs
+ * the first part itself; `multibyte_parallel_linear` splits a product's output rows that way. Each
+ * output is computed by one thread with the same code as alone, so the result is bit-identical to
+ * the one-thread result.
  *
  * The helper is started on first use (one per library and process; again in a forked child). It
  * waits for work by spinning for a short while (the products of one step follow each other within
