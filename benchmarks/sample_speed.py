@@ -467,8 +467,8 @@ def main() -> None:
     mamba_steps = 30 if quick else 200  # MambaByte's steps timed per measurement
     # MambaByte against MEGABYTE at batch 1, side by side: eager steps over the same positions,
     # what each step has to read (the CPU's memory traffic bounds a batch-1 step), with fp32
-    # weights and with bf16 weights (rounded, fp32 arithmetic), with the kernels' large products
-    # on native_threads() threads and on one. Each figure is the best of three (--quick: two) taken
+    # weights and with bf16 and int8 weights (rounded, fp32 arithmetic), with the kernels' large
+    # products on native_threads() threads and (full run) on one. Each figure is the best of three (--quick: two) taken
     # in alternation with the others: this machine's speed drifts within a run.
     versus: dict = {"positions": [1024, 4096], "repeats": 2 if quick else 3}
     one_thread = native_kernels.native_threads() > 1 and not quick  # (full run only: --quick stays under a minute)

@@ -149,7 +149,6 @@ int multibyte_parallel_for(multibyte_range_fn run, const void *context, int64_t 
 }
 
 int multibyte_parallel_linear(const void *W, int format, const float *X, float *Y, int64_t rows, int64_t out, int64_t in) {
-    if (out < 16) return 1;
     const Product product = {.W = W, .format = format, .X = X, .Y = Y, .rows = rows, .out = out, .in = in};
     return multibyte_parallel_for(product_rows, &product, (out / 16) * 8, out); /* the caller: whole groups of 8 */
 }

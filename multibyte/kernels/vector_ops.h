@@ -196,6 +196,14 @@ static inline float bf16_value(uint16_t h) {
     return v;
 }
 
+/* LANES bf16 values as fp32 lanes, one at a time (short rows, and compilers without vector
+ * shuffles; linear_part_bf16 converts whole pairs of vectors without this). */
+static inline lanes_t bf16_lanes(const uint16_t *p) {
+    float v[LANES];
+    for (int k = 0; k < LANES; k++) v[k] = bf16_value(p[k]);
+    return load_lanes(v);
+}
+
 #if defined(HAVE_SHUFFLEVECTOR) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define HAVE_BF16_PAIRS 1
 typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(float))));
@@ -239,20 +247,12 @@ static void linear_part_bf16(const uint16_t *W, const float *X, float *Y, int64_
                 }
 #else
                 for (int r = 0; r < 8; r++)
-                    for (int64_t half = i; half < i + 2 * LANES; half += LANES) {
-                        float v[LANES];
-                        for (int k = 0; k < LANES; k++) v[k] = bf16_value(w[r * in + half + k]);
-                        a[r] += load_lanes(v) * load_lanes(x + half);
-                    }
+                    for (int64_t half = i; half < i + 2 * LANES; half += LANES) a[r] += bf16_lanes(w + r * in + half) * load_lanes(x + half);
 #endif
             }
             for (int64_t i = body; i < vectors; i += LANES) { /* short rows (Mamba's dt_proj) */
                 const lanes_t xi = load_lanes(x + i);
-                for (int r = 0; r < 8; r++) {
-                    float v[LANES];
-                    for (int k = 0; k < LANES; k++) v[k] = bf16_value(w[r * in + i + k]);
-                    a[r] += load_lanes(v) * xi;
-                }
+                for (int r = 0; r < 8; r++) a[r] += bf16_lanes(w + r * in + i) * xi;
             }
             sum_lanes8(a, y);
             for (int64_t i = vectors; i < in; i++)
