@@ -191,6 +191,27 @@ def test_a_model_on_a_compact_grid_decodes_from_compact_matrices_with_the_same_l
     assert_same_logits(model, states, prompt)
 
 
+@pytest.mark.skipif(cpu_features.vector_capability() != "AVX512", reason="only an AVX-512 CPU has a second vector width to build")
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_the_eight_lane_build_decodes_with_the_pytorch_logits(fmt, monkeypatch, tmp_path):
+    # Every library as an AVX2 CPU gets it (eight-lane vectors, no AVX-512 masks; the selects of
+    # exp's clamp, softplus and ReLU must vectorize there too): MambaByte, MEGABYTE with lags and
+    # SpaceByte decode through it with PyTorch's logits.
+    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("MULTIBYTE_KERNEL_CACHE", str(tmp_path))
+    for name in ("mambabyte", "megabyte-lags", "space"):
+        model = build(name, seed=5)
+        if fmt != "float32":
+            round_matrices(model, fmt)
+        prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(6))
+        states = {native: allocate_decode_state(model, 1, 40, native=native) for native in (False, True)}
+        assert states[True].native_decode is not None
+        assert_same_logits(model, states, prompt)
+    # built here, with the flags above (a library's file name hashes its flags)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.so")) == ["attention_step", "decode_run", "mamba_step"]
+
+
 def test_compact_matrices_are_used_only_where_the_weights_are_on_their_grid():
     linear = torch.nn.Linear(3, 2, bias=False)
     with torch.no_grad():
