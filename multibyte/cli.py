@@ -72,6 +72,12 @@ SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 def shipped_config_dir() -> Path:
+    """The shipped configs: the checkout's configs/ when this package is imported from a source
+    checkout (beside its pyproject.toml), whatever an editable install made elsewhere maps
+    `multibyte.shipped_configs` to; else the installed package `multibyte.shipped_configs`."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "__init__.py").is_file():
+        return checkout / "configs"
     return Path(str(resources.files("multibyte.shipped_configs")))
 
 

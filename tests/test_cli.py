@@ -70,6 +70,8 @@ def embedded_data_instead_of_shared(configs: list[str]) -> list[str]:
 def test_shipped_configs_exist():
     assert {"text.yaml", "image64.yaml", "audio.yaml"} <= set(BASE_CONFIGS)
     assert {"cpu/text.yaml", "cpu/image64.yaml", "cpu/audio.yaml"} <= set(LAYERED_CONFIGS)
+    # from a checkout, its own configs/, not what an editable install elsewhere points at
+    assert CONFIGS == Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.mark.parametrize("name", BASE_CONFIGS)
