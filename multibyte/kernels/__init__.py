@@ -3,7 +3,8 @@
 A kernel is one C file here (with the shared headers), compiled on first use with the system C
 compiler (`$CC`, else `cc`) for this CPU (`-O3 -march=native`) into a cache folder
 (`$MULTIBYTE_KERNEL_CACHE`, default `~/.cache/multibyte/kernels`), keyed by a hash of the sources,
-the flags, the compiler and the CPU, and loaded with ctypes: no Python headers, no build of the package. Where there is no
+the flags (`$MULTIBYTE_KERNEL_FLAGS` adds some, e.g. `-mno-avx512f` builds what a CPU with AVX2
+only runs), the compiler and the CPU, and loaded with ctypes: no Python headers, no build of the package. Where there is no
 compiler, the build fails, or `MULTIBYTE_NATIVE=0`, `load` returns None (warning once) and the
 callers run their PyTorch reference. Tests hold every kernel to its reference
 (tests/test_native_kernels.py).
@@ -37,6 +38,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -68,7 +70,7 @@ LIBRARY_SOURCES = {
 WEIGHT_FORMAT_FLAGS = {"float32": [], "bfloat16": ["-DMULTIBYTE_BF16_WEIGHTS"], "int8": ["-DMULTIBYTE_INT8_WEIGHTS"]}
 _WEIGHT_FORMAT_SUFFIX = {"float32": "", "bfloat16": "-bf16w", "int8": "-int8w"}
 
-_loaded: dict[tuple[str, str], Optional[ctypes.CDLL]] = {}
+_loaded: dict[tuple[str, str, tuple[str, ...]], Optional[ctypes.CDLL]] = {}  # (name, format, extra flags)
 _lock = threading.Lock()
 
 
@@ -132,8 +134,14 @@ def _sources(name: str) -> list[Path]:
     return [SOURCES / file for file in LIBRARY_SOURCES.get(name, (f"{name}.c",))]
 
 
+def extra_flags() -> tuple[str, ...]:
+    """Compiler flags `$MULTIBYTE_KERNEL_FLAGS` adds after FLAGS (shell words; a library built
+    with them is a file of its own)."""
+    return tuple(shlex.split(os.environ.get("MULTIBYTE_KERNEL_FLAGS", "")))
+
+
 def _flags(weight_format: str) -> list[str]:
-    return FLAGS + WEIGHT_FORMAT_FLAGS[check_format(weight_format)]
+    return FLAGS + WEIGHT_FORMAT_FLAGS[check_format(weight_format)] + list(extra_flags())
 
 
 def library_path(name: str, weight_format: str = "float32") -> Optional[Path]:
@@ -168,9 +176,10 @@ def load(name: str, weight_format: str = "float32") -> Optional[ctypes.CDLL]:
     (one warning says why)."""
     if not enabled():
         return None
+    key = (name, weight_format, extra_flags())
     with _lock:
-        if (name, weight_format) in _loaded:
-            return _loaded[name, weight_format]
+        if key in _loaded:
+            return _loaded[key]
         library = None
         try:
             path = library_path(name, weight_format)
@@ -183,7 +192,7 @@ def load(name: str, weight_format: str = "float32") -> Optional[ctypes.CDLL]:
             library.multibyte_set_threads(native_threads())
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             warnings.warn(f"native kernel {name!r} unavailable, using the PyTorch reference: {error}", RuntimeWarning, stacklevel=2)
-        _loaded[name, weight_format] = library
+        _loaded[key] = library
         return library
 
 
