@@ -29,7 +29,10 @@ P = 12, a 384-wide 4-layer global model and a 128-wide 2-layer local model, rand
   (`..._int8_weights_us_per_byte`: every matrix rounded to int8 with a scale per row, as
   `sample --quantize int8` does; a quarter of the bytes); the ratios compare the two models with
   their matrices in the same format; each the best of three (two with --quick) measurements
-  taken in alternation (the machine's speed drifts within a run);
+  taken in alternation (the machine's speed drifts within a run); on an AVX-512 CPU both again
+  with bf16 weights from kernels built as an AVX2 CPU gets them (`..._eight_lane_us_per_byte`:
+  `MULTIBYTE_KERNEL_FLAGS=-mno-avx512f`, eight-lane vectors, no masks; full run only), so that
+  a slow path of the eight-lane build shows on this machine too;
 - what the CPU defaults were chosen by: 1 vs 2 decode threads, fp32 (with the native kernels) vs
   bf16 weights at batch 1 to 64, eager vs torch.compile (full run only);
 - the compiled sampler, `generate(compile=True)`, at batch 1 on a whole image: the first call
@@ -62,7 +65,9 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # MEGABYTE-pytorch's generate() draws a progress bar
 
@@ -70,6 +75,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from multibyte import cpu_features  # noqa: E402
 from multibyte.codecs import IMAGE_BYTES  # noqa: E402
 from multibyte.config import ModelConfig, StageConfig, megabyte  # noqa: E402
 import multibyte.kernels as native_kernels  # noqa: E402
@@ -272,6 +278,20 @@ def compiled_figures(model, batch: int, num_bytes: int) -> dict[str, float]:
     }
 
 
+@contextmanager
+def kernel_flags(flags: str) -> Iterator[None]:
+    """The native kernels loaded within are built with `flags` added (MULTIBYTE_KERNEL_FLAGS)."""
+    previous = os.environ.get("MULTIBYTE_KERNEL_FLAGS")
+    os.environ["MULTIBYTE_KERNEL_FLAGS"] = flags
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MULTIBYTE_KERNEL_FLAGS"]
+        else:
+            os.environ["MULTIBYTE_KERNEL_FLAGS"] = previous
+
+
 def cached_seconds_per_byte_at(model, batch: int, position: int, steps: int) -> float:
     """Prefill `position` bytes in one pass, then time `steps` single-byte steps (with draws) from
     there: the cached sampler's time per byte at that position."""
@@ -472,6 +492,8 @@ def main() -> None:
     # in alternation with the others: this machine's speed drifts within a run.
     versus: dict = {"positions": [1024, 4096], "repeats": 2 if quick else 3}
     one_thread = native_kernels.native_threads() > 1 and not quick  # (full run only: --quick stays under a minute)
+    # (full run only, like one_thread)
+    eight_lane = cpu_features.vector_capability() == "AVX512" and results["native_kernel_available"] and not quick
     variants = {}
     for name, model in (("megabyte", megabyte), ("mambabyte", mambabyte)):
         variants[name, "eager"] = model
@@ -479,13 +501,16 @@ def main() -> None:
         variants[name, "int8_weights"] = int8_values(model)
         if one_thread:
             variants[name, "one_native_thread"] = model
+        if eight_lane:
+            variants[name, "bf16_weights_eight_lane"] = variants[name, "bf16_weights"]
     best = {key: [float("inf")] * len(versus["positions"]) for key in variants}
     for _ in range(versus["repeats"]):
         for (name, kind), model in variants.items():
             native_kernels.set_native_threads(1 if kind == "one_native_thread" else None)
-            for i, t in enumerate(versus["positions"]):
-                seconds = cached_seconds_per_byte_at(model, 1, t, 4 * P if name == "megabyte" else mamba_steps)
-                best[name, kind][i] = min(best[name, kind][i], seconds)
+            with kernel_flags("-mno-avx512f" if kind.endswith("_eight_lane") else ""):
+                for i, t in enumerate(versus["positions"]):
+                    seconds = cached_seconds_per_byte_at(model, 1, t, 4 * P if name == "megabyte" else mamba_steps)
+                    best[name, kind][i] = min(best[name, kind][i], seconds)
     native_kernels.set_native_threads(None)
     versus["native_threads"] = native_kernels.native_threads()
     for (name, kind), per_byte in best.items():
@@ -493,7 +518,7 @@ def main() -> None:
     for name, model in (("megabyte", megabyte), ("mambabyte", mambabyte)):
         for fmt, size in (("", 4), ("_bf16_weights", 2), ("_int8_weights", 1)):
             versus[f"{name}{fmt}_weight_mb_read_per_byte"] = round(weight_bytes_read_per_byte(model, size) / 2**20, 2)
-    for kind in ("eager", "bf16_weights", "int8_weights"):  # both models' matrices in the same format
+    for kind in ("eager", "bf16_weights", "int8_weights", *(("bf16_weights_eight_lane",) if eight_lane else ())):  # both in the same format
         suffix = "" if kind == "eager" else f"_{kind}"
         versus[f"mambabyte_over_megabyte_time_per_byte{suffix}"] = round(
             versus[f"mambabyte_{kind}_us_per_byte"] / versus[f"megabyte_{kind}_us_per_byte"], 2
