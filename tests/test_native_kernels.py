@@ -719,6 +719,18 @@ def test_native_threads_come_from_the_caller_or_the_environment(monkeypatch):
         kernels.set_native_threads(3)
 
 
+def test_extra_kernel_flags_come_from_the_environment_as_shell_words(monkeypatch):
+    monkeypatch.setenv("MULTIBYTE_KERNEL_FLAGS", "-mno-avx512f  -DNAME='a b'")
+    assert kernels.extra_flags() == ("-mno-avx512f", "-DNAME=a b")
+    assert kernels._flags("int8")[-3:] == ["-DMULTIBYTE_INT8_WEIGHTS", "-mno-avx512f", "-DNAME=a b"]
+    with_flags = kernels.library_path("mamba_step")
+    monkeypatch.delenv("MULTIBYTE_KERNEL_FLAGS")
+    assert kernels.extra_flags() == () and kernels.library_path("mamba_step") != with_flags
+    monkeypatch.setenv("MULTIBYTE_KERNEL_FLAGS", "-DNAME='a")
+    with pytest.raises(ValueError, match="MULTIBYTE_KERNEL_FLAGS is not a list of shell words .*: \"-DNAME='a\""):
+        kernels.extra_flags()
+
+
 def test_a_decode_state_with_native_steps_is_freed_without_the_cycle_collector():
     # Its caches are the largest tensors of sampling: dropping the state must free them at once.
     import gc

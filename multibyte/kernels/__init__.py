@@ -137,7 +137,11 @@ def _sources(name: str) -> list[Path]:
 def extra_flags() -> tuple[str, ...]:
     """Compiler flags `$MULTIBYTE_KERNEL_FLAGS` adds after FLAGS (shell words; a library built
     with them is a file of its own)."""
-    return tuple(shlex.split(os.environ.get("MULTIBYTE_KERNEL_FLAGS", "")))
+    value = os.environ.get("MULTIBYTE_KERNEL_FLAGS", "")
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as error:
+        raise ValueError(f"MULTIBYTE_KERNEL_FLAGS is not a list of shell words ({error}): {value!r}") from None
 
 
 def _flags(weight_format: str) -> list[str]:
