@@ -53,7 +53,7 @@ from multibyte.weight_formats import check_format, int8_rows
 
 # -ffp-contract=fast: in ISO C mode (-std=c11) GCC would not fuse a * b + c into one FMA.
 # -fno-trapping-math: the kernels never read the floating-point exception flags; with them kept
-# (the default), GCC may not turn a comparison inside a loop (exp's clamp, softplus, ReLU) into a
+# (the default), GCC may not turn a comparison inside a loop (exp's clamp, softplus) into a
 # select without AVX-512's masks, and left every loop over exp (softmax, SiLU, the Mamba state
 # update) scalar on AVX2 CPUs. Values are unchanged: no reassociation, no other rounding.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-trapping-math", "-std=c11", "-pthread", "-shared", "-fPIC"]
