@@ -371,3 +371,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     # Matmuls in TF32 on Ampere+ GPUs: a free 2-3x there, no effect on CPU.
     torch.set_float32_matmul_precision("high")
     make_cli(args)
+    # Each rank leaves its process group while the interpreter is whole: otherwise Gloo's worker
+    # threads may still hold finished work whose tensors are freed during finalization, and the
+    # process aborts ("terminate called without an active exception"). Only after success: after
+    # an error other ranks may be inside a collective, where tearing down could hang.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -61,6 +61,26 @@ class RecordTrainBatches(Callback):
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+class ProcessGroupAtExit(Callback):
+    """Writes <folder>/rank<r>.json at the process's exit (atexit, after `main` returned, before the
+    interpreter finalizes): whether the default process group was still initialized then."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import atexit
+
+        rank, path = trainer.global_rank, self.folder
+
+        def record() -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+            (path / f"rank{rank}.json").write_text(json.dumps({"initialized": initialized}))
+
+        atexit.register(record)
+
+
 class StallAfter(Callback):
     """From the batch after `step` on (its checkpoint is written by then), touch `marker` and
     sleep: the test kills the process there."""
@@ -172,9 +192,17 @@ def ddp_fit(tmp_path_factory) -> Path:
         "--trainer.callbacks.max_new_bytes=8",
         "--trainer.callbacks+=test_distributed.RecordTrainBatches",
         *("--trainer.callbacks.folder", str(root / "record")),
+        "--trainer.callbacks+=test_distributed.ProcessGroupAtExit",
+        *("--trainer.callbacks.folder", str(root / "at_exit")),
         cwd=root,
     )
     return root
+
+
+def test_every_rank_leaves_its_process_group_before_the_interpreter_ends(ddp_fit: Path):
+    # (a Gloo group left to finalization can abort the process after a successful run)
+    for rank in (0, 1):
+        assert json.loads((ddp_fit / "at_exit" / f"rank{rank}.json").read_text()) == {"initialized": False}
 
 
 def test_fit_with_the_sample_callback_finishes_under_ddp(ddp_fit: Path):
