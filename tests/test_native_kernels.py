@@ -195,7 +195,7 @@ def test_a_model_on_a_compact_grid_decodes_from_compact_matrices_with_the_same_l
 @pytest.mark.parametrize("fmt", ["float32", "int8"])
 def test_the_eight_lane_build_decodes_with_the_pytorch_logits(fmt, monkeypatch, tmp_path):
     # Every library as an AVX2 CPU gets it (eight-lane vectors, no AVX-512 masks; the selects of
-    # exp's clamp, softplus and ReLU must vectorize there too): MambaByte, MEGABYTE with lags and
+    # exp's clamp and softplus must vectorize there too): MambaByte, MEGABYTE with lags and
     # SpaceByte decode through it with PyTorch's logits.
     monkeypatch.setenv("MULTIBYTE_KERNEL_FLAGS", "-mno-avx512f")
     monkeypatch.setenv("MULTIBYTE_KERNEL_CACHE", str(tmp_path))
